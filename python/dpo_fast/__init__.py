@@ -1,0 +1,60 @@
+"""dpo_fast: fused, memory-lean log-prob and preference-loss kernels for PyTorch.
+
+Public API (see README.md):
+
+- :func:`sequence_logprobs`, :func:`token_logprobs` — log-probs of label tokens straight from the last
+  hidden states and the lm_head weight, never allocating the (B, T, V) logits.
+- :func:`logprobs_from_logits` — the same reduction when you already hold logits.
+- :func:`dpo_loss` and the family (:func:`cpo_loss`, :func:`orpo_loss`, :func:`kto_loss`,
+  :func:`bco_loss`, :func:`grpo_loss`), and the fused :class:`DPOLoss` module.
+- :func:`pack_pairs` — Rust packing of (prompt, chosen, rejected) triples.
+
+Names are resolved lazily so that ``import dpo_fast`` does no device probing and does not import Triton.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY = {
+    # engine
+    "sequence_logprobs": "dpo_fast.logprobs",
+    "token_logprobs": "dpo_fast.logprobs",
+    "logprobs_from_logits": "dpo_fast.logprobs",
+    "set_workspace_bytes": "dpo_fast._config",
+    "get_workspace_bytes": "dpo_fast._config",
+    # losses
+    "dpo_loss": "dpo_fast.losses",
+    "DPOOutput": "dpo_fast.losses",
+    "LOSS_TYPES": "dpo_fast.losses",
+    "cpo_loss": "dpo_fast.losses",
+    "orpo_loss": "dpo_fast.losses",
+    "kto_loss": "dpo_fast.losses",
+    "bco_loss": "dpo_fast.losses",
+    "grpo_loss": "dpo_fast.losses",
+    "DPOLoss": "dpo_fast.fused_dpo",
+    # packing
+    "pack_pairs": "dpo_fast.packing",
+    "PackedBatch": "dpo_fast.packing",
+    "PairCollator": "dpo_fast.collate",
+    "TokenBudgetBatchSampler": "dpo_fast.collate",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dpo_fast' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # cache: the next lookup is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,1 @@
+//! Packing of (prompt, chosen, rejected) triples. (Filled in by the packing work.)
