@@ -1,0 +1,126 @@
+"""Per-row operations on a logits tile, one implementation per backend.
+
+The engine (``logprobs.py``) does the GEMMs with torch (cuBLAS / CPU BLAS) and hands each logits tile
+to a backend's two row operations:
+
+* ``fwd(z, labels)`` -> (logp, lse): z (n, V) full-vocabulary tile; logp, lse (n,) float32.
+* ``bwd(z, out, labels, lse, g, v_offset)`` -> out: gradient of the raw logits of the (n, Vs) tile whose
+  columns start at ``v_offset``, written into ``out`` (which may alias z).
+
+``TorchRows`` is the CPU path users get (and the CUDA fallback); ``TritonRows`` launches the kernels in
+:mod:`dpo_fast.kernels.logprob`. Both apply ``temperature`` and ``softcap`` identically:
+zc = softcap * tanh(z / (temperature * softcap)), or z / temperature without a cap.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+class TorchRows:
+    """Chunked PyTorch row ops. Temporaries: about three float32 copies of the tile."""
+
+    name = "torch"
+    #: bytes of workspace per tile element (input-dtype tile + ~2 float32 temporaries)
+    bytes_per_elem = 12
+
+    def __init__(self, temperature: float, softcap: float | None):
+        self.temperature = float(temperature)
+        self.softcap = None if softcap is None else float(softcap)
+
+    def _cap(self, z: torch.Tensor) -> torch.Tensor:
+        """z: raw logits tile (any float dtype) -> float32 (float64 for float64) tempered/capped logits (new)."""
+        zc = z.to(torch.float64 if z.dtype == torch.float64 else torch.float32, copy=True)
+        if self.temperature != 1.0:
+            zc.mul_(1.0 / self.temperature)
+        if self.softcap is not None:
+            zc.mul_(1.0 / self.softcap).tanh_().mul_(self.softcap)
+        return zc
+
+    def fwd(self, z: torch.Tensor, labels: torch.Tensor):
+        zc = self._cap(z)  # (n, V) fp32
+        lse = torch.logsumexp(zc, dim=-1)  # (n,)
+        logp = zc.gather(1, labels[:, None]).squeeze(1) - lse
+        return logp, lse
+
+    def bwd(self, z, out, labels, lse, g, v_offset: int):
+        n, Vs = z.shape
+        zc = self._cap(z)  # (n, Vs) fp32
+        if self.softcap is not None:
+            chain = torch.square(zc / self.softcap).neg_().add_(1.0).mul_(1.0 / self.temperature)
+        else:
+            chain = None
+        # p = softmax(zc) restricted to this slice; dz = g * (onehot - p) * chain
+        dz = zc.sub_(lse[:, None]).exp_().mul_(-g[:, None])
+        local = labels - v_offset
+        inside = (local >= 0) & (local < Vs)
+        rows = torch.nonzero(inside).squeeze(1)
+        dz.index_put_((rows, local[rows]), g[rows], accumulate=True)
+        if chain is not None:
+            dz.mul_(chain)
+        elif self.temperature != 1.0:
+            dz.mul_(1.0 / self.temperature)
+        out.copy_(dz)
+        return out
+
+
+class TritonRows:
+    """Triton row kernels; on CPU tensors only under TRITON_INTERPRET=1 (for tests)."""
+
+    name = "triton"
+    #: the kernels read the tile and write the gradient in place: no temporaries beyond the tile itself
+    bytes_per_elem = 0  # filled with the tile's element size by the engine
+
+    def __init__(self, temperature: float, softcap: float | None):
+        from .kernels import logprob as _k  # imports triton; deferred so `import dpo_fast` stays light
+
+        self._k = _k
+        self.temperature = float(temperature)
+        self.softcap = None if softcap is None else float(softcap)
+
+    def fwd(self, z, labels):
+        return self._k._logprob_fwd(z, labels, self.temperature, self.softcap)
+
+    def bwd(self, z, out, labels, lse, g, v_offset: int):
+        return self._k._logprob_bwd(z, out, labels, lse, g, v_offset, self.temperature, self.softcap)
+
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map ``backend`` to a concrete one for ``device``, or raise a clear error."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda" and _triton_available():
+            return "triton"
+        return "torch"
+    if backend == "triton":
+        if device.type == "cuda":
+            if not _triton_available():
+                raise RuntimeError("backend='triton': Triton is not installed (pip install triton)")
+            return "triton"
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1":
+            if not _triton_available():
+                raise RuntimeError("backend='triton': Triton is not installed (pip install triton)")
+            return "triton"
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (got device {device}); on CPU it runs only under "
+            "TRITON_INTERPRET=1 (tests). Use backend='torch' or 'auto'."
+        )
+    return "torch"
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def make_rows(backend: str, temperature: float, softcap: float | None):
+    return TritonRows(temperature, softcap) if backend == "triton" else TorchRows(temperature, softcap)

@@ -1,0 +1,203 @@
+"""Triton row kernels of the fused log-prob engine.
+
+The engine never holds the (B, T, V) logits. It walks the scored tokens in tiles: cuBLAS writes one
+tile of logits z (n rows x a vocabulary span, in the input dtype) into a bounded workspace, and these
+kernels do everything per row that would otherwise need a full-vocabulary float32 copy:
+
+* ``_logprob_fwd_kernel`` — one program per row of a full-vocabulary tile: applies temperature and
+  softcap, runs an online (max, sum-exp) over the V columns in fp32, gathers the label's logit and writes
+  ``logp = z[y] - lse`` and ``lse`` (fp32, 8 bytes per token). Traffic: reads n*V*elt bytes once, writes
+  8n bytes; no FLOP-heavy work, so it runs at memory speed beside a GEMM that costs 2*n*H*V FLOPs.
+* ``_logprob_bwd_kernel`` — one program per (row, column block) of a vocabulary-slice tile: turns the
+  recomputed logits into the gradient of the logits *in place*:
+
+      dz_v = g * (onehot(y)_v - softmax(zc)_v) * dzc/dz,   softmax(zc)_v = exp(zc_v - lse)
+      zc = cap * tanh(z / (T * cap))  ->  dzc/dz = (1 - (zc / cap)^2) / T     (zc = z / T without cap)
+
+  Reads and writes n*Vs*elt bytes; the caller then runs cuBLAS for dh = dz @ W_s and dW_s = dz^T @ h.
+
+Both kernels work on any row stride (the tile may be a view into a larger buffer or into user logits)
+and use int64 offsets: n * V exceeds 2**31 at real shapes (2048 tokens x 128256 vocab = 2.6e8 per tile,
+but row * stride for a 16k-token packed batch is 2.1e9).
+
+The interpreter (TRITON_INTERPRET=1) mishandles bfloat16; tests run these kernels with float32/float16
+tiles there, and bfloat16 on a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tanh(x):
+    # tanh(x) = sign(x) * (1 - e^{-2|x|}) / (1 + e^{-2|x|}): no overflow for any x (e^{-2|x|} <= 1).
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _logprob_fwd_kernel(
+    # pointers
+    z_ptr,  # (n, V) logits tile, any float dtype
+    labels_ptr,  # (n,) int64 label of each row, in [0, V)
+    logp_ptr,  # (n,) fp32 out: z[y] - lse
+    lse_ptr,  # (n,) fp32 out: logsumexp of the (tempered, capped) row
+    # shapes
+    V,
+    # strides
+    stride_z_row,
+    # scalars
+    inv_temp,
+    softcap,
+    # meta-parameters
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * stride_z_row
+    cols = tl.arange(0, BLOCK_V)
+    # Online logsumexp: keep a per-lane running max m and sum s of exp(z - m); merge lanes at the end.
+    m = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_V], tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        idx = v0 + cols
+        mask = idx < V
+        z = tl.load(z_row + idx, mask=mask, other=0.0).to(tl.float32) * inv_temp
+        if HAS_SOFTCAP:
+            z = softcap * _tanh(z / softcap)
+        z = tl.where(mask, z, float("-inf"))
+        m_new = tl.maximum(m, z)
+        # lanes still at -inf (only masked columns so far) must not produce exp(-inf - -inf) = nan
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_safe) + tl.exp(z - m_safe)
+        m = m_new
+    m_all = tl.max(m, axis=0)
+    s_all = tl.sum(s * tl.exp(m - m_all), axis=0)
+    lse = m_all + tl.log(s_all)
+    y = tl.load(labels_ptr + row)
+    zy = tl.load(z_row + y).to(tl.float32) * inv_temp
+    if HAS_SOFTCAP:
+        zy = softcap * _tanh(zy / softcap)
+    tl.store(logp_ptr + row, zy - lse)
+    tl.store(lse_ptr + row, lse)
+
+
+@triton.jit
+def _logprob_bwd_kernel(
+    # pointers
+    z_ptr,  # (n, Vs) logits tile of vocabulary columns [v_offset, v_offset + Vs)
+    dz_ptr,  # (n, Vs) out: gradient of the raw logits (may alias z_ptr)
+    labels_ptr,  # (n,) int64 labels in [0, V)
+    lse_ptr,  # (n,) fp32 saved logsumexp of each row
+    g_ptr,  # (n,) fp32 upstream gradient of each row's log-prob
+    # shapes
+    n_cols,
+    v_offset,
+    # strides
+    stride_z_row,
+    stride_dz_row,
+    # scalars
+    inv_temp,
+    softcap,
+    # meta-parameters
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1).to(tl.int64)
+    idx = blk * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask = idx < n_cols
+    z = tl.load(z_ptr + row * stride_z_row + idx, mask=mask, other=0.0).to(tl.float32) * inv_temp
+    if HAS_SOFTCAP:
+        zc = softcap * _tanh(z / softcap)
+        # d zc / d z_raw = (1 - tanh^2) / T
+        chain = (1.0 - (zc / softcap) * (zc / softcap)) * inv_temp
+    else:
+        zc = z
+        chain = inv_temp
+    lse = tl.load(lse_ptr + row)
+    g = tl.load(g_ptr + row)
+    y = tl.load(labels_ptr + row) - v_offset
+    p = tl.exp(zc - lse)
+    onehot = tl.where(idx == y, 1.0, 0.0)
+    dz = g * (onehot - p) * chain
+    tl.store(dz_ptr + row * stride_dz_row + idx, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+
+
+def _block_v(n_cols: int, interpret: bool) -> int:
+    # Interpreted programs cost per program, not per lane: use wide blocks there. On the GPU 4096 bf16
+    # columns per program keeps 16 KB in flight per row program without register spills.
+    cap = 8192 if interpret else 4096
+    return min(cap, max(16, triton.next_power_of_2(n_cols)))
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _logprob_fwd(z: torch.Tensor, labels: torch.Tensor, temperature: float, softcap: float | None):
+    """Row log-probs of a full-vocabulary logits tile.
+
+    Args:
+        z: (n, V) logits, float32/bfloat16/float16, unit column stride.
+        labels: (n,) int64 in [0, V).
+    Returns:
+        (logp, lse): two (n,) float32 tensors.
+    """
+    n, V = z.shape
+    assert z.stride(1) == 1 and labels.dtype == torch.int64
+    logp = torch.empty(n, dtype=torch.float32, device=z.device)
+    lse = torch.empty(n, dtype=torch.float32, device=z.device)
+    if n == 0:
+        return logp, lse
+    BLOCK_V = _block_v(V, _interpreting())
+    _logprob_fwd_kernel[(n,)](
+        z, labels, logp, lse,
+        V,
+        z.stride(0),
+        1.0 / temperature, float(softcap or 1.0),
+        HAS_SOFTCAP=softcap is not None, BLOCK_V=BLOCK_V,
+        num_warps=8 if BLOCK_V >= 4096 else 4,
+    )
+    return logp, lse
+
+
+def _logprob_bwd(
+    z: torch.Tensor,
+    out: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    g: torch.Tensor,
+    v_offset: int,
+    temperature: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """Gradient of the logits tile ``z`` (columns ``v_offset..v_offset+Vs``) written into ``out``.
+
+    Args:
+        z: (n, Vs) logits tile; out: (n, Vs) destination (may be ``z`` itself), unit column strides.
+        labels: (n,) int64; lse, g: (n,) float32.
+    Returns:
+        ``out``.
+    """
+    n, Vs = z.shape
+    assert z.stride(1) == 1 and out.stride(1) == 1 and out.shape == z.shape
+    if n == 0 or Vs == 0:
+        return out
+    BLOCK_V = min(_block_v(Vs, _interpreting()), 1024 if not _interpreting() else 8192)
+    grid = (n, triton.cdiv(Vs, BLOCK_V))
+    _logprob_bwd_kernel[grid](
+        z, out, labels, lse, g,
+        Vs, v_offset,
+        z.stride(0), out.stride(0),
+        1.0 / temperature, float(softcap or 1.0),
+        HAS_SOFTCAP=softcap is not None, BLOCK_V=BLOCK_V,
+        num_warps=4,
+    )
+    return out

@@ -1,0 +1,415 @@
+"""The fused log-prob engine: log-probs of label tokens from hidden states, never holding (B, T, V) logits.
+
+Math (per scored token t, raw logits z_t = W h_t + b, tempered/capped zc_t, see ``_rowops``):
+
+    log p_t = zc_t[y_t] - lse(zc_t)
+    d/dz_t  = g_t * (onehot(y_t) - softmax(zc_t)) * dzc/dz        (g_t: upstream gradient of log p_t)
+    dh_t    = sum_v (d/dz_tv) W_v,      dW = sum_t (d/dz_t) (x) h_t,      db = sum_t d/dz_t
+
+Only *scored* tokens (labels != ignore_index) enter any GEMM: they are gathered first, so prompt and pad
+positions cost nothing. Costs, with N scored tokens, H hidden, V vocab (2NHV FLOPs per GEMM):
+
+* no-grad forward: 1 GEMM. Saved for backward: the per-token lse, float32 (4 bytes/token).
+* forward + backward: 4 GEMMs (forward z; backward recomputes z, then dh and dW), 3 with a frozen
+  weight (dW skipped entirely), 2 + the forward when only the weight needs a gradient.
+
+Tiling (workspace budget from :mod:`dpo_fast._config`): the forward walks token chunks with the full
+vocabulary (the lse needs whole rows); the backward walks *vocabulary slices* over all scored tokens, so
+each dW slice is produced by one GEMM, written once, reduced in fp32 inside BLAS, with no atomics and a
+deterministic result. Only when the scored tokens are so many that even a 1024-column slice over all of
+them exceeds the budget does the backward also split tokens; dW is then accumulated in float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import _config
+from ._rowops import make_rows, resolve_backend
+from ._validate import check_engine_inputs, check_labels_range, check_tensor, check_same_device, check_cu_seqlens
+
+# ----------------------------------------------------------------------------------------------------------
+# preparation: which positions are scored, and to which sequence each belongs
+
+
+@dataclass
+class Scored:
+    """Scored positions of a batch, flattened.
+
+    hidden2: (M, H) hidden states, M = B*T or N (a view of the caller's tensor when possible).
+    idx: (N,) int64 sorted flat positions whose label != ignore_index.
+    labels: (N,) int64 labels at those positions, validated to lie in [0, V).
+    seq: (N,) int64 sequence index of each scored position, non-decreasing.
+    num_seqs: S, the number of sequences (B, or len(cu_seqlens) - 1).
+    """
+
+    hidden2: torch.Tensor
+    idx: torch.Tensor
+    labels: torch.Tensor
+    seq: torch.Tensor
+    num_seqs: int
+    labels_shape: tuple
+
+    def counts(self) -> torch.Tensor:
+        """(S,) float32 number of scored tokens per sequence."""
+        ones = torch.ones_like(self.seq, dtype=torch.float32)
+        return torch.zeros(self.num_seqs, dtype=torch.float32, device=self.seq.device).index_add_(0, self.seq, ones)
+
+
+def prepare(hidden, weight, labels, *, bias=None, cu_seqlens=None, ignore_index=-100, temperature=1.0,
+            softcap=None) -> Scored:
+    """Validate inputs and gather the scored positions (one host sync: their count)."""
+    S, T = check_engine_inputs(hidden, weight, labels, bias, cu_seqlens, ignore_index, temperature, softcap)
+    H = hidden.shape[-1]
+    hidden2 = hidden.reshape(-1, H)  # (M, H)
+    labels1 = labels.reshape(-1)  # (M,)
+    idx = torch.nonzero(labels1 != ignore_index).squeeze(1)  # (N,) sorted
+    labels_s = labels1.index_select(0, idx).to(torch.int64)
+    check_labels_range(labels_s, weight.shape[0], ignore_index)
+    if T is not None:
+        seq = torch.div(idx, T, rounding_mode="floor")
+    else:
+        seq = torch.searchsorted(cu_seqlens[1:].to(torch.int64).contiguous(), idx, right=True)
+    return Scored(hidden2, idx, labels_s, seq, S, tuple(labels.shape))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tiles and GEMMs
+
+
+def _linear_into(out: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """out (n, v) = h (n, H) @ w (v, H)^T (+ b (v,)), in the input dtype with fp32 accumulation."""
+    if b is None:
+        return torch.mm(h, w.t(), out=out)
+    return torch.addmm(b, h, w.t(), out=out)
+
+
+def _tile(buf: torch.Tensor, n: int, v: int) -> torch.Tensor:
+    """A contiguous (n, v) view at the start of a flat workspace buffer."""
+    return buf[: n * v].view(n, v)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation/output dtype: float32, or float64 for float64 inputs (used by gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _per_elem_bytes(rows, dtype: torch.dtype) -> int:
+    elt = torch.empty((), dtype=dtype).element_size()
+    return elt + rows.bytes_per_elem
+
+
+def forward_tokens(hidden2, weight, bias, idx, labels_s, rows, budget: int):
+    """No-grad forward over scored tokens: token chunks x full vocabulary.
+
+    Returns (logp, lse): (N,) float32 each.
+    """
+    N = idx.numel()
+    V = weight.shape[0]
+    dev = hidden2.device
+    acc = acc_dtype(hidden2.dtype)
+    logp = torch.empty(N, dtype=acc, device=dev)
+    lse = torch.empty(N, dtype=acc, device=dev)
+    if N == 0:
+        return logp, lse
+    chunk = max(1, min(N, budget // (V * _per_elem_bytes(rows, hidden2.dtype))))
+    buf = torch.empty(chunk * V, dtype=hidden2.dtype, device=dev)
+    for s in range(0, N, chunk):
+        e = min(N, s + chunk)
+        hc = hidden2.index_select(0, idx[s:e])  # (n, H)
+        z = _linear_into(_tile(buf, e - s, V), hc, weight, bias)  # (n, V)
+        lp, ls = rows.fwd(z, labels_s[s:e])
+        logp[s:e] = lp
+        lse[s:e] = ls
+    return logp, lse
+
+
+def backward_tokens(g, hidden2, weight, bias, idx, labels_s, lse, rows, budget: int,
+                    need_dh: bool, need_dw: bool, need_db: bool):
+    """Gradients of sum_t g_t log p_t. g, lse: (N,) float32.
+
+    Returns (dhidden2 (M, H) | None, dweight (V, H) | None, dbias (V,) | None) in the input dtypes.
+    """
+    N = idx.numel()
+    V, H = weight.shape
+    dt, dev = hidden2.dtype, hidden2.device
+    dh_out = torch.zeros_like(hidden2, memory_format=torch.contiguous_format) if need_dh else None
+    dw_out = torch.zeros_like(weight, memory_format=torch.contiguous_format) if need_dw else None
+    acc = acc_dtype(dt)
+    db_acc = torch.zeros(V, dtype=acc, device=dev) if need_db else None
+    if N == 0 or not (need_dh or need_dw or need_db):
+        return dh_out, dw_out, None if db_acc is None else db_acc.to(bias.dtype)
+    per = _per_elem_bytes(rows, dt)
+    min_cols = min(V, 1024)
+    tok_chunk = min(N, max(1, budget // (min_cols * per)))
+    cols = min(V, max(1, budget // (tok_chunk * per)))
+    if cols < V and cols >= 256:
+        cols -= cols % 128  # BLAS-friendly slice widths
+    n_slices = -(-V // cols)
+    split_tokens = tok_chunk < N
+    # dW is written once per slice when all tokens are in one chunk; otherwise accumulate in fp32.
+    dw_acc = None
+    if need_dw and split_tokens:
+        dw_acc = dw_out if dt == acc else torch.zeros(V, H, dtype=acc, device=dev)
+    buf = torch.empty(tok_chunk * cols, dtype=dt, device=dev)
+    g = g.to(acc).contiguous()
+    for s in range(0, N, tok_chunk):
+        e = min(N, s + tok_chunk)
+        n = e - s
+        rows_idx = idx[s:e]
+        hc = hidden2.index_select(0, rows_idx)  # (n, H)
+        lab, ls, gg = labels_s[s:e], lse[s:e], g[s:e]
+        dh_acc = None
+        if need_dh and n_slices > 1:
+            dh_acc = torch.zeros(n, H, dtype=acc, device=dev)
+        dh_chunk = None
+        for v0 in range(0, V, cols):
+            v1 = min(V, v0 + cols)
+            w_s = weight[v0:v1]  # (vs, H)
+            z = _linear_into(_tile(buf, n, v1 - v0), hc, w_s, None if bias is None else bias[v0:v1])
+            dz = rows.bwd(z, z, lab, ls, gg, v0)  # (n, vs), in place, input dtype
+            if need_dh:
+                if dh_acc is None:
+                    dh_chunk = torch.mm(dz, w_s)  # (n, H): the only slice
+                elif dt == acc:
+                    dh_acc.addmm_(dz, w_s)
+                else:
+                    dh_acc += torch.mm(dz, w_s).to(acc)
+            if need_dw:
+                if dw_acc is None:
+                    torch.mm(dz.t(), hc, out=dw_out[v0:v1])  # (vs, H), written once
+                elif dw_acc.dtype == dt:
+                    dw_acc[v0:v1].addmm_(dz.t(), hc)
+                else:
+                    dw_acc[v0:v1] += torch.mm(dz.t(), hc).to(acc)
+            if need_db:
+                db_acc[v0:v1] += dz.to(acc).sum(0)
+        if need_dh:
+            dh_out.index_copy_(0, rows_idx, dh_chunk if dh_acc is None else dh_acc.to(dt))
+    if dw_acc is not None and dw_acc is not dw_out:
+        dw_out.copy_(dw_acc)
+    return dh_out, dw_out, None if db_acc is None else db_acc.to(bias.dtype)
+
+
+class LinearLabelLogprobs(torch.autograd.Function):
+    """(hidden2 (M, H), weight (V, H), bias (V,)|None) -> log p of the label at each scored position (N,) fp32."""
+
+    @staticmethod
+    def forward(ctx, hidden2, weight, bias, idx, labels_s, rows, budget):
+        logp, lse = forward_tokens(hidden2, weight, bias, idx, labels_s, rows, budget)
+        if any(ctx.needs_input_grad[:3]):
+            ctx.save_for_backward(hidden2, weight, bias, idx, labels_s, lse)
+            ctx.rows, ctx.budget = rows, budget
+        return logp
+
+    @staticmethod
+    def backward(ctx, g):
+        hidden2, weight, bias, idx, labels_s, lse = ctx.saved_tensors
+        need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
+        dh, dw, db = backward_tokens(g, hidden2, weight, bias, idx, labels_s, lse, ctx.rows, ctx.budget,
+                                     need_dh, need_dw, need_db)
+        return dh, dw, db, None, None, None, None
+
+
+def scored_logprobs(sc: Scored, weight, bias, *, temperature=1.0, softcap=None, backend="auto") -> torch.Tensor:
+    """(N,) float32 log-probs of the scored tokens of a prepared batch, differentiable."""
+    be = resolve_backend(backend, sc.hidden2.device)
+    if sc.hidden2.dtype == torch.float64:
+        be = "torch"  # the Triton kernels take 16/32-bit tiles; float64 is for gradcheck and references
+    rows = make_rows(be, temperature, softcap)
+    budget = _config.get_workspace_bytes(sc.hidden2.device)
+    return LinearLabelLogprobs.apply(sc.hidden2, weight, bias, sc.idx, sc.labels, rows, budget)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# public API
+
+
+def sequence_logprobs(hidden, weight, labels, *, bias=None, cu_seqlens=None, ignore_index=-100,
+                      temperature=1.0, softcap=None, average=False, backend="auto") -> torch.Tensor:
+    r"""Per-sequence sum (or mean) of the log-probs of the label tokens, without materialising logits.
+
+    For every scored position t (``labels[t] != ignore_index``), with z = (h_t W^T + b) / temperature and,
+    if ``softcap`` is set, z <- softcap * tanh(z / softcap):  log p_t = z[labels[t]] - logsumexp(z).
+    Sequence s gets  sum_{t in s} log p_t  (divided by its scored-token count if ``average``). A sequence
+    with no scored token gives 0 and zero gradient.
+
+    Args:
+        hidden: last hidden states, (B, T, H) padded or (N, H) packed; float32, bfloat16 or float16.
+            ``labels[t]`` is the token predicted from ``hidden[t]`` (already shifted).
+        weight: lm_head weight (V, H), same dtype and device as ``hidden``.
+        labels: (B, T) or (N,) integer token ids in [0, V), or ``ignore_index`` for unscored positions.
+        bias: optional (V,) lm_head bias.
+        cu_seqlens: (S+1,) int32/int64 boundaries of the packed sequences: 0 = cu[0] <= ... <= cu[S] = N.
+        ignore_index: label value of positions that are not scored (default -100).
+        temperature: logits are divided by it (> 0).
+        softcap: optional Gemma-2 style cap (> 0).
+        average: return the mean instead of the sum of each sequence's log-probs.
+        backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``.
+
+    Returns:
+        (B,) or (S,) float32. Differentiable w.r.t. hidden, weight and bias (each only if it requires grad;
+        a frozen weight skips the dW GEMM).
+
+    Shape:
+        B batch rows, T positions, H hidden size, V vocabulary, N packed tokens, S packed sequences.
+        Memory beyond inputs and gradients: the workspace budget (:func:`dpo_fast.set_workspace_bytes`)
+        plus O(N) float32 — never (B, T, V).
+
+    NaN/inf in ``hidden`` propagate to the affected sequences' log-probs (and to gradients in backward);
+    nothing crashes.
+
+    Examples::
+
+        >>> logps = dpo_fast.sequence_logprobs(hidden, model.lm_head.weight, labels)  # (B,)
+    """
+    if not isinstance(average, bool):
+        raise TypeError(f"average: expected a bool, got {type(average).__name__}")
+    sc = prepare(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, ignore_index=ignore_index,
+                 temperature=temperature, softcap=softcap)
+    logp = scored_logprobs(sc, weight, bias, temperature=temperature, softcap=softcap, backend=backend)
+    out = torch.zeros(sc.num_seqs, dtype=logp.dtype, device=logp.device).index_add(0, sc.seq, logp)
+    if average:
+        out = out / sc.counts().to(logp.dtype).clamp_min(1.0)
+    return out
+
+
+def token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, temperature=1.0, softcap=None,
+                   backend="auto") -> torch.Tensor:
+    r"""Per-token log-probs of the label tokens, without materialising logits.
+
+    Same math and arguments as :func:`sequence_logprobs` (no packing boundaries are needed per token).
+
+    Args:
+        hidden: (B, T, H) or (N, H), float32/bfloat16/float16.
+        weight: (V, H). labels: (B, T) or (N,) integers in [0, V) or ``ignore_index``. bias: optional (V,).
+
+    Returns:
+        float32 tensor shaped like ``labels``: log p_t at scored positions, 0 at ignored ones.
+        Differentiable w.r.t. hidden, weight and bias.
+    """
+    check_tensor("hidden", hidden, dims=(2, 3), floating=True)
+    if hidden.dim() == 2:
+        N = hidden.shape[0]
+        cu = torch.tensor([0, N], dtype=torch.int64, device=hidden.device)
+    else:
+        cu = None
+    sc = prepare(hidden, weight, labels, bias=bias, cu_seqlens=cu, ignore_index=ignore_index,
+                 temperature=temperature, softcap=softcap)
+    logp = scored_logprobs(sc, weight, bias, temperature=temperature, softcap=softcap, backend=backend)
+    M = sc.hidden2.shape[0]
+    out = torch.zeros(M, dtype=logp.dtype, device=logp.device).index_copy(0, sc.idx, logp)
+    return out.view(sc.labels_shape)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# logits you already hold
+
+
+class LogitsLabelLogprobs(torch.autograd.Function):
+    """(logits2 (M, V)) -> log p of the label at each scored position (N,) fp32."""
+
+    @staticmethod
+    def forward(ctx, logits2, idx, labels_s, rows, budget):
+        N = idx.numel()
+        M, V = logits2.shape
+        acc = acc_dtype(logits2.dtype)
+        logp = torch.empty(N, dtype=acc, device=logits2.device)
+        lse = torch.empty(N, dtype=acc, device=logits2.device)
+        chunk = max(1, min(max(N, 1), budget // (V * _per_elem_bytes(rows, logits2.dtype))))
+        for s in range(0, N, chunk):
+            e = min(N, s + chunk)
+            z = logits2.index_select(0, idx[s:e])  # (n, V) contiguous copy of the scored rows
+            logp[s:e], lse[s:e] = rows.fwd(z, labels_s[s:e])
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(logits2, idx, labels_s, lse)
+            ctx.rows, ctx.chunk = rows, chunk
+        return logp
+
+    @staticmethod
+    def backward(ctx, g):
+        logits2, idx, labels_s, lse = ctx.saved_tensors
+        g = g.to(lse.dtype).contiguous()
+        dlogits = torch.zeros_like(logits2, memory_format=torch.contiguous_format)  # (M, V)
+        N = idx.numel()
+        for s in range(0, N, ctx.chunk):
+            e = min(N, s + ctx.chunk)
+            z = logits2.index_select(0, idx[s:e])
+            ctx.rows.bwd(z, z, labels_s[s:e], lse[s:e], g[s:e], 0)
+            dlogits.index_copy_(0, idx[s:e], z)
+        return dlogits, None, None, None, None
+
+
+_REDUCTIONS = ("sum", "mean", "none")
+
+
+def logprobs_from_logits(logits, labels, *, ignore_index=-100, temperature=1.0, cu_seqlens=None,
+                         reduction="sum") -> torch.Tensor:
+    r"""Log-probs of the label tokens from logits you already hold, in bounded extra memory.
+
+    Args:
+        logits: (B, T, V) padded, or (N, V) packed (with ``cu_seqlens`` for sum/mean); any float dtype.
+        labels: (B, T) or (N,) integer ids in [0, V), or ``ignore_index``.
+        ignore_index: label value of unscored positions.
+        temperature: logits are divided by it (> 0).
+        cu_seqlens: (S+1,) boundaries of packed sequences.
+        reduction: ``"sum"`` -> (B,)/(S,) per-sequence sums; ``"mean"`` -> per-sequence means over scored
+            tokens (0 for none); ``"none"`` -> float32 shaped like labels, 0 at ignored positions.
+
+    Returns:
+        float32 tensor; differentiable w.r.t. ``logits``. Never makes a float32 copy of all the logits:
+        scored rows are processed in workspace-sized chunks.
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
+    check_tensor("logits", logits, dims=(2, 3), floating=True)
+    check_tensor("labels", labels, floating=False)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    from ._validate import check_scalars
+
+    check_scalars(temperature, None)
+    check_same_device(logits=logits, labels=labels, cu_seqlens=cu_seqlens)
+    if tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"labels: expected shape {tuple(logits.shape[:-1])} (logits' leading dims), got {tuple(labels.shape)}"
+        )
+    V = logits.shape[-1]
+    if V == 0:
+        raise ValueError("logits: expected a non-empty vocabulary dimension, got V=0")
+    if logits.shape[0] == 0 or (logits.dim() == 3 and logits.shape[1] == 0):
+        raise ValueError(f"logits: empty batch, got shape {tuple(logits.shape)}")
+    if cu_seqlens is not None:
+        if logits.dim() != 2:
+            raise ValueError(f"logits: expected a packed (N, V) tensor with cu_seqlens, got {tuple(logits.shape)}")
+        S = check_cu_seqlens(cu_seqlens, logits.shape[0])
+    elif logits.dim() == 2 and reduction != "none":
+        raise ValueError("cu_seqlens: required with packed (N, V) logits when reduction is 'sum' or 'mean'")
+    else:
+        S = logits.shape[0]
+    logits2 = logits.reshape(-1, V)  # (M, V)
+    labels1 = labels.reshape(-1)
+    idx = torch.nonzero(labels1 != ignore_index).squeeze(1)
+    labels_s = labels1.index_select(0, idx).to(torch.int64)
+    check_labels_range(labels_s, V, ignore_index)
+    backend = resolve_backend("auto", logits.device)
+    if logits.dtype == torch.float64:
+        backend = "torch"  # the kernels are written for 16/32-bit tiles
+    rows = make_rows(backend, temperature, None)
+    budget = _config.get_workspace_bytes(logits.device)
+    logp = LogitsLabelLogprobs.apply(logits2, idx, labels_s, rows, budget)
+    if reduction == "none":
+        out = torch.zeros(logits2.shape[0], dtype=logp.dtype, device=logp.device).index_copy(0, idx, logp)
+        return out.view(labels.shape)
+    if cu_seqlens is not None:
+        seq = torch.searchsorted(cu_seqlens[1:].to(torch.int64).contiguous(), idx, right=True)
+    else:
+        seq = torch.div(idx, logits.shape[1], rounding_mode="floor")
+    out = torch.zeros(S, dtype=logp.dtype, device=logp.device).index_add(0, seq, logp)
+    if reduction == "mean":
+        cnt = torch.zeros(S, dtype=logp.dtype, device=logp.device).index_add_(
+            0, seq, torch.ones_like(logp))
+        out = out / cnt.clamp_min(1.0)
+    return out
