@@ -1,1 +1,702 @@
-//! Packing of (prompt, chosen, rejected) triples. (Filled in by the packing work.)
+//! Packing of tokenized (prompt, chosen, rejected) triples into model-ready rows.
+//!
+//! Plain Rust, no Python types: `cargo test` exercises it without an interpreter; `py.rs` is the
+//! thin PyO3 layer and `python/dpo_fast/_pack_reference.py` is a line-by-line Python twin of this
+//! file (same truncation, same best-fit order, same tie-breaks, same error messages), used as the
+//! test oracle and the speed baseline.
+//!
+//! # Sequences and labels
+//! A pair `i` gives two sequences, `prompt_i + chosen_i` and `prompt_i + rejected_i`. Labels are
+//! already shifted: `labels[t] = ids[t + 1]` when `t + 1` is a completion token of the same
+//! sequence, else `IGNORE_INDEX` (-100). So prompt positions (except the last, which predicts the
+//! first completion token), each sequence's last position and padding score nothing. A sequence
+//! scores `len(completion)` tokens, or one fewer when its prompt is empty (the first completion
+//! token then has no predecessor).
+//!
+//! # Truncation (per pair, independent of the mode)
+//! A pair costs `2·|prompt| + |chosen| + |rejected|` tokens (the prompt is stored twice). When that
+//! exceeds `max_tokens`:
+//! - `Error`: fail, naming the pair.
+//! - `KeepStart`: keep the start of every sequence. Completions are cut at their end first, the
+//!   longer one first (a "water level": both are capped at the largest `k` such that
+//!   `min(|c|, k) + min(|r|, k)` fits), never below 1 token each; then, if still too long, the
+//!   prompt is cut at its end.
+//! - `KeepEnd`: keep the end of every sequence. The prompt is cut at its start first (never below 1
+//!   token if it had any); then completions are cut as above (a completion is always cut at its end:
+//!   scoring a completion without its beginning would score tokens out of context); then, only for
+//!   `max_tokens < 4`, the prompt may lose its last token.
+//! Any `max_tokens >= 2` therefore fits every pair (1 + 1 completion tokens, empty prompt).
+//!
+//! # Layout
+//! Output arrays are `[rows, L]`, row-major. `padded`: `rows = 2P`, rows
+//! `[chosen_0 .. chosen_{P-1}, rejected_0 .. rejected_{P-1}]` (TRL's layout), `L` = the longest
+//! sequence. `packed`: pairs are placed best-fit-decreasing (largest pair first, ties by original
+//! index; each into the open row with the least room that still fits it, ties by the oldest row;
+//! else a new row), chosen and rejected adjacent in one row; `L` = the fullest row (≤ max_tokens).
+//! `L` is then rounded up to `pad_to_multiple_of`.
+//!
+//! `cu_seqlens` (S + 1, int32, S = 2P) indexes the flattened `rows·L` layout. Padding is not a
+//! segment of its own: each row's trailing padding belongs to the row's last sequence (labels -100,
+//! so it scores nothing, and under causal attention no real token sees it). Hence the engine's
+//! `sequence_logprobs(hidden.view(-1, H), W, labels.view(-1), cu_seqlens=cu_seqlens)` returns exactly
+//! S values, sequence `s` being the s-th of the batch, and `pairs` (P, 2) indexes them directly.
+//! `position_ids` restart at 0 at every segment start and run on through the trailing padding, so
+//! a segmentation recovered from `position_ids == 0` equals `cu_seqlens`. `max_seqlen` is the longest
+//! segment (what flash-attention's varlen kernels want).
+//!
+//! Cost: one read of every kept input token and one write of `rows·L·13` bytes (ids, labels,
+//! positions as i32, mask as i8); the best-fit plan is O(P log P).
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+/// Label value of positions that are not scored.
+pub const IGNORE_INDEX: i32 = -100;
+
+/// Exclusive upper bound of token ids (outputs are int32) and of every index into the flat layout.
+pub const ID_LIMIT: i64 = 1 << 31;
+
+/// Below this many output slots the fill runs on the calling thread (spawning costs ~20 µs).
+const PARALLEL_MIN_SLOTS: usize = 1 << 20;
+
+/// Row layout: TRL's padded `[2P, L]` or best-fit packed rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Padded,
+    Packed,
+}
+
+impl Mode {
+    pub fn parse(s: &str) -> Result<Self, PackError> {
+        match s {
+            "padded" => Ok(Mode::Padded),
+            "packed" => Ok(Mode::Packed),
+            _ => Err(PackError::new(format!("mode must be 'packed' or 'padded', got {s:?}"))),
+        }
+    }
+}
+
+/// What to do with a pair longer than `max_tokens` (see the module docs for the exact rule).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Truncation {
+    KeepStart,
+    KeepEnd,
+    Error,
+}
+
+impl Truncation {
+    pub fn parse(s: &str) -> Result<Self, PackError> {
+        match s {
+            "keep_start" => Ok(Truncation::KeepStart),
+            "keep_end" => Ok(Truncation::KeepEnd),
+            "error" => Ok(Truncation::Error),
+            _ => Err(PackError::new(format!(
+                "truncation must be 'keep_start', 'keep_end' or 'error', got {s:?}"
+            ))),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct PackOptions {
+    /// Token budget of one pair, and of one row in packed mode. >= 2.
+    pub max_tokens: usize,
+    pub mode: Mode,
+    pub pad_token_id: i64,
+    pub truncation: Truncation,
+    /// Round the row length `L` up to a multiple of this (>= 1).
+    pub pad_to_multiple_of: Option<usize>,
+    /// When given, token ids must lie in `[0, vocab_size)`.
+    pub vocab_size: Option<i64>,
+}
+
+impl PackOptions {
+    pub fn new(max_tokens: usize, mode: Mode) -> Self {
+        PackOptions {
+            max_tokens,
+            mode,
+            pad_token_id: 0,
+            truncation: Truncation::KeepStart,
+            pad_to_multiple_of: None,
+            vocab_size: None,
+        }
+    }
+}
+
+/// A bad argument. The message names the argument (and the pair/position for bad data).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PackError {
+    pub message: String,
+}
+
+impl PackError {
+    pub fn new(message: impl Into<String>) -> Self {
+        PackError { message: message.into() }
+    }
+}
+
+impl fmt::Display for PackError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for PackError {}
+
+/// Integer element types accepted as token ids.
+pub trait TokenId: Copy + Send + Sync {
+    fn get(self) -> i64;
+}
+
+impl TokenId for i32 {
+    #[inline(always)]
+    fn get(self) -> i64 {
+        self as i64
+    }
+}
+
+impl TokenId for i64 {
+    #[inline(always)]
+    fn get(self) -> i64 {
+        self
+    }
+}
+
+/// Ragged array in Arrow's list layout: sequence `i` is `values[offsets[i]..offsets[i + 1]]`.
+/// `offsets` has P + 1 entries; `offsets[0]` need not be 0 (a sliced Arrow array).
+#[derive(Clone, Copy, Debug)]
+pub struct Ragged<'a, T> {
+    pub values: &'a [T],
+    pub offsets: &'a [i64],
+}
+
+impl<'a, T> Ragged<'a, T> {
+    pub fn new(values: &'a [T], offsets: &'a [i64]) -> Self {
+        Ragged { values, offsets }
+    }
+
+    /// Checked against `values` by `validate_offsets`; afterwards `seq` cannot go out of bounds.
+    fn validate_offsets(&self, arg: &str) -> Result<usize, PackError> {
+        let o = self.offsets;
+        if o.is_empty() {
+            return Err(PackError::new(format!(
+                "{arg}: offsets must have P + 1 >= 1 entries, got an empty array"
+            )));
+        }
+        if o[0] < 0 {
+            return Err(PackError::new(format!("{arg}: offsets[0] = {} is negative", o[0])));
+        }
+        for k in 1..o.len() {
+            if o[k] < o[k - 1] {
+                return Err(PackError::new(format!(
+                    "{arg}: offsets must be non-decreasing, got offsets[{}] = {} > offsets[{k}] = {}",
+                    k - 1,
+                    o[k - 1],
+                    o[k]
+                )));
+            }
+        }
+        let last = o[o.len() - 1];
+        if last as u64 > self.values.len() as u64 {
+            return Err(PackError::new(format!(
+                "{arg}: offsets[-1] = {last} exceeds the {} values",
+                self.values.len()
+            )));
+        }
+        Ok(o.len() - 1)
+    }
+
+    #[inline]
+    fn seq(&self, i: usize) -> &'a [T] {
+        &self.values[self.offsets[i] as usize..self.offsets[i + 1] as usize]
+    }
+}
+
+/// The part of a pair that survives truncation: `prompt[prompt_start..prompt_start + prompt_len]`,
+/// `chosen[..chosen_len]`, `rejected[..rejected_len]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Kept {
+    pub prompt_start: usize,
+    pub prompt_len: usize,
+    pub chosen_len: usize,
+    pub rejected_len: usize,
+}
+
+impl Kept {
+    /// Tokens the pair occupies in a row (the prompt is stored twice).
+    #[inline]
+    pub fn cost(&self) -> usize {
+        2 * self.prompt_len + self.chosen_len + self.rejected_len
+    }
+}
+
+/// Cap two completions (each >= 1 token) to at most `budget` tokens together: the longer is cut
+/// first, never below 1 token each (so the result may exceed a budget < 2).
+fn shrink_completions(lc: usize, lr: usize, budget: usize) -> (usize, usize) {
+    if lc + lr <= budget {
+        return (lc, lr);
+    }
+    if budget < 2 {
+        return (1, 1);
+    }
+    let short = lc.min(lr);
+    if 2 * short <= budget {
+        let cap = budget - short; // the short one stays whole, the long one takes the rest
+        (lc.min(cap), lr.min(cap))
+    } else {
+        (budget / 2, budget / 2)
+    }
+}
+
+/// Apply the truncation policy to one pair (lengths of prompt, chosen, rejected; chosen and
+/// rejected >= 1; max_tokens >= 2). `Truncation::Error` is treated as "no truncation": the caller
+/// checks `cost() > max_tokens` itself.
+pub fn fit_pair(lp: usize, lc: usize, lr: usize, max_tokens: usize, policy: Truncation) -> Kept {
+    let m = max_tokens;
+    let whole = Kept { prompt_start: 0, prompt_len: lp, chosen_len: lc, rejected_len: lr };
+    if policy == Truncation::Error || whole.cost() <= m {
+        return whole;
+    }
+    match policy {
+        Truncation::KeepStart => {
+            let (c, r) = shrink_completions(lc, lr, m.saturating_sub(2 * lp));
+            let p = lp.min((m - c - r) / 2);
+            Kept { prompt_start: 0, prompt_len: p, chosen_len: c, rejected_len: r }
+        }
+        Truncation::KeepEnd => {
+            let floor = lp.min(1);
+            let mut p = floor.max(lp.min(m.saturating_sub(lc + lr) / 2));
+            let (c, r) = shrink_completions(lc, lr, m.saturating_sub(2 * p));
+            p = p.min((m - c - r) / 2);
+            Kept { prompt_start: lp - p, prompt_len: p, chosen_len: c, rejected_len: r }
+        }
+        Truncation::Error => unreachable!(),
+    }
+}
+
+/// Output of `pack`. 2-D arrays are row-major `[num_rows, row_len]`, flattened.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PackedBatch {
+    pub num_rows: usize,
+    pub row_len: usize,
+    pub input_ids: Vec<i32>,
+    pub labels: Vec<i32>,
+    pub position_ids: Vec<i32>,
+    pub attention_mask: Vec<i8>,
+    /// (S + 1,) segment boundaries in the flattened layout; S = 2P.
+    pub cu_seqlens: Vec<i32>,
+    /// (P, 2) flattened: (chosen, rejected) sequence index of each pair, in batch order.
+    pub pairs: Vec<i64>,
+    /// (P,) original index of each pair.
+    pub example_index: Vec<i64>,
+    /// (S,) real tokens of each sequence (segment length minus trailing padding).
+    pub seq_lens: Vec<i32>,
+    /// (S,) scored tokens of each sequence (labels != -100): completion length, minus one when the
+    /// prompt is empty.
+    pub completion_lens: Vec<i32>,
+    /// Longest segment of `cu_seqlens` (padding included).
+    pub max_seqlen: usize,
+}
+
+/// One sequence as placed in the output: which pair, and chosen (false) or rejected (true).
+#[derive(Clone, Copy)]
+struct Placed {
+    pair: u32,
+    rejected: bool,
+}
+
+fn validate_options(opts: &PackOptions) -> Result<i64, PackError> {
+    if opts.max_tokens < 2 {
+        return Err(PackError::new(format!(
+            "max_tokens must be >= 2 (one chosen and one rejected token), got {}",
+            opts.max_tokens
+        )));
+    }
+    if opts.max_tokens as u64 >= ID_LIMIT as u64 {
+        return Err(PackError::new(format!(
+            "max_tokens must be < 2147483648, got {}",
+            opts.max_tokens
+        )));
+    }
+    if let Some(m) = opts.pad_to_multiple_of {
+        if m < 1 || m as u64 >= ID_LIMIT as u64 {
+            return Err(PackError::new(format!(
+                "pad_to_multiple_of must be in [1, 2147483648), got {m}"
+            )));
+        }
+    }
+    let limit = match opts.vocab_size {
+        Some(v) if v < 1 || v > ID_LIMIT => {
+            return Err(PackError::new(format!("vocab_size must be in [1, 2147483648], got {v}")));
+        }
+        Some(v) => v,
+        None => ID_LIMIT,
+    };
+    let pad = opts.pad_token_id;
+    if pad < 0 || pad >= limit {
+        return Err(PackError::new(format!(
+            "pad_token_id = {pad} is out of range: it must be in [0, {})",
+            range_name(opts.vocab_size)
+        )));
+    }
+    Ok(limit)
+}
+
+fn range_name(vocab_size: Option<i64>) -> String {
+    match vocab_size {
+        Some(v) => format!("vocab_size={v}"),
+        None => "2147483648".to_string(),
+    }
+}
+
+#[inline]
+fn check_ids<T: TokenId>(
+    arg: &str,
+    pair: usize,
+    seq: &[T],
+    limit: i64,
+    vocab_size: Option<i64>,
+) -> Result<(), PackError> {
+    // Branch-free scan (vectorises); the slow search for the culprit runs only on failure.
+    let ok = seq.iter().fold(true, |acc, &v| {
+        let v = v.get();
+        acc & (v >= 0) & (v < limit)
+    });
+    if ok {
+        return Ok(());
+    }
+    let (j, v) = seq
+        .iter()
+        .map(|&v| v.get())
+        .enumerate()
+        .find(|&(_, v)| v < 0 || v >= limit)
+        .expect("a bad id exists");
+    Err(PackError::new(format!(
+        "{arg}[{pair}][{j}] = {v} is out of range: token ids must be in [0, {})",
+        range_name(vocab_size)
+    )))
+}
+
+/// Pack P pairs. Errors (never panics) on bad options or data; see the module docs for the layout.
+pub fn pack<T: TokenId>(
+    prompt: Ragged<'_, T>,
+    chosen: Ragged<'_, T>,
+    rejected: Ragged<'_, T>,
+    opts: &PackOptions,
+) -> Result<PackedBatch, PackError> {
+    let limit = validate_options(opts)?;
+    let n_prompt = prompt.validate_offsets("prompt_ids")?;
+    let n_chosen = chosen.validate_offsets("chosen_ids")?;
+    let n_rejected = rejected.validate_offsets("rejected_ids")?;
+    if n_chosen != n_prompt || n_rejected != n_prompt {
+        return Err(PackError::new(format!(
+            "prompt_ids, chosen_ids and rejected_ids must hold the same number of sequences, got {n_prompt}, {n_chosen} and {n_rejected}"
+        )));
+    }
+    let n_pairs = n_prompt;
+    if n_pairs as u64 >= (ID_LIMIT / 2) as u64 {
+        return Err(PackError::new(format!("too many pairs for int32 cu_seqlens: {n_pairs}")));
+    }
+
+    // Per pair: validate, then truncate.
+    let m = opts.max_tokens;
+    let mut kept = Vec::with_capacity(n_pairs);
+    for i in 0..n_pairs {
+        let (p, c, r) = (prompt.seq(i), chosen.seq(i), rejected.seq(i));
+        if c.is_empty() {
+            return Err(PackError::new(format!(
+                "chosen_ids[{i}] is empty: every completion needs at least one token"
+            )));
+        }
+        if r.is_empty() {
+            return Err(PackError::new(format!(
+                "rejected_ids[{i}] is empty: every completion needs at least one token"
+            )));
+        }
+        check_ids("prompt_ids", i, p, limit, opts.vocab_size)?;
+        check_ids("chosen_ids", i, c, limit, opts.vocab_size)?;
+        check_ids("rejected_ids", i, r, limit, opts.vocab_size)?;
+        let k = fit_pair(p.len(), c.len(), r.len(), m, opts.truncation);
+        if k.cost() > m {
+            return Err(PackError::new(format!(
+                "pair {i} needs {} tokens (prompt {} counted twice, chosen {}, rejected {}) but max_tokens is {m}; \
+                 use truncation='keep_start' or 'keep_end', or raise max_tokens",
+                k.cost(),
+                p.len(),
+                c.len(),
+                r.len()
+            )));
+        }
+        kept.push(k);
+    }
+
+    // Plan: the sequences of every row, in order.
+    let (order, row_starts, mut row_len) = match opts.mode {
+        Mode::Padded => plan_padded(&kept),
+        Mode::Packed => plan_packed(&kept, m),
+    };
+    if let Some(mult) = opts.pad_to_multiple_of {
+        row_len = row_len.div_ceil(mult) * mult;
+    }
+    let num_rows = row_starts.len() - 1;
+    let slots = num_rows as u64 * row_len as u64;
+    if slots >= ID_LIMIT as u64 {
+        return Err(PackError::new(format!(
+            "the batch would hold {slots} token slots ({num_rows} rows x {row_len}), more than int32 \
+             cu_seqlens can address (2147483647); pack fewer pairs per call"
+        )));
+    }
+
+    let mut out = PackedBatch {
+        num_rows,
+        row_len,
+        input_ids: vec![0; slots as usize],
+        labels: vec![0; slots as usize],
+        position_ids: vec![0; slots as usize],
+        attention_mask: vec![0; slots as usize],
+        ..Default::default()
+    };
+    fill(&mut out, &order, &row_starts, &kept, prompt, chosen, rejected, opts.pad_token_id as i32);
+    index(&mut out, &order, &row_starts, &kept, opts.mode);
+    Ok(out)
+}
+
+fn seq_len(k: &Kept, rejected: bool) -> usize {
+    k.prompt_len + if rejected { k.rejected_len } else { k.chosen_len }
+}
+
+/// TRL's layout: rows [chosen_0..chosen_{P-1}, rejected_0..rejected_{P-1}], one sequence each.
+fn plan_padded(kept: &[Kept]) -> (Vec<Placed>, Vec<usize>, usize) {
+    let p = kept.len();
+    let mut order = Vec::with_capacity(2 * p);
+    for rejected in [false, true] {
+        order.extend((0..p).map(|i| Placed { pair: i as u32, rejected }));
+    }
+    let row_starts: Vec<usize> = (0..=2 * p).collect();
+    let row_len = order.iter().map(|s| seq_len(&kept[s.pair as usize], s.rejected)).max().unwrap_or(0);
+    (order, row_starts, row_len)
+}
+
+/// Best-fit-decreasing. Pairs are taken largest first (ties: smaller original index first); each
+/// goes to the open row with the least remaining room that still fits it (ties: the older row),
+/// or opens a new row. Output order: rows in opening order, pairs within a row in placement order.
+fn plan_packed(kept: &[Kept], max_tokens: usize) -> (Vec<Placed>, Vec<usize>, usize) {
+    let p = kept.len();
+    let mut by_size: Vec<u32> = (0..p as u32).collect();
+    // Stable sort: equal costs keep ascending original index.
+    by_size.sort_by_key(|&i| std::cmp::Reverse(kept[i as usize].cost()));
+
+    // (remaining room, row id) of every open row; the smallest key >= (cost, 0) is the best fit.
+    let mut open: BTreeSet<(usize, u32)> = BTreeSet::new();
+    let mut row_fill: Vec<usize> = Vec::new();
+    let mut row_of: Vec<u32> = Vec::with_capacity(p); // row of the k-th placed pair
+    for &i in &by_size {
+        let cost = kept[i as usize].cost();
+        let fit = open.range((cost, 0)..).next().copied();
+        let row = match fit {
+            Some(key) => {
+                open.remove(&key);
+                key.1
+            }
+            None => {
+                row_fill.push(0);
+                (row_fill.len() - 1) as u32
+            }
+        };
+        row_fill[row as usize] += cost;
+        let room = max_tokens - row_fill[row as usize];
+        // A row with less than 2 tokens of room can take no pair (each costs >= 2).
+        if room >= 2 {
+            open.insert((room, row));
+        }
+        row_of.push(row);
+    }
+
+    // Counting sort of placed pairs by row, keeping placement order inside each row.
+    let num_rows = row_fill.len();
+    let mut row_starts = vec![0usize; num_rows + 1];
+    for &r in &row_of {
+        row_starts[r as usize + 1] += 2;
+    }
+    for r in 0..num_rows {
+        row_starts[r + 1] += row_starts[r];
+    }
+    let mut cursor = row_starts.clone();
+    let mut order = vec![Placed { pair: 0, rejected: false }; 2 * p];
+    for (k, &r) in row_of.iter().enumerate() {
+        let at = cursor[r as usize];
+        let pair = by_size[k];
+        order[at] = Placed { pair, rejected: false };
+        order[at + 1] = Placed { pair, rejected: true };
+        cursor[r as usize] += 2;
+    }
+    let row_len = row_fill.iter().copied().max().unwrap_or(0);
+    (order, row_starts, row_len)
+}
+
+/// Write one row: its sequences back to back, then padding that continues the last sequence's
+/// positions.
+#[allow(clippy::too_many_arguments)]
+fn fill_row<T: TokenId>(
+    ids: &mut [i32],
+    labels: &mut [i32],
+    positions: &mut [i32],
+    mask: &mut [i8],
+    seqs: &[Placed],
+    kept: &[Kept],
+    prompt: Ragged<'_, T>,
+    chosen: Ragged<'_, T>,
+    rejected: Ragged<'_, T>,
+    pad: i32,
+) {
+    let mut at = 0usize;
+    for s in seqs {
+        let i = s.pair as usize;
+        let k = &kept[i];
+        let p = &prompt.seq(i)[k.prompt_start..k.prompt_start + k.prompt_len];
+        let c = if s.rejected { &rejected.seq(i)[..k.rejected_len] } else { &chosen.seq(i)[..k.chosen_len] };
+        let (lp, n) = (p.len(), p.len() + c.len());
+        let ids_s = &mut ids[at..at + n];
+        for (d, &v) in ids_s[..lp].iter_mut().zip(p) {
+            *d = v.get() as i32;
+        }
+        for (d, &v) in ids_s[lp..].iter_mut().zip(c) {
+            *d = v.get() as i32;
+        }
+        // labels[t] = ids[t + 1] for t in [max(lp, 1) - 1, n - 1); the rest -100.
+        let first = lp.max(1) - 1;
+        let lab = &mut labels[at..at + n];
+        lab[..first].fill(IGNORE_INDEX);
+        lab[first..n - 1].copy_from_slice(&ids[at + first + 1..at + n]);
+        lab[n - 1] = IGNORE_INDEX;
+        for (t, d) in positions[at..at + n].iter_mut().enumerate() {
+            *d = t as i32;
+        }
+        mask[at..at + n].fill(1);
+        at += n;
+    }
+    // Trailing padding: part of the last segment (see module docs).
+    let row_len = ids.len();
+    ids[at..].fill(pad);
+    labels[at..].fill(IGNORE_INDEX);
+    let base = match seqs.last() {
+        Some(s) => seq_len(&kept[s.pair as usize], s.rejected),
+        None => 0,
+    };
+    for (t, d) in positions[at..row_len].iter_mut().enumerate() {
+        *d = (base + t) as i32;
+    }
+    // mask[at..] is already 0 (zero-initialised output).
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fill<T: TokenId>(
+    out: &mut PackedBatch,
+    order: &[Placed],
+    row_starts: &[usize],
+    kept: &[Kept],
+    prompt: Ragged<'_, T>,
+    chosen: Ragged<'_, T>,
+    rejected: Ragged<'_, T>,
+    pad: i32,
+) {
+    let (rows, l) = (out.num_rows, out.row_len);
+    if rows == 0 || l == 0 {
+        return;
+    }
+    let fill_rows = |r0: usize, ids: &mut [i32], lab: &mut [i32], pos: &mut [i32], mask: &mut [i8]| {
+        for (j, (((ids, lab), pos), mask)) in ids
+            .chunks_mut(l)
+            .zip(lab.chunks_mut(l))
+            .zip(pos.chunks_mut(l))
+            .zip(mask.chunks_mut(l))
+            .enumerate()
+        {
+            let r = r0 + j;
+            let seqs = &order[row_starts[r]..row_starts[r + 1]];
+            fill_row(ids, lab, pos, mask, seqs, kept, prompt, chosen, rejected, pad);
+        }
+    };
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8);
+    if threads < 2 || rows * l < PARALLEL_MIN_SLOTS || rows < 2 {
+        fill_rows(0, &mut out.input_ids, &mut out.labels, &mut out.position_ids, &mut out.attention_mask);
+        return;
+    }
+    // Split the rows into `threads` contiguous bands of equal slot count (the work is memory
+    // bound: ~13 bytes written per slot). Fresh zeroed pages are faulted in by the thread that
+    // first writes them, so the page-fault cost is spread too.
+    let per = rows.div_ceil(threads);
+    std::thread::scope(|scope| {
+        let mut ids = out.input_ids.as_mut_slice();
+        let mut lab = out.labels.as_mut_slice();
+        let mut pos = out.position_ids.as_mut_slice();
+        let mut mask = out.attention_mask.as_mut_slice();
+        let mut r0 = 0;
+        while r0 < rows {
+            let nr = per.min(rows - r0);
+            let (a, b) = ids.split_at_mut(nr * l);
+            ids = b;
+            let (c, d) = lab.split_at_mut(nr * l);
+            lab = d;
+            let (e, f) = pos.split_at_mut(nr * l);
+            pos = f;
+            let (g, h) = mask.split_at_mut(nr * l);
+            mask = h;
+            let fr = &fill_rows;
+            scope.spawn(move || fr(r0, a, c, e, g));
+            r0 += nr;
+        }
+    });
+}
+
+/// cu_seqlens, pairs, example_index, seq_lens, completion_lens, max_seqlen.
+fn index(out: &mut PackedBatch, order: &[Placed], row_starts: &[usize], kept: &[Kept], mode: Mode) {
+    let s_total = order.len();
+    let p = kept.len();
+    let l = out.row_len;
+    let mut cu = Vec::with_capacity(s_total + 1);
+    let mut seq_lens = Vec::with_capacity(s_total);
+    let mut comp = Vec::with_capacity(s_total);
+    for r in 0..out.num_rows {
+        let mut at = r * l;
+        for s in &order[row_starts[r]..row_starts[r + 1]] {
+            let k = &kept[s.pair as usize];
+            let n = seq_len(k, s.rejected);
+            cu.push(at as i32);
+            seq_lens.push(n as i32);
+            let scored = n - k.prompt_len.max(1);
+            comp.push(scored as i32);
+            at += n;
+        }
+    }
+    cu.push((out.num_rows * l) as i32);
+    out.max_seqlen = cu.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0);
+    let mut pairs = Vec::with_capacity(2 * p);
+    let mut example_index = Vec::with_capacity(p);
+    match mode {
+        Mode::Padded => {
+            for i in 0..p {
+                pairs.push(i as i64);
+                pairs.push((p + i) as i64);
+                example_index.push(i as i64);
+            }
+        }
+        Mode::Packed => {
+            // order holds (chosen, rejected) of each pair adjacently.
+            for (j, s) in order.iter().step_by(2).enumerate() {
+                pairs.push(2 * j as i64);
+                pairs.push(2 * j as i64 + 1);
+                example_index.push(s.pair as i64);
+            }
+        }
+    }
+    out.cu_seqlens = cu;
+    out.pairs = pairs;
+    out.example_index = example_index;
+    out.seq_lens = seq_lens;
+    out.completion_lens = comp;
+}
+
+#[cfg(test)]
+#[path = "pack_tests.rs"]
+mod tests;
