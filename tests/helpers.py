@@ -1,0 +1,88 @@
+"""Shared test helpers: float64 references and the one tolerance table."""
+
+from __future__ import annotations
+
+import torch
+
+# Norm-relative tolerance per input dtype: max|actual - ref| <= TOL * max(max|ref|, 1).
+# float32 inputs: 1e-5; 16-bit inputs: 1e-2 (bf16 has an 8-bit mantissa: 2^-9 = 2e-3 per rounding).
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float64: 1e-10}
+
+
+def rel_err(actual: torch.Tensor, ref: torch.Tensor) -> float:
+    actual = actual.detach().double()
+    ref = ref.detach().double()
+    assert actual.shape == ref.shape, (actual.shape, ref.shape)
+    assert torch.isfinite(actual).all(), "non-finite values"
+    scale = max(ref.abs().max().item() if ref.numel() else 0.0, 1.0)
+    return (actual - ref).abs().max().item() / scale if ref.numel() else 0.0
+
+
+def assert_close(actual, ref, dtype, what="", baseline=None):
+    """actual within TOL[dtype] of the float64 ref, or -- the flash-attention idiom -- within twice the error
+    that plain PyTorch makes at the same precision (``baseline``), for cases such as a float32 sum over
+    V > 65536 terms where no float32 implementation can reach TOL."""
+    err = rel_err(actual, ref)
+    if err <= TOL[dtype]:
+        return
+    base = rel_err(baseline, ref) if baseline is not None else None
+    assert base is not None and err <= 2 * base + 1e-7, (
+        f"{what}: relative error {err:.3g} > {TOL[dtype]:.1g} ({dtype})"
+        + (f" and > 2 x PyTorch's own error {base:.3g}" if base is not None else ""))
+
+
+def seed_of(name: str) -> int:
+    """A stable per-test seed (str hash() is salted per process)."""
+    import zlib
+
+    return zlib.crc32(name.encode()) % 100_000
+
+
+def ref_token_logprobs(hidden, weight, labels, bias=None, ignore_index=-100, temperature=1.0, softcap=None):
+    """Float64 reference on the full logits: returns per-token log-probs shaped like labels (0 if ignored)."""
+    h = hidden.double()
+    z = h @ weight.double().t()
+    if bias is not None:
+        z = z + bias.double()
+    z = z / temperature
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    lp = torch.log_softmax(z, dim=-1)
+    mask = labels != ignore_index
+    safe = torch.where(mask, labels, torch.zeros_like(labels)).long()
+    tok = lp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return torch.where(mask, tok, torch.zeros_like(tok))
+
+
+def ref_sequence_logprobs(hidden, weight, labels, bias=None, cu_seqlens=None, ignore_index=-100,
+                          temperature=1.0, softcap=None, average=False):
+    tok = ref_token_logprobs(hidden, weight, labels, bias, ignore_index, temperature, softcap)
+    mask = (labels != ignore_index).double()
+    if cu_seqlens is None:
+        s, c = tok.sum(-1), mask.sum(-1)
+    else:
+        cu = cu_seqlens.tolist()
+        s = torch.stack([tok[a:b].sum() for a, b in zip(cu[:-1], cu[1:])])
+        c = torch.stack([mask[a:b].sum() for a, b in zip(cu[:-1], cu[1:])])
+    return s / c.clamp_min(1) if average else s
+
+
+def naive_sequence_logprobs(hidden, weight, labels, bias=None, ignore_index=-100, temperature=1.0,
+                            softcap=None, average=False):
+    """Plain PyTorch at the inputs' precision (logits in the input dtype, fp32 log_softmax): the baseline."""
+    z = hidden @ weight.t()
+    if bias is not None:
+        z = z + bias
+    z = z.float() / temperature
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    mask = labels != ignore_index
+    tok = torch.log_softmax(z, -1).gather(-1, labels.clamp_min(0).long().unsqueeze(-1)).squeeze(-1) * mask
+    s = tok.sum(-1)
+    return s / mask.sum(-1).clamp_min(1) if average else s
+
+
+def random_labels(shape, V, frac_ignored=0.3, generator=None):
+    labels = torch.randint(0, V, shape, generator=generator)
+    drop = torch.rand(shape, generator=generator) < frac_ignored
+    return labels.masked_fill(drop, -100)
