@@ -632,7 +632,9 @@ def pair_loss_and_grads(
 
 
 # ================================================================================================ LD-DPO, WPO
-def ld_dpo_token_weights(chosen_mask: Tensor, rejected_mask: Tensor, ld_alpha: float) -> tuple[Tensor, Tensor]:
+def ld_dpo_token_weights(
+    chosen_mask: Tensor, rejected_mask: Tensor, ld_alpha: float, *, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
     r"""Per-token weights of LD-DPO (Liu et al. 2024, *Length Desensitization in DPO*, arXiv:2409.06411).
 
     With shared = min(|y_w|, |y_l|) scored tokens per pair, the k-th scored token of a sequence (in order)
@@ -644,9 +646,10 @@ def ld_dpo_token_weights(chosen_mask: Tensor, rejected_mask: Tensor, ld_alpha: f
         chosen_mask: (P, T_w) bool/0-1, True at scored tokens of the chosen sequences.
         rejected_mask: (P, T_l) likewise for the rejected ones.
         ld_alpha: α ∈ [0, 1]; 1 is plain DPO, 0 drops the tokens beyond the shared length.
+        dtype: dtype of the weights (float32).
 
     Returns:
-        ``(w_chosen, w_rejected)`` float32 of the masks' shapes.
+        ``(w_chosen, w_rejected)`` of the masks' shapes.
     """
     a = M.check_finite("ld_alpha", ld_alpha)
     if not 0.0 <= a <= 1.0:
@@ -664,8 +667,9 @@ def ld_dpo_token_weights(chosen_mask: Tensor, rejected_mask: Tensor, ld_alpha: f
 
     def weights(m: Tensor) -> Tensor:
         rank = m.long().cumsum(-1)  # (P, T): 1-based index of each scored token
-        w = torch.where(rank <= shared, 1.0, a)
-        return torch.where(m, w, 0.0).to(torch.float32)
+        one = torch.ones((), dtype=dtype, device=m.device)
+        w = torch.where(rank <= shared, one, one * a)  # built in `dtype`: α = 0.37 is not exact in float32
+        return torch.where(m, w, 0.0)
 
     return weights(mc), weights(mr)
 
@@ -702,11 +706,11 @@ def ld_dpo_logps(
             raise ValueError(f"{name} must be a float (P, T) tensor, got {getattr(t, 'shape', type(t).__name__)}")
         if isinstance(m, Tensor) and tuple(m.shape) != tuple(t.shape):
             raise ValueError(f"{name} has shape {tuple(t.shape)} but its mask has shape {tuple(m.shape)}")
-    wc, wr = ld_dpo_token_weights(chosen_mask, rejected_mask, ld_alpha)
     dt = M.compute_dtype(token_logps_chosen, token_logps_rejected)
+    wc, wr = ld_dpo_token_weights(chosen_mask, rejected_mask, ld_alpha, dtype=dt)
     # where() rather than a product so that −inf or NaN at unscored positions cannot leak into the sum
-    lc = torch.where(wc > 0, token_logps_chosen.to(dt) * wc.to(dt), 0.0).sum(-1)
-    lr = torch.where(wr > 0, token_logps_rejected.to(dt) * wr.to(dt), 0.0).sum(-1)
+    lc = torch.where(wc > 0, token_logps_chosen.to(dt) * wc, 0.0).sum(-1)
+    lr = torch.where(wr > 0, token_logps_rejected.to(dt) * wr, 0.0).sum(-1)
     return lc, lr
 
 
