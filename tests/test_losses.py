@@ -544,8 +544,9 @@ def test_ld_dpo_logps_matches_definition(alpha):
     # gradient: d ℓ / d token = weight at scored tokens, 0 elsewhere
     x = tc.clone().requires_grad_()
     L.ld_dpo_logps(x, tr, mc, mr, alpha)[0].sum().backward()
-    wc, _ = L.ld_dpo_token_weights(mc, mr, alpha)
-    close(x.grad, wc.double(), "f64")
+    wc, _ = L.ld_dpo_token_weights(mc, mr, alpha, dtype=D64)
+    close(x.grad, wc, "f64")
+    assert L.ld_dpo_token_weights(mc, mr, alpha)[0].dtype == torch.float32
 
 
 def test_ld_dpo_errors():
