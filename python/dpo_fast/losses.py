@@ -263,7 +263,7 @@ def _prepare_inputs(
     sft = None
     if "sft" in spec.types and sft_nll is not None:
         if not isinstance(sft_nll, Tensor):
-            sft_nll = torch.tensor(float(sft_nll))
+            sft_nll = torch.tensor(float(sft_nll), dtype=torch.float64)
         if not sft_nll.is_floating_point() or not (sft_nll.dim() == 0 or tuple(sft_nll.shape) == (P,)):
             raise ValueError(
                 f"sft_nll must be a float scalar or a (P,) = ({P},) float tensor, got "
@@ -358,7 +358,7 @@ def _reduce(losses: Tensor, reduction: str, num_pairs: int | None = None) -> Ten
 
 def _logits_metric(m: Tensor | float, lengths: Tensor | None, name: str, P: int) -> Tensor:
     if not isinstance(m, Tensor):
-        return torch.tensor(float(m))
+        return torch.tensor(float(m), dtype=torch.float64)
     if m.dim() == 0:
         return m.detach()
     M.as_vector(name, m, P)
@@ -746,7 +746,7 @@ def _derived_nll(name: str, nll: Tensor | float | None, lw: Tensor, len_w: Tenso
     """Chosen NLL as a (P,) per-pair share whose mean is the batch token-mean NLL, or the given value."""
     if nll is not None:
         if not isinstance(nll, Tensor):
-            nll = torch.tensor(float(nll))
+            nll = torch.tensor(float(nll), dtype=torch.float64)
         if not nll.is_floating_point() or not (nll.dim() == 0 or tuple(nll.shape) == (P,)):
             raise ValueError(f"{name} must be a float scalar or a ({P},) tensor, got {nll.dtype} {tuple(nll.shape)}")
         return nll.to(device=lw.device, dtype=lw.dtype).expand_as(lw)
@@ -1042,7 +1042,7 @@ def kto_loss(
             raise ValueError(f"{name} must be >= 0, got {w}")
     lp, lr, des = _unpaired_inputs(policy_logps, ref_logps, desirable)
     if kl is not None:
-        z = (kl if isinstance(kl, Tensor) else torch.tensor(float(kl))).detach().to(device=lp.device, dtype=lp.dtype)
+        z = (kl if isinstance(kl, Tensor) else torch.tensor(float(kl), dtype=torch.float64)).detach().to(device=lp.device, dtype=lp.dtype)
         if z.numel() != 1:
             raise ValueError(f"kl must be a scalar, got shape {tuple(z.shape)}")
         z = z.reshape(()).clamp_min(0.0)
@@ -1162,7 +1162,7 @@ def bco_loss(
     if running_mean is not None:
         d = running_mean.update(rho.detach())
     elif delta is not None:
-        d = delta if isinstance(delta, Tensor) else torch.tensor(float(delta))
+        d = delta if isinstance(delta, Tensor) else torch.tensor(float(delta), dtype=torch.float64)
         if d.numel() != 1:
             raise ValueError(f"delta must be a scalar, got shape {tuple(d.shape)}")
     else:
