@@ -20,19 +20,26 @@ import torch
 
 
 class TorchRows:
-    """Chunked PyTorch row ops. Temporaries: about three float32 copies of the tile."""
+    """Chunked PyTorch row ops.
+
+    Tiles handed to these ops are the engine's scratch buffers, so the backward works in place when the
+    tile is already in the accumulation dtype (float32/float64); 16-bit tiles get one float32 copy.
+    """
 
     name = "torch"
-    #: bytes of workspace per tile element (input-dtype tile + ~2 float32 temporaries)
-    bytes_per_elem = 12
+    #: bytes of temporaries per tile element beyond the tile itself (one float32 copy + one reduction temp)
+    bytes_per_elem = 8
 
     def __init__(self, temperature: float, softcap: float | None):
         self.temperature = float(temperature)
         self.softcap = None if softcap is None else float(softcap)
 
-    def _cap(self, z: torch.Tensor) -> torch.Tensor:
-        """z: raw logits tile (any float dtype) -> float32 (float64 for float64) tempered/capped logits (new)."""
-        zc = z.to(torch.float64 if z.dtype == torch.float64 else torch.float32, copy=True)
+    @staticmethod
+    def _acc(dtype: torch.dtype) -> torch.dtype:
+        return torch.float64 if dtype == torch.float64 else torch.float32
+
+    def _cap_(self, zc: torch.Tensor) -> torch.Tensor:
+        """Apply temperature and softcap in place on an accumulation-dtype tensor."""
         if self.temperature != 1.0:
             zc.mul_(1.0 / self.temperature)
         if self.softcap is not None:
@@ -40,29 +47,35 @@ class TorchRows:
         return zc
 
     def fwd(self, z: torch.Tensor, labels: torch.Tensor):
-        zc = self._cap(z)  # (n, V) fp32
+        plain = self.temperature == 1.0 and self.softcap is None
+        if z.dtype == self._acc(z.dtype) and plain:
+            zc = z  # read-only use: no copy
+        else:
+            zc = self._cap_(z.to(self._acc(z.dtype), copy=True))  # (n, V)
         lse = torch.logsumexp(zc, dim=-1)  # (n,)
         logp = zc.gather(1, labels[:, None]).squeeze(1) - lse
         return logp, lse
 
     def bwd(self, z, out, labels, lse, g, v_offset: int):
         n, Vs = z.shape
-        zc = self._cap(z)  # (n, Vs) fp32
-        if self.softcap is not None:
-            chain = torch.square(zc / self.softcap).neg_().add_(1.0).mul_(1.0 / self.temperature)
-        else:
-            chain = None
+        acc = self._acc(z.dtype)
+        # in place on the scratch tile when it is already float32/float64 and is the destination
+        zc = z if (z.dtype == acc and out.data_ptr() == z.data_ptr()) else z.to(acc, copy=True)
+        self._cap_(zc)
+        chain = None
+        if self.softcap is not None:  # dzc/dz = (1 - (zc/cap)^2) / T
+            chain = torch.square(zc * (1.0 / self.softcap)).neg_().add_(1.0).mul_(1.0 / self.temperature)
         # p = softmax(zc) restricted to this slice; dz = g * (onehot - p) * chain
         dz = zc.sub_(lse[:, None]).exp_().mul_(-g[:, None])
         local = labels - v_offset
-        inside = (local >= 0) & (local < Vs)
-        rows = torch.nonzero(inside).squeeze(1)
+        rows = torch.nonzero((local >= 0) & (local < Vs)).squeeze(1)
         dz.index_put_((rows, local[rows]), g[rows], accumulate=True)
         if chain is not None:
             dz.mul_(chain)
         elif self.temperature != 1.0:
             dz.mul_(1.0 / self.temperature)
-        out.copy_(dz)
+        if dz.data_ptr() != out.data_ptr():
+            out.copy_(dz)
         return out
 
 

@@ -1,0 +1,376 @@
+"""Benchmarks of the log-prob engine (and, when present, the fused DPO loss) against the usual ways.
+
+Methods (forward + backward, gradients to hidden and weight, unless marked no-grad):
+
+* ``naive``      — HF/TRL's plain path: logits = h W^T (B, T, V) -> float32 log_softmax -> gather ->
+                   masked sum.
+* ``trl_rowloop``— TRL's ``selective_log_softmax`` idea: logits materialised, log_softmax one row at a
+                   time to avoid a second (B, T, V) float32 tensor.
+* ``dpo_fast``   — :func:`dpo_fast.sequence_logprobs` (Triton on CUDA, chunked torch on CPU).
+* ``dpo_fast_nograd`` — the same, forward only under ``torch.no_grad`` (reference log-probs).
+* ``liger``, ``cce`` — Liger-Kernel's fused linear cross-entropy and Cut-Cross-Entropy with per-token
+                   losses summed per sequence, when installed and on CUDA.
+
+Timing: CUDA events on CUDA (median of ``reps`` after warm-up); wall clock on CPU. Memory: peak bytes
+above the inputs — ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the peak resident set of a fresh
+process per method (so one method's high-water mark never hides another's). Results are printed as a
+table and written as JSON and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+# name: (B rows, T positions, H hidden, V vocab). B counts sequences (chosen + rejected).
+SHAPES = {
+    "llama3-8b": (8, 2048, 4096, 128256),
+    "qwen2.5-7b": (8, 1024, 3584, 152064),
+    "gemma2-2b": (8, 1024, 2304, 256000),
+    "cpu-small": (4, 256, 256, 32000),
+    "tiny": (2, 32, 32, 1000),
+}
+PROMPT_FRACTION = 0.25
+
+
+@dataclass
+class Result:
+    method: str
+    shape: str
+    device: str
+    dtype: str
+    ms: float | None = None
+    peak_bytes: int | None = None
+    max_abs_diff_vs_naive: float | None = None
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# inputs
+
+
+def make_inputs(shape: str, device: str, dtype: torch.dtype, peaked: bool = False, seed: int = 0):
+    """hidden (B, T, H), weight (V, H), labels (B, T) with the first 25% of each row as prompt (-100)."""
+    B, T, H, V = SHAPES[shape]
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[:, : int(T * PROMPT_FRACTION)] = -100
+    w = torch.randn(V, H, generator=g) / math.sqrt(H)
+    h = torch.randn(B, T, H, generator=g)
+    if peaked:
+        # LM-like: the label's logit stands ~12 nats above the rest (rows of w have norm ~1), so the
+        # softmax is nearly one-hot, as in a trained model, instead of nearly uniform
+        tgt = w[labels.clamp_min(0)]  # (B, T, H)
+        h = 0.5 * h + 12.0 * tgt / tgt.square().sum(-1, keepdim=True).clamp_min(1e-6)
+    return h.to(device, dtype), w.to(device, dtype), labels.to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# methods: each takes (h, w, labels) and returns (B,) float32 sequence log-probs (differentiable)
+
+
+def _naive(h, w, labels):
+    logits = h @ w.t()  # (B, T, V) in the input dtype
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V) float32
+    mask = labels != -100
+    tok = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return (tok * mask).sum(-1)
+
+
+def _trl_rowloop(h, w, labels):
+    logits = h @ w.t()  # (B, T, V)
+    mask = labels != -100
+    safe = labels.clamp_min(0)
+    rows = []
+    for row_logits, row_labels in zip(logits, safe):  # one (T, V) float32 log_softmax at a time
+        rows.append(torch.log_softmax(row_logits.float(), dim=-1).gather(-1, row_labels.unsqueeze(-1)).squeeze(-1))
+    return (torch.stack(rows) * mask).sum(-1)
+
+
+def _ours(h, w, labels):
+    import dpo_fast
+
+    return dpo_fast.sequence_logprobs(h, w, labels)
+
+
+def _liger(h, w, labels):
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    B, T, H = h.shape
+    loss = LigerFusedLinearCrossEntropyLoss(reduction="none", ignore_index=-100)
+    tok = -loss(w, h.reshape(-1, H), labels.reshape(-1))
+    return tok.float().view(B, T).sum(-1)
+
+
+def _cce(h, w, labels):
+    from cut_cross_entropy import linear_cross_entropy
+
+    tok = -linear_cross_entropy(h, w, labels, reduction="none", shift=False)
+    return tok.float().sum(-1)
+
+
+METHODS = {
+    "naive": (_naive, True),
+    "trl_rowloop": (_trl_rowloop, True),
+    "dpo_fast": (_ours, True),
+    "dpo_fast_nograd": (_ours, False),
+    "liger": (_liger, True),
+    "cce": (_cce, True),
+}
+
+
+def _available(method: str, device: str) -> str | None:
+    """None if the method can run, else the reason it is left out."""
+    if method == "liger":
+        if device != "cuda":
+            return "CUDA only"
+        try:
+            import liger_kernel  # noqa: F401
+        except ImportError:
+            return "liger-kernel not installed"
+    if method == "cce":
+        if device != "cuda":
+            return "CUDA only"
+        try:
+            import cut_cross_entropy  # noqa: F401
+        except ImportError:
+            return "cut-cross-entropy not installed"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# measuring one method
+
+
+def _step(fn, grad: bool, h, w, labels):
+    if grad:
+        hh = h.detach().requires_grad_()
+        ww = w.detach().requires_grad_()
+        out = fn(hh, ww, labels)
+        out.sum().backward()
+        return out.detach()
+    with torch.no_grad():
+        return fn(h, w, labels)
+
+
+def measure(method: str, shape: str, device: str, dtype: torch.dtype, reps: int, peaked: bool = False) -> dict:
+    """Time and peak memory of one method in this process. Returns a dict (fields of :class:`Result`)."""
+    fn, grad = METHODS[method]
+    h, w, labels = make_inputs(shape, device, dtype, peaked)
+    out = _step(fn, grad, h, w, labels)  # warm-up (Triton compile, allocator, BLAS buffers)
+    times = []
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = _step(fn, grad, h, w, labels)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        import resource
+
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            out = _step(fn, grad, h, w, labels)
+            times.append((time.perf_counter() - t0) * 1e3)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        # the warm-up already reached the steady-state peak in most cases: count it too
+        peak = max(peak, _WARM_PEAK.get("v", 0))
+    return {"ms": statistics.median(times), "peak_bytes": int(peak), "out": out.float().cpu().tolist()}
+
+
+_WARM_PEAK: dict = {}
+
+
+def _measure_cpu_subprocess(method, shape, dtype_name, reps, peaked):
+    """Run in a fresh spawned process: peak RSS of the first (warm-up) call counts as well."""
+    import resource
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    fn, grad = METHODS[method]
+    dtype = getattr(torch, dtype_name)
+    h, w, labels = make_inputs(shape, "cpu", dtype, peaked)
+    # one tiny call to load BLAS and the allocator before the baseline
+    _step(fn, grad, h[:, :4].contiguous(), w, labels[:, :4].contiguous())
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    _step(fn, grad, h, w, labels)
+    _WARM_PEAK["v"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    res = measure(method, shape, "cpu", dtype, reps, peaked)
+    res["peak_bytes"] = max(res["peak_bytes"], _WARM_PEAK["v"])
+    return res
+
+
+def run(shapes, methods, device: str, dtype: torch.dtype, reps: int, peaked: bool = False, log=print):
+    results: list[Result] = []
+    dname = str(dtype).replace("torch.", "")
+    for shape in shapes:
+        ref = None
+        for method in methods:
+            why = _available(method, device)
+            r = Result(method, shape + ("+peaked" if peaked else ""), device, dname)
+            if why:
+                r.note = why
+                results.append(r)
+                continue
+            try:
+                if device == "cpu":
+                    import multiprocessing as mp
+
+                    with mp.get_context("spawn").Pool(1) as pool:
+                        m = pool.apply(_measure_cpu_subprocess, (method, shape, dname, reps, peaked))
+                else:
+                    m = measure(method, shape, device, dtype, reps, peaked)
+                    torch.cuda.empty_cache()
+            except torch.cuda.OutOfMemoryError:  # type: ignore[attr-defined]
+                r.note = "out of memory"
+                results.append(r)
+                torch.cuda.empty_cache()
+                continue
+            r.ms, r.peak_bytes = m["ms"], m["peak_bytes"]
+            out = torch.tensor(m["out"])
+            if method == "naive":
+                ref = out
+            if ref is not None:
+                r.max_abs_diff_vs_naive = float((out - ref).abs().max())
+            results.append(r)
+            log(f"  {r.shape:<18} {method:<16} {r.ms:9.1f} ms  {r.peak_bytes / 2**20:9.1f} MiB")
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reporting
+
+
+def environment(device: str) -> dict:
+    import dpo_fast
+
+    env = {
+        "date": time.strftime("%Y-%m-%d"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "dpo_fast": dpo_fast.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def table(results: list[Result]) -> str:
+    lines = [f"{'shape':<20} {'method':<16} {'ms':>9} {'peak MiB':>10} {'x naive time':>13} "
+             f"{'x naive mem':>12} {'|diff| vs naive':>16}  note"]
+    by_shape: dict[str, dict[str, Result]] = {}
+    for r in results:
+        by_shape.setdefault(r.shape, {})[r.method] = r
+    for shape, rs in by_shape.items():
+        naive = rs.get("naive")
+        for r in rs.values():
+            if r.ms is None:
+                lines.append(f"{shape:<20} {r.method:<16} {'-':>9} {'-':>10} {'':>13} {'':>12} {'':>16}  {r.note}")
+                continue
+            tr = f"{r.ms / naive.ms:.2f}" if naive and naive.ms else ""
+            mr = f"{r.peak_bytes / naive.peak_bytes:.3f}" if naive and naive.peak_bytes else ""
+            diff = f"{r.max_abs_diff_vs_naive:.2e}" if r.max_abs_diff_vs_naive is not None else ""
+            lines.append(f"{shape:<20} {r.method:<16} {r.ms:9.1f} {r.peak_bytes / 2**20:10.1f} {tr:>13} {mr:>12} "
+                         f"{diff:>16}  {r.note}")
+    return "\n".join(lines)
+
+
+def plot(results: list[Result], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in results if r.ms is not None]
+    shapes = list(dict.fromkeys(r.shape for r in ok))
+    methods = list(dict.fromkeys(r.method for r in ok))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / max(1, len(methods))
+    for j, m in enumerate(methods):
+        xs, ts, ms = [], [], []
+        for i, s in enumerate(shapes):
+            r = next((r for r in ok if r.shape == s and r.method == m), None)
+            if r:
+                xs.append(i + j * width)
+                ts.append(r.ms)
+                ms.append(r.peak_bytes / 2**20)
+        axes[0].bar(xs, ts, width, label=m)
+        axes[1].bar(xs, ms, width, label=m)
+    for ax, lab in zip(axes, ("time per step (ms), lower is better", "peak memory above inputs (MiB)")):
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))])
+        ax.set_xticklabels(shapes)
+        ax.set_title(lab, fontsize=10)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="dpo-fast bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--shapes", default=None, help="comma-separated from " + ", ".join(SHAPES) +
+                   " (default: the three model heads on CUDA, cpu-small on CPU)")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated from " + ", ".join(METHODS))
+    p.add_argument("--dtype", default=None, help="bfloat16 (CUDA default) or float32 (CPU default)")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 10 CUDA, 3 CPU)")
+    p.add_argument("--peaked", action="store_true", help="LM-like peaked logits instead of random ones")
+    p.add_argument("--out", default="bench_out", help="directory for results.json and results.png")
+    a = p.parse_args(argv)
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        p.error(f"--device: expected cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    shapes = a.shapes.split(",") if a.shapes else (
+        ["llama3-8b", "qwen2.5-7b", "gemma2-2b"] if device == "cuda" else ["cpu-small"])
+    for s in shapes:
+        if s not in SHAPES:
+            p.error(f"--shapes: unknown shape {s!r}; expected one of {', '.join(SHAPES)}")
+    methods = a.methods.split(",")
+    for m in methods:
+        if m not in METHODS:
+            p.error(f"--methods: unknown method {m!r}; expected one of {', '.join(METHODS)}")
+    if "naive" in methods:  # naive first: every ratio is against it, measured in this same run
+        methods = ["naive"] + [m for m in methods if m != "naive"]
+    dtype = getattr(torch, a.dtype or ("bfloat16" if device == "cuda" else "float32"))
+    reps = a.reps or (10 if device == "cuda" else 3)
+    env = environment(device)
+    print(f"dpo-fast bench on {env.get('gpu', env['cpu'])} ({device}, {dtype}), torch {env['torch']}, "
+          f"triton {env['triton']}, shapes {shapes}, {reps} reps")
+    results = run(shapes, methods, device, dtype, reps, a.peaked)
+    print()
+    print(table(results))
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "results.json"), "w") as f:
+        json.dump({"env": env, "results": [asdict(r) for r in results]}, f, indent=1)
+    plot(results, os.path.join(a.out, "results.png"),
+         f"dpo_fast sequence log-probs, fwd+bwd — {env.get('gpu', env['cpu'])}, {dtype}, {env['date']}")
+    print(f"\nwrote {a.out}/results.json and {a.out}/results.png")
+    return 0
