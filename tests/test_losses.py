@@ -10,6 +10,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dpo_fast import losses as L
 
@@ -576,3 +578,36 @@ def test_wpo_logweights_from_logits():
         vals = [math.log(p[b, t, labels[b, t]]) - math.log((p[b, t] ** 2).sum()) for t in range(T) if labels[b, t] >= 0]
         expect.append(sum(vals) / len(vals) if vals else 0.0)
     close(L.wpo_logweights_from_logits(logits, labels), expect, "f64")
+
+
+# ---------------------------------------------------------------------------------------------- properties
+_finite = st.floats(min_value=-5e3, max_value=5e3, allow_nan=False)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(_finite, _finite, _finite, _finite), min_size=1, max_size=6),
+       st.sampled_from([lt for lt in L.LOSS_TYPES]), st.floats(min_value=0.01, max_value=10.0))
+def test_property_finite_and_grads_consistent(rows, loss_type, beta):
+    """Any finite inputs up to ±5e3 (|βΔ| up to 1e5): finite loss and d/dℓ, equal to autograd of dpo_loss."""
+    t = torch.tensor(rows, dtype=torch.float32).T  # (4, P)
+    n = torch.full((t.shape[1],), 7)
+    kw = dict(beta=beta, loss_type=loss_type, label_smoothing=PAIRWISE_EPS.get(loss_type, 0.0),
+              chosen_lengths=n, rejected_lengths=n)
+    a, b = t[0].clone().requires_grad_(), t[1].clone().requires_grad_()
+    out = L.dpo_loss(a, b, t[2], t[3], compute_metrics=False, **kw)
+    if loss_type in ("sppo_hard", "ipo"):  # quadratic losses: finite as long as the square fits in float32
+        assert torch.isfinite(out.loss)
+    ga, gb = torch.autograd.grad(out.loss, (a, b), allow_unused=True)
+    losses, dc, dr = L.pair_loss_and_grads(t[0], t[1], t[2], t[3], **kw)
+    assert torch.isfinite(losses).all() and torch.isfinite(dc).all() and torch.isfinite(dr).all()
+    torch.testing.assert_close(dc, torch.zeros_like(dc) if ga is None else ga)
+    torch.testing.assert_close(dr, torch.zeros_like(dr) if gb is None else gb)
+
+
+def test_docstring_examples():
+    import doctest
+
+    from dpo_fast import losses as module
+
+    res = doctest.testmod(module, globs={"torch": torch, **vars(module)}, optionflags=doctest.ELLIPSIS)
+    assert res.failed == 0 and res.attempted > 0

@@ -866,7 +866,7 @@ def cpo_loss(
     chosen_rewards, rejected_rewards = (beta * uw).detach(), (beta * ul).detach()
     metrics: dict[str, float] = {}
     if compute_metrics:
-        extra = {"nll_loss": nll.detach().mean() if nll is not None else torch.zeros((), dtype=x.lw.dtype)}
+        extra = {"nll_loss": nll.detach().mean() if nll is not None else torch.zeros((), dtype=x.lw.dtype, device=x.lw.device)}
         metrics = _pair_metrics(chosen_rewards, rejected_rewards, x.lw, x.ll, chosen_logits_mean,
                                 rejected_logits_mean, x.len_w, x.len_l, extra)
     return DPOOutput(loss, losses, chosen_rewards, rejected_rewards, x.lw, x.ll, metrics)
@@ -1053,7 +1053,9 @@ def kto_loss(
         M.as_vector("ref_kl_logps", ref_kl_logps, policy_kl_logps.shape[0])
         if policy_kl_logps.shape[0] == 0:
             raise ValueError("policy_kl_logps is empty")
-        z = (policy_kl_logps.detach().to(lp.dtype) - ref_kl_logps.detach().to(device=lp.device, dtype=lp.dtype))
+        z = policy_kl_logps.detach().to(device=lp.device, dtype=lp.dtype) - ref_kl_logps.detach().to(
+            device=lp.device, dtype=lp.dtype
+        )
         z = z.mean().clamp_min(0.0)
     else:
         z = torch.zeros((), dtype=lp.dtype, device=lp.device)
@@ -1072,14 +1074,16 @@ class BCORunningMean:
     """Running mean δ of BCO rewards, kept on the device (no host sync).
 
     Each :meth:`update` adds one observation, the batch mean of the rewards (as TRL's BCO trainer does);
-    pass ``weight=rewards.numel()`` semantics with ``per_element=True`` to weight by example count instead.
+    ``per_element=True`` weights each batch by its number of rewards instead. The mean is a float64 scalar
+    tensor; ``state_dict`` / ``load_state_dict`` let a trainer checkpoint it.
 
     Example::
 
         >>> rm = BCORunningMean()
-        >>> rm.update(torch.tensor([0.2, 0.4]))  # δ = 0.3
-        >>> float(rm.mean)
-        0.3...
+        >>> _ = rm.update(torch.tensor([0.2, 0.4]))  # δ = 0.3
+        >>> _ = rm.update(torch.tensor([0.5]))       # δ = (0.3 + 0.5) / 2
+        >>> round(float(rm.mean), 6)
+        0.4
     """
 
     def __init__(self, per_element: bool = False) -> None:
