@@ -136,10 +136,11 @@ def _check_int(name: str, value: Any, *, optional: bool = False) -> int | None:
 
 def _int_array(arg: str, what: str, a: Any) -> np.ndarray:
     arr = np.asarray(a)
+    name = f"{arg} {what}" if what else arg
     if arr.dtype == np.bool_ or arr.dtype.kind not in "iu":
-        raise TypeError(f"{arg} {what} must be integers, got dtype {arr.dtype}")
+        raise TypeError(f"{name} must be integers, got dtype {arr.dtype}")
     if arr.ndim != 1:
-        raise ValueError(f"{arg} {what} must be 1-D, got shape {arr.shape}")
+        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
     return arr
 
 
