@@ -410,3 +410,14 @@ def test_public_names_resolve_lazily():
                  "grpo_loss"):
         assert getattr(dpo_fast, name) is getattr(L, name)
     assert len(dpo_fast.LOSS_TYPES) == 15
+
+
+def test_cpo_orpo_log_the_averaged_logps():
+    lw, ll, nw, nl = batch(seed=10)
+    m = L.cpo_loss(lw, ll, loss_type="simpo", chosen_lengths=nw, rejected_lengths=nl).metrics
+    close(m["logps/chosen"], (lw / nw).mean(), "metric")
+    m = L.cpo_loss(lw, ll, loss_type="sigmoid", chosen_lengths=nw).metrics
+    close(m["logps/rejected"], ll.mean(), "metric")
+    m = L.orpo_loss(lw, ll, chosen_lengths=nw, rejected_lengths=nl).metrics
+    close(m["logps/rejected"], (ll / nl).mean(), "metric")
+    close(m["rewards/margins"], (0.1 * (lw / nw - ll / nl)).mean(), "metric")

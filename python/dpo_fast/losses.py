@@ -812,8 +812,9 @@ def cpo_loss(
         inputs :math:`(P)`; ``loss`` :math:`()`; other tensors :math:`(P)`.
 
     Returns:
-        :class:`DPOOutput` with ``losses[i] = L_i + cpo_alpha·nll_i`` (mean = loss), rewards β·u, and metrics
-        ``rewards/*``, ``logps/*``, ``logits/*`` (if given) and ``nll_loss``.
+        :class:`DPOOutput` with ``losses[i] = L_i + cpo_alpha·nll_i`` (mean = loss), rewards β·u,
+        ``chosen_logps``/``rejected_logps`` the summed inputs, and metrics ``rewards/*``, ``logps/*`` (of ℓ̄,
+        length-averaged for ipo/simpo as TRL logs them), ``logits/*`` (if given) and ``nll_loss``.
 
     Examples::
 
@@ -867,7 +868,8 @@ def cpo_loss(
     metrics: dict[str, float] = {}
     if compute_metrics:
         extra = {"nll_loss": nll.detach().mean() if nll is not None else torch.zeros((), dtype=x.lw.dtype, device=x.lw.device)}
-        metrics = _pair_metrics(chosen_rewards, rejected_rewards, x.lw, x.ll, chosen_logits_mean,
+        # logps/* are the log-probs the loss sees (length-averaged for ipo/simpo), as TRL logs them
+        metrics = _pair_metrics(chosen_rewards, rejected_rewards, aw, al, chosen_logits_mean,
                                 rejected_logits_mean, x.len_w, x.len_l, extra)
     return DPOOutput(loss, losses, chosen_rewards, rejected_rewards, x.lw, x.ll, metrics)
 
@@ -911,7 +913,7 @@ def orpo_loss(
 
     Returns:
         :class:`DPOOutput`: ``losses[i] = nll_i − β log σ(log_odds_i)``, rewards β·ℓ̄, metrics ``rewards/*``,
-        ``logps/*``, ``logits/*`` (if given), ``nll_loss``, ``log_odds_ratio`` (mean log σ(log_odds)),
+        ``logps/*`` (of ℓ̄, as TRL), ``logits/*`` (if given), ``nll_loss``, ``log_odds_ratio`` (mean log σ(log_odds)),
         ``log_odds_chosen`` (mean log_odds).
 
     Examples::
@@ -939,7 +941,7 @@ def orpo_loss(
     if compute_metrics:
         extra = {"nll_loss": nll.detach().mean(), "log_odds_ratio": ratio.detach().mean(),
                  "log_odds_chosen": log_odds.detach().mean()}
-        metrics = _pair_metrics(chosen_rewards, rejected_rewards, x.lw, x.ll, chosen_logits_mean,
+        metrics = _pair_metrics(chosen_rewards, rejected_rewards, aw, al, chosen_logits_mean,
                                 rejected_logits_mean, x.len_w, x.len_l, extra)
     return DPOOutput(loss, losses, chosen_rewards, rejected_rewards, x.lw, x.ll, metrics)
 
