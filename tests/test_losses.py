@@ -385,7 +385,8 @@ def test_autograd_matches_reference_autograd(loss_type):
 
 
 def pair_kwargs(loss_type):
-    return dict(beta=0.3, loss_type=loss_type, label_smoothing=PAIRWISE_EPS.get(loss_type if isinstance(loss_type, str) else "", 0.0))
+    eps = PAIRWISE_EPS.get(loss_type, 0.0) if isinstance(loss_type, str) else 0.0
+    return dict(beta=0.3, loss_type=loss_type, label_smoothing=eps)
 
 
 @pytest.mark.parametrize("loss_type", list(L.LOSS_TYPES) + [["sigmoid", "sft"], ["ipo", "hinge", "apo_down"]])
@@ -575,7 +576,8 @@ def test_wpo_logweights_from_logits():
     p = torch.softmax(logits, -1)
     expect = []
     for b in range(B):
-        vals = [math.log(p[b, t, labels[b, t]]) - math.log((p[b, t] ** 2).sum()) for t in range(T) if labels[b, t] >= 0]
+        vals = [math.log(p[b, t, labels[b, t]]) - math.log((p[b, t] ** 2).sum())
+                for t in range(T) if labels[b, t] >= 0]
         expect.append(sum(vals) / len(vals) if vals else 0.0)
     close(L.wpo_logweights_from_logits(logits, labels), expect, "f64")
 

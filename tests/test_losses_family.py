@@ -14,7 +14,8 @@ from dpo_fast import losses as L
 
 def _load_tolerances() -> dict:
     # the one tolerance table lives in test_losses.py; load it by path (works in any pytest import mode)
-    spec = importlib.util.spec_from_file_location("_dpo_fast_test_losses", pathlib.Path(__file__).with_name("test_losses.py"))
+    path = pathlib.Path(__file__).with_name("test_losses.py")
+    spec = importlib.util.spec_from_file_location("_dpo_fast_test_losses", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.TOL

@@ -19,7 +19,6 @@ skips it).
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -729,7 +728,9 @@ def wpo_logweights_from_logits(logits: Tensor, labels: Tensor, *, ignore_index: 
         (B,) float32 (float64 for float64 logits).
     """
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(f"logits must be (B, T, V) and labels (B, T), got {tuple(logits.shape)}, {tuple(labels.shape)}")
+        raise ValueError(
+            f"logits must be (B, T, V) and labels (B, T), got {tuple(logits.shape)}, {tuple(labels.shape)}"
+        )
     with torch.no_grad():
         dt = M.compute_dtype(logits)
         z = logits.to(dt)
@@ -741,7 +742,7 @@ def wpo_logweights_from_logits(logits: Tensor, labels: Tensor, *, ignore_index: 
         return per_tok.sum(-1) / mask.sum(-1).clamp_min(1).to(dt)
 
 
-# ================================================================================================ CPO / SimPO / AlphaPO
+# ================================================================================= CPO / SimPO / AlphaPO
 def _derived_nll(name: str, nll: Tensor | float | None, lw: Tensor, len_w: Tensor | None, P: int) -> Tensor:
     """Chosen NLL as a (P,) per-pair share whose mean is the batch token-mean NLL, or the given value."""
     if nll is not None:
@@ -867,7 +868,8 @@ def cpo_loss(
     chosen_rewards, rejected_rewards = (beta * uw).detach(), (beta * ul).detach()
     metrics: dict[str, float] = {}
     if compute_metrics:
-        extra = {"nll_loss": nll.detach().mean() if nll is not None else torch.zeros((), dtype=x.lw.dtype, device=x.lw.device)}
+        zero = torch.zeros((), dtype=x.lw.dtype, device=x.lw.device)
+        extra = {"nll_loss": nll.detach().mean() if nll is not None else zero}
         # logps/* are the log-probs the loss sees (length-averaged for ipo/simpo), as TRL logs them
         metrics = _pair_metrics(chosen_rewards, rejected_rewards, aw, al, chosen_logits_mean,
                                 rejected_logits_mean, x.len_w, x.len_l, extra)
@@ -913,7 +915,8 @@ def orpo_loss(
 
     Returns:
         :class:`DPOOutput`: ``losses[i] = nll_i − β log σ(log_odds_i)``, rewards β·ℓ̄, metrics ``rewards/*``,
-        ``logps/*`` (of ℓ̄, as TRL), ``logits/*`` (if given), ``nll_loss``, ``log_odds_ratio`` (mean log σ(log_odds)),
+        ``logps/*`` (of ℓ̄, as TRL), ``logits/*`` (if given), ``nll_loss``,
+        ``log_odds_ratio`` (mean log σ(log_odds)),
         ``log_odds_chosen`` (mean log_odds).
 
     Examples::
@@ -1044,7 +1047,8 @@ def kto_loss(
             raise ValueError(f"{name} must be >= 0, got {w}")
     lp, lr, des = _unpaired_inputs(policy_logps, ref_logps, desirable)
     if kl is not None:
-        z = (kl if isinstance(kl, Tensor) else torch.tensor(float(kl), dtype=torch.float64)).detach().to(device=lp.device, dtype=lp.dtype)
+        z = kl if isinstance(kl, Tensor) else torch.tensor(float(kl), dtype=torch.float64)
+        z = z.detach().to(device=lp.device, dtype=lp.dtype)
         if z.numel() != 1:
             raise ValueError(f"kl must be a scalar, got shape {tuple(z.shape)}")
         z = z.reshape(()).clamp_min(0.0)
@@ -1254,7 +1258,9 @@ def grpo_loss(
     if loss_type not in _GRPO_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r} for grpo_loss; valid loss types are {list(_GRPO_TYPES)}")
     if importance_sampling_level not in ("token", "sequence"):
-        raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
+        raise ValueError(
+            f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}"
+        )
     if not isinstance(logps, Tensor) or not logps.is_floating_point() or logps.dim() != 2:
         raise ValueError(f"logps must be a float (B, T) tensor, got {getattr(logps, 'shape', type(logps).__name__)}")
     B, T = logps.shape
