@@ -1,0 +1,389 @@
+"""``DPOLoss``: from last hidden states to the DPO-family loss in one pass over the logits.
+
+Why one pass is enough. Every pairwise loss except aot decomposes per pair: once a pair's two sequence
+sums ℓ_w, ℓ_l are known, dL/dℓ_w and dL/dℓ_l are scalars (:func:`dpo_fast.losses.pair_loss_and_grads`),
+and every scored token t of a sequence gets the same upstream gradient g_t = dL/dℓ (times its LD-DPO
+weight). So for a *group of whole pairs* whose logits fit the workspace:
+
+    z = h W^T (+b)          GEMM 1   (n x V tile, kept)
+    logp, lse = rows(z)     Triton/torch row pass: per-token log-probs, then the pair sums
+    g = dL/dℓ per token     (P_g,) scalars from the loss formula
+    dz = g (onehot - softmax(z)) in place on the tile
+    dh = dz W               GEMM 2      dW += dz^T h   GEMM 3
+
+Three GEMM-equivalents over scored tokens instead of the generic engine's four (the backward need not
+recompute z). The gradients are produced in forward and merely scaled by grad_output in backward.
+Memory: the group tile (bounded by ``workspace_bytes``) plus the gradients themselves. If one pair's
+logits do not fit, for aot / aot_unpaired (which couple the batch through a sort), or when no gradient is
+needed, the module falls back to the generic two-pass engine + :func:`dpo_fast.dpo_loss` through autograd.
+Both routes give the same numbers (tests prove it).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import _config
+from . import losses as L
+from ._rowops import make_rows, resolve_backend
+from ._validate import check_tensor
+from .logprobs import Scored, _linear_into, _per_elem_bytes, _tile, forward_tokens, prepare, scored_logprobs
+
+_LOSS_OPTIONS = ("label_smoothing", "loss_weights", "f_divergence_type", "f_alpha_divergence_coef",
+                 "discopop_tau")
+
+
+class _FusedDPOFunction(torch.autograd.Function):
+    """Forward computes loss, sums and all gradients group by group; backward scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden2, weight, bias, sc: Scored, groups, tokw, rows, pair_fn, P):
+        need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
+        V = weight.shape[0]
+        dev, dt = hidden2.device, hidden2.dtype
+        acc = torch.float64 if dt == torch.float64 else torch.float32
+        dh = torch.zeros_like(hidden2, memory_format=torch.contiguous_format) if need_dh else None
+        dw = torch.zeros_like(weight, memory_format=torch.contiguous_format) if need_dw else None
+        db = torch.zeros(V, dtype=acc, device=dev) if need_db else None
+        chosen = torch.zeros(P, dtype=acc, device=dev)
+        rejected = torch.zeros(P, dtype=acc, device=dev)
+        loss = torch.zeros((), dtype=acc, device=dev)
+        max_tok = max((g["tok"].numel() for g in groups), default=0)
+        buf = torch.empty(max_tok * V, dtype=dt, device=dev)
+        first_dw = True
+        for g in groups:
+            tok, local, pair_ids = g["tok"], g["local"], g["pairs"]
+            n, Pg = tok.numel(), pair_ids.numel()
+            rows_idx = sc.idx.index_select(0, tok)  # (n,) flat positions
+            lab = sc.labels.index_select(0, tok)
+            hc = hidden2.index_select(0, rows_idx)  # (n, H)
+            z = _linear_into(_tile(buf, n, V), hc, weight, bias)  # (n, V), GEMM 1
+            logp, lse = rows.fwd(z, lab)  # (n,) each
+            w_t = None if tokw is None else tokw.index_select(0, tok)
+            sums = torch.zeros(2 * Pg, dtype=acc, device=dev).index_add_(
+                0, local, logp if w_t is None else logp * w_t)  # (2Pg,): [c0, r0, c1, r1, ...]
+            lw, ll = sums[0::2], sums[1::2]
+            chosen[pair_ids], rejected[pair_ids] = lw, ll
+            losses_g, d_c, d_r = pair_fn(pair_ids, lw, ll)
+            loss += losses_g.sum() / P
+            d_seq = torch.stack([d_c, d_r], dim=1).reshape(-1).to(acc)  # (2Pg,)
+            g_tok = d_seq.index_select(0, local)
+            if w_t is not None:
+                g_tok = g_tok * w_t
+            if not (need_dh or need_dw or need_db):
+                continue
+            dz = rows.bwd(z, z, lab, lse, g_tok.contiguous(), 0)  # (n, V) in place
+            if need_dh:
+                dh.index_copy_(0, rows_idx, torch.mm(dz, weight))  # GEMM 2
+            if need_dw:  # GEMM 3; later groups add into the weight-dtype gradient (one rounding each)
+                if first_dw:
+                    torch.mm(dz.t(), hc, out=dw)
+                else:
+                    dw.addmm_(dz.t(), hc)
+                first_dw = False
+            if need_db:
+                db += dz.to(acc).sum(0)
+        ctx.save_for_backward(dh, dw, None if db is None else db.to(bias.dtype))
+        ctx.used = False
+        ctx.mark_non_differentiable(chosen, rejected)
+        return loss.to(torch.float32 if acc == torch.float32 else acc), chosen, rejected
+
+    @staticmethod
+    def backward(ctx, grad_loss, _gc, _gr):
+        if ctx.used:
+            raise RuntimeError("DPOLoss fused path: backward can run once per forward (no retain_graph)")
+        ctx.used = True
+        dh, dw, db = ctx.saved_tensors
+        scale = grad_loss.to(torch.float32)
+        dh = None if dh is None else dh.mul_(scale.to(dh.dtype))  # in place: the forward's gradients are ours
+        dw = None if dw is None else dw.mul_(scale.to(dw.dtype))
+        db = None if db is None else db.mul_(scale.to(db.dtype))
+        return dh, dw, db, None, None, None, None, None, None
+
+
+class DPOLoss(nn.Module):
+    r"""DPO-family loss straight from last hidden states and the lm_head weight, logits never materialised.
+
+    Args:
+        beta: β > 0.
+        loss_type: a :data:`dpo_fast.LOSS_TYPES` name or a list of them (with ``loss_weights``).
+        label_smoothing, loss_weights, f_divergence_type, f_alpha_divergence_coef, discopop_tau: as in
+            :func:`dpo_fast.dpo_loss`.
+        use_weighting: WPO weights (one extra no-grad logits pass computes lse(2z) per token).
+        ld_alpha: LD-DPO: tokens past min(|y_w|, |y_l|) of a pair count with weight α in ℓ (policy, and
+            reference when it is computed here from ``ref_hidden``).
+        ignore_index, temperature, softcap, backend: as in :func:`dpo_fast.sequence_logprobs`.
+        fused: use the one-pass route when possible (default True); False always runs the two-pass route.
+        workspace_bytes: bytes the fused pass may hold for one group of pairs' logits (default: 4 x the
+            engine workspace, :func:`dpo_fast.get_workspace_bytes` — 1 GiB on CUDA with the defaults).
+            When a single pair's logits exceed it, the two-pass route is used.
+        compute_metrics: fill ``DPOOutput.metrics`` (TRL names; one host sync).
+
+    Forward:
+        hidden: (2P, T, H) padded in TRL's layout [chosen_0..chosen_{P-1}, rejected_0..rejected_{P-1}],
+            or packed (N, H) with ``cu_seqlens`` (S+1,) and ``pairs`` (P, 2) of (chosen, rejected)
+            sequence indices (each sequence in at most one pair).
+        weight: (V, H); labels: (2P, T) or (N,), already shifted, ``ignore_index`` on prompt/padding.
+        ref_chosen_logps, ref_rejected_logps: (P,) precomputed reference log-probs; or pass
+            ``ref_hidden`` (same shape as hidden) with optional ``ref_weight``/``ref_bias`` (default: the
+            policy head) to compute them here with the no-grad forward (1 GEMM). Neither = reference-free.
+        bias: optional (V,) lm_head bias.
+
+    Returns:
+        :class:`dpo_fast.DPOOutput` — ``loss`` is differentiable w.r.t. hidden, weight, bias. On the fused
+        route the per-pair tensors (losses, logps, rewards) are detached values.
+
+    Examples::
+
+        >>> loss_fn = dpo_fast.DPOLoss(beta=0.1)
+        >>> out = loss_fn(hidden, model.lm_head.weight, labels, ref_chosen, ref_rejected)
+        >>> out.loss.backward()
+    """
+
+    def __init__(self, beta: float = 0.1, loss_type="sigmoid", *, label_smoothing: float = 0.0,
+                 loss_weights=None, f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5,
+                 discopop_tau: float = 0.05, use_weighting: bool = False, ld_alpha: float | None = None,
+                 ignore_index: int = -100, temperature: float = 1.0, softcap: float | None = None,
+                 backend: str = "auto", fused: bool = True, workspace_bytes: int | None = None,
+                 compute_metrics: bool = True):
+        super().__init__()
+        # validate loss options now, so a bad config fails at construction and not mid-training
+        L._make_spec(beta, loss_type, loss_weights, label_smoothing, f_divergence_type, f_alpha_divergence_coef,
+                     discopop_tau, "mean", use_weighting)
+        if ld_alpha is not None and not (isinstance(ld_alpha, (int, float)) and 0.0 <= ld_alpha <= 1.0):
+            raise ValueError(f"ld_alpha: expected None or a float in [0, 1], got {ld_alpha!r}")
+        if workspace_bytes is not None and (not isinstance(workspace_bytes, int) or workspace_bytes < 1024):
+            raise ValueError(f"workspace_bytes: expected None or an int >= 1024, got {workspace_bytes!r}")
+        self.beta, self.loss_type = beta, loss_type
+        self.loss_options = dict(label_smoothing=label_smoothing, loss_weights=loss_weights,
+                                 f_divergence_type=f_divergence_type,
+                                 f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau)
+        self.use_weighting, self.ld_alpha = bool(use_weighting), ld_alpha
+        self.ignore_index, self.temperature, self.softcap = ignore_index, temperature, softcap
+        self.backend, self.fused, self.workspace_bytes = backend, bool(fused), workspace_bytes
+        self.compute_metrics = compute_metrics
+        #: which route the last forward took: "fused" or "two_pass" (for tests and logging)
+        self.last_route: str | None = None
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, loss_type={self.loss_type!r}, fused={self.fused}"
+
+    # ------------------------------------------------------------------------------------------------------
+    def forward(self, hidden, weight, labels, ref_chosen_logps=None, ref_rejected_logps=None, *, bias=None,
+                cu_seqlens=None, pairs=None, ref_hidden=None, ref_weight=None, ref_bias=None) -> L.DPOOutput:
+        sc = prepare(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, ignore_index=self.ignore_index,
+                     temperature=self.temperature, softcap=self.softcap)
+        dev = sc.idx.device
+        c_seq, r_seq = _pair_layout(pairs, sc.num_seqs, cu_seqlens is not None, dev)
+        P = c_seq.numel()
+        counts = sc.counts()  # (S,) float32
+        len_w, len_l = counts[c_seq], counts[r_seq]
+        tokw = _ld_token_weights(sc, counts, c_seq, r_seq, self.ld_alpha) if self.ld_alpha is not None else None
+        be = resolve_backend(self.backend, dev)
+        if sc.hidden2.dtype == torch.float64:
+            be = "torch"
+        rows = make_rows(be, self.temperature, self.softcap)
+        budget = _config.get_workspace_bytes(dev)
+
+        # reference log-probs: given, computed here with the no-grad forward, or none
+        if ref_hidden is not None:
+            if ref_chosen_logps is not None or ref_rejected_logps is not None:
+                raise ValueError("ref_hidden: pass either ref_hidden or ref_chosen/rejected_logps, not both")
+            ref_chosen_logps, ref_rejected_logps = self._reference(sc, hidden, ref_hidden, ref_weight, ref_bias,
+                                                                   weight, bias, tokw, c_seq, r_seq, rows, budget)
+        elif (ref_chosen_logps is None) != (ref_rejected_logps is None):
+            raise ValueError("ref_chosen_logps, ref_rejected_logps: pass both or neither (reference-free)")
+        for name, t in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
+            if t is not None:
+                check_tensor(name, t, dims=(1,), floating=True)
+                if t.shape[0] != P:
+                    raise ValueError(f"{name}: expected shape ({P},) (one per pair), got {tuple(t.shape)}")
+
+        wpo_c = wpo_r = None
+        if self.use_weighting:
+            wpo = _wpo_sequence_logweights(sc, weight, bias, self.temperature, self.softcap, budget)
+            wpo_c, wpo_r = wpo[c_seq], wpo[r_seq]
+        logit_c, logit_r = _logits_means(sc, weight, bias, counts, c_seq, r_seq, self.temperature)
+        common = dict(beta=self.beta, loss_type=self.loss_type, **self.loss_options, chosen_lengths=len_w,
+                      rejected_lengths=len_l, use_weighting=self.use_weighting, chosen_wpo_logweights=wpo_c,
+                      rejected_wpo_logweights=wpo_r)
+
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (hidden, weight, bias))
+        groups = None
+        if self.fused and needs_grad and L.is_pair_decomposable(self.loss_type):
+            group_budget = self.workspace_bytes or 4 * budget
+            groups = _plan_groups(sc, counts, c_seq, r_seq, weight.shape[0],
+                                  _per_elem_bytes(rows, sc.hidden2.dtype), group_budget)
+
+        if groups is None:  # two-pass route: generic engine + autograd through dpo_loss
+            self.last_route = "two_pass"
+            logp = scored_logprobs(sc, weight, bias, temperature=self.temperature, softcap=self.softcap,
+                                   backend=be)
+            if tokw is not None:
+                logp = logp * tokw
+            seq = torch.zeros(sc.num_seqs, dtype=logp.dtype, device=dev).index_add(0, sc.seq, logp)
+            return L.dpo_loss(seq[c_seq], seq[r_seq], ref_chosen_logps, ref_rejected_logps, **common,
+                              chosen_logits_mean=logit_c, rejected_logits_mean=logit_r,
+                              compute_metrics=self.compute_metrics)
+
+        self.last_route = "fused"
+        ref_c = None if ref_chosen_logps is None else ref_chosen_logps.detach()
+        ref_r = None if ref_rejected_logps is None else ref_rejected_logps.detach()
+        n_chosen_tokens = len_w.clamp_min(1.0).sum()  # dpo_loss counts |y| = 0 as 1
+
+        def pair_fn(pair_ids, lw, ll):
+            return L.pair_loss_and_grads(
+                lw, ll, None if ref_c is None else ref_c[pair_ids], None if ref_r is None else ref_r[pair_ids],
+                num_pairs=P, num_chosen_tokens=n_chosen_tokens, beta=self.beta, loss_type=self.loss_type,
+                **self.loss_options, chosen_lengths=len_w[pair_ids], rejected_lengths=len_l[pair_ids],
+                use_weighting=self.use_weighting,
+                chosen_wpo_logweights=None if wpo_c is None else wpo_c[pair_ids],
+                rejected_wpo_logweights=None if wpo_r is None else wpo_r[pair_ids])
+
+        loss, chosen, rejected = _FusedDPOFunction.apply(sc.hidden2, weight, bias, sc, groups, tokw, rows,
+                                                         pair_fn, P)
+        with torch.no_grad():
+            out = L.dpo_loss(chosen, rejected, ref_c, ref_r, **common, chosen_logits_mean=logit_c,
+                             rejected_logits_mean=logit_r, compute_metrics=self.compute_metrics)
+        out.loss = loss
+        return out
+
+    def _reference(self, sc, hidden, ref_hidden, ref_weight, ref_bias, weight, bias, tokw, c_seq, r_seq, rows,
+                   budget):
+        check_tensor("ref_hidden", ref_hidden, dims=(2, 3), floating=True)
+        if ref_hidden.shape != hidden.shape:
+            raise ValueError(f"ref_hidden: expected shape {tuple(hidden.shape)} (like hidden), got "
+                             f"{tuple(ref_hidden.shape)}")
+        rw = weight if ref_weight is None else ref_weight
+        rb = (bias if ref_weight is None else None) if ref_bias is None else ref_bias
+        # validates dtype/device/shape of the reference head against ref_hidden
+        from ._validate import check_engine_inputs
+
+        check_engine_inputs(ref_hidden, rw, torch.zeros(ref_hidden.shape[:-1], dtype=torch.long,
+                                                        device=ref_hidden.device),
+                            rb, None if hidden.dim() == 3 else torch.tensor([0, hidden.shape[0]], device=hidden.device),
+                            self.ignore_index, self.temperature, self.softcap)
+        with torch.no_grad():
+            h2 = ref_hidden.reshape(-1, ref_hidden.shape[-1])
+            logp, _ = forward_tokens(h2, rw.detach(), None if rb is None else rb.detach(), sc.idx, sc.labels,
+                                     rows, budget)
+            if tokw is not None:
+                logp = logp * tokw
+            seq = torch.zeros(sc.num_seqs, dtype=logp.dtype, device=logp.device).index_add_(0, sc.seq, logp)
+        return seq[c_seq], seq[r_seq]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _pair_layout(pairs, S: int, packed: bool, device):
+    """(chosen_seq (P,), rejected_seq (P,)) int64 sequence indices."""
+    if pairs is None:
+        if S % 2:
+            raise ValueError(
+                f"hidden: the default pair layout needs an even number of sequences [chosen..., rejected...], "
+                f"got {S}; pass pairs=(P, 2) for another layout")
+        P = S // 2
+        ar = torch.arange(P, device=device)
+        return ar, ar + P
+    check_tensor("pairs", pairs, dims=(2,), floating=False)
+    if pairs.shape[1] != 2 or pairs.shape[0] == 0:
+        raise ValueError(f"pairs: expected shape (P, 2) with P >= 1 of (chosen, rejected) sequence indices, "
+                         f"got {tuple(pairs.shape)}")
+    p = pairs.to(device=device, dtype=torch.int64)
+    if bool(((p < 0) | (p >= S)).any()):
+        raise ValueError(f"pairs: expected sequence indices in [0, {S}), got values outside")
+    flat = p.reshape(-1)
+    if torch.unique(flat).numel() != flat.numel():
+        raise ValueError("pairs: expected each sequence in at most one pair (a sequence index repeats)")
+    return p[:, 0].contiguous(), p[:, 1].contiguous()
+
+
+def _ld_token_weights(sc: Scored, counts, c_seq, r_seq, alpha: float) -> torch.Tensor:
+    """(N,) LD-DPO token weights: 1 for a sequence's first min(|y_w|, |y_l|) scored tokens, α after."""
+    S = sc.num_seqs
+    shared = torch.full((S,), float("inf"), device=counts.device)
+    m = torch.minimum(counts[c_seq], counts[r_seq])
+    shared[c_seq], shared[r_seq] = m, m
+    start = torch.cumsum(counts, 0) - counts  # (S,) first scored token of each sequence
+    rank = torch.arange(sc.idx.numel(), device=counts.device, dtype=torch.float32) - start[sc.seq]
+    w = torch.where(rank < shared[sc.seq], 1.0, float(alpha))
+    return w.to(torch.float64 if sc.hidden2.dtype == torch.float64 else torch.float32)
+
+
+def _plan_groups(sc: Scored, counts, c_seq, r_seq, V: int, per_elem: int, budget: int):
+    """Greedy groups of consecutive pairs whose logits fit ``budget``; None if one pair alone does not."""
+    cnt = counts.to("cpu", torch.int64)
+    cw, cr = cnt[c_seq.cpu()], cnt[r_seq.cpu()]
+    per_pair = (cw + cr).tolist()
+    max_tokens = budget // (V * per_elem)
+    if max(per_pair) > max_tokens:
+        return None
+    start = (torch.cumsum(cnt, 0) - cnt)
+    groups, cur, cur_tok = [], [], 0
+    for i, t in enumerate(per_pair):
+        if cur and cur_tok + t > max_tokens:
+            groups.append(cur)
+            cur, cur_tok = [], 0
+        cur.append(i)
+        cur_tok += t
+    if cur:
+        groups.append(cur)
+    dev = sc.idx.device
+    out = []
+    for pids in groups:
+        pid = torch.tensor(pids, dtype=torch.int64)
+        seqs = torch.stack([c_seq.cpu()[pid], r_seq.cpu()[pid]], 1).reshape(-1)  # (2Pg,) [c0, r0, c1, r1..]
+        lens = cnt[seqs]
+        total = int(lens.sum())
+        local = torch.repeat_interleave(torch.arange(seqs.numel()), lens)  # (n,) local sequence id
+        offs = torch.cumsum(lens, 0) - lens
+        tok = start[seqs][local] + (torch.arange(total) - offs[local])  # (n,) index into scored arrays
+        out.append({"tok": tok.to(dev), "local": local.to(dev), "pairs": pid.to(dev)})
+    return out
+
+
+def _logits_means(sc: Scored, weight, bias, counts, c_seq, r_seq, temperature):
+    """(P,) mean over each sequence's scored tokens of the vocab-mean logit h·mean_v(W_v) + mean(b).
+
+    No logits needed: mean_v z_tv = h_t · mean_v(W_v) + mean(b) (divided by the temperature). Softcap is
+    not applied (it does not commute with the mean); TRL logs the raw logits too.
+    """
+    with torch.no_grad():
+        wbar = weight.detach().float().mean(0)  # (H,)
+        m = sc.hidden2.detach().index_select(0, sc.idx).float() @ wbar  # (N,)
+        if bias is not None:
+            m = m + bias.detach().float().mean()
+        m = m / temperature
+        per_seq = torch.zeros(sc.num_seqs, dtype=torch.float32, device=m.device).index_add_(0, sc.seq, m)
+        per_seq = per_seq / counts.clamp_min(1.0)
+    return per_seq[c_seq], per_seq[r_seq]
+
+
+def _wpo_sequence_logweights(sc: Scored, weight, bias, temperature, softcap, budget):
+    """(S,) WPO log-weights mean_t[log p_t − (lse(2z_t) − 2 lse(z_t))], no grad, one chunked logits pass."""
+    V = weight.shape[0]
+    N = sc.idx.numel()
+    acc = torch.float64 if sc.hidden2.dtype == torch.float64 else torch.float32
+    vals = torch.empty(N, dtype=acc, device=sc.idx.device)
+    chunk = max(1, budget // (V * (sc.hidden2.element_size() + 12)))
+    with torch.no_grad():
+        for s in range(0, N, chunk):
+            e = min(N, s + chunk)
+            hc = sc.hidden2.detach().index_select(0, sc.idx[s:e])
+            z = hc @ weight.detach().t()
+            if bias is not None:
+                z = z + bias.detach()
+            z = z.to(acc) / temperature
+            if softcap is not None:
+                z = softcap * torch.tanh(z / softcap)
+            lse = torch.logsumexp(z, -1)
+            lse2 = torch.logsumexp(2 * z, -1)
+            logp = z.gather(1, sc.labels[s:e, None]).squeeze(1) - lse
+            vals[s:e] = logp - (lse2 - 2 * lse)
+        per_seq = torch.zeros(sc.num_seqs, dtype=acc, device=vals.device).index_add_(0, sc.seq, vals)
+        per_seq = per_seq / sc.counts().to(acc).clamp_min(1.0)
+    return per_seq
