@@ -477,60 +477,73 @@ fn plan_padded(kept: &[Kept]) -> (Vec<Placed>, Vec<usize>, usize) {
     (order, row_starts, row_len)
 }
 
-/// Best-fit-decreasing. Pairs are taken largest first (ties: smaller original index first); each
-/// goes to the open row with the least remaining room that still fits it (ties: the older row),
-/// or opens a new row. Output order: rows in opening order, pairs within a row in placement order.
-fn plan_packed(kept: &[Kept], max_tokens: usize) -> (Vec<Placed>, Vec<usize>, usize) {
-    let p = kept.len();
-    let mut by_size: Vec<u32> = (0..p as u32).collect();
-    // Stable sort: equal costs keep ascending original index.
-    by_size.sort_by_key(|&i| std::cmp::Reverse(kept[i as usize].cost()));
+/// Best-fit-decreasing bin packing of items of the given sizes (each <= capacity) into bins of
+/// `capacity`. Items are taken largest first (ties: smaller index first); each goes to the open bin
+/// with the least remaining room that still fits it (ties: the older bin), or opens a new bin.
+/// Returns (items in output order, bin_starts): bin `b` holds `items[bin_starts[b]..bin_starts[b+1]]`,
+/// bins in opening order, items within a bin in placement order. O(n log n).
+pub fn best_fit_decreasing(sizes: &[usize], capacity: usize) -> (Vec<u32>, Vec<usize>) {
+    let n = sizes.len();
+    let mut by_size: Vec<u32> = (0..n as u32).collect();
+    // Stable sort: equal sizes keep ascending index.
+    by_size.sort_by_key(|&i| std::cmp::Reverse(sizes[i as usize]));
 
-    // (remaining room, row id) of every open row; the smallest key >= (cost, 0) is the best fit.
+    // (remaining room, bin id) of every open bin; the smallest key >= (size, 0) is the best fit.
     let mut open: BTreeSet<(usize, u32)> = BTreeSet::new();
-    let mut row_fill: Vec<usize> = Vec::new();
-    let mut row_of: Vec<u32> = Vec::with_capacity(p); // row of the k-th placed pair
+    let mut fill: Vec<usize> = Vec::new();
+    let mut bin_of: Vec<u32> = Vec::with_capacity(n); // bin of the k-th placed item
     for &i in &by_size {
-        let cost = kept[i as usize].cost();
-        let fit = open.range((cost, 0)..).next().copied();
-        let row = match fit {
+        let size = sizes[i as usize];
+        let bin = match open.range((size, 0)..).next().copied() {
             Some(key) => {
                 open.remove(&key);
                 key.1
             }
             None => {
-                row_fill.push(0);
-                (row_fill.len() - 1) as u32
+                fill.push(0);
+                (fill.len() - 1) as u32
             }
         };
-        row_fill[row as usize] += cost;
-        let room = max_tokens - row_fill[row as usize];
-        // A row with less than 2 tokens of room can take no pair (each costs >= 2).
+        fill[bin as usize] += size;
+        let room = capacity.saturating_sub(fill[bin as usize]);
+        // Rooms below 2 are dropped: no pair costs less than 2 (and it keeps the set small).
         if room >= 2 {
-            open.insert((room, row));
+            open.insert((room, bin));
         }
-        row_of.push(row);
+        bin_of.push(bin);
     }
+    // Counting sort of placed items by bin, keeping placement order inside each bin.
+    let mut bin_starts = vec![0usize; fill.len() + 1];
+    for &b in &bin_of {
+        bin_starts[b as usize + 1] += 1;
+    }
+    for b in 0..fill.len() {
+        bin_starts[b + 1] += bin_starts[b];
+    }
+    let mut cursor = bin_starts.clone();
+    let mut items = vec![0u32; n];
+    for (k, &b) in bin_of.iter().enumerate() {
+        items[cursor[b as usize]] = by_size[k];
+        cursor[b as usize] += 1;
+    }
+    (items, bin_starts)
+}
 
-    // Counting sort of placed pairs by row, keeping placement order inside each row.
-    let num_rows = row_fill.len();
-    let mut row_starts = vec![0usize; num_rows + 1];
-    for &r in &row_of {
-        row_starts[r as usize + 1] += 2;
+/// Packed layout: best-fit-decreasing over pair costs; each pair contributes (chosen, rejected).
+fn plan_packed(kept: &[Kept], max_tokens: usize) -> (Vec<Placed>, Vec<usize>, usize) {
+    let costs: Vec<usize> = kept.iter().map(Kept::cost).collect();
+    let (items, bin_starts) = best_fit_decreasing(&costs, max_tokens);
+    let mut order = Vec::with_capacity(2 * items.len());
+    for &pair in &items {
+        order.push(Placed { pair, rejected: false });
+        order.push(Placed { pair, rejected: true });
     }
-    for r in 0..num_rows {
-        row_starts[r + 1] += row_starts[r];
-    }
-    let mut cursor = row_starts.clone();
-    let mut order = vec![Placed { pair: 0, rejected: false }; 2 * p];
-    for (k, &r) in row_of.iter().enumerate() {
-        let at = cursor[r as usize];
-        let pair = by_size[k];
-        order[at] = Placed { pair, rejected: false };
-        order[at + 1] = Placed { pair, rejected: true };
-        cursor[r as usize] += 2;
-    }
-    let row_len = row_fill.iter().copied().max().unwrap_or(0);
+    let row_starts: Vec<usize> = bin_starts.iter().map(|&s| 2 * s).collect();
+    let row_len = bin_starts
+        .windows(2)
+        .map(|w| items[w[0]..w[1]].iter().map(|&i| costs[i as usize]).sum::<usize>())
+        .max()
+        .unwrap_or(0);
     (order, row_starts, row_len)
 }
 

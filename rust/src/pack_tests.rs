@@ -324,3 +324,13 @@ fn parallel_fill_matches_serial() {
         assert_eq!(small.position_ids, row(&big, &big.position_ids, row_i));
     }
 }
+
+#[test]
+fn best_fit_decreasing_bins() {
+    let (items, starts) = best_fit_decreasing(&[5, 3, 7, 3, 2, 5], 10);
+    // 7 -> b0 (room 3); 5 (idx0) -> b1 (5); 5 (idx5) -> b1 (0); 3 (idx1) -> b0 (0); 3 (idx3) -> b2 (7); 2 -> b2
+    assert_eq!(starts, vec![0, 2, 4, 6]);
+    assert_eq!(items, vec![2, 1, 0, 5, 3, 4]);
+    let (items, starts) = best_fit_decreasing(&[], 10);
+    assert!(items.is_empty() && starts == vec![0]);
+}

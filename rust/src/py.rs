@@ -183,11 +183,37 @@ fn flatten_int_seqs<'py>(
     Ok((values.into_pyarray(py), offsets.into_pyarray(py)))
 }
 
+/// Best-fit-decreasing bins of `capacity` for items of the given sizes (1-D int64, each in
+/// [0, capacity]). Returns (items int64: item indices in output order, bin_starts int64: B + 1
+/// offsets into items). Same rule as the packed mode of `pack_flat`.
+#[pyfunction]
+fn best_fit_bins<'py>(
+    py: Python<'py>,
+    sizes: PyReadonlyArray1<'py, i64>,
+    capacity: i64,
+) -> PyResult<(Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<i64>>)> {
+    let s = slice(&sizes, "sizes")?;
+    if capacity < 1 {
+        return Err(PyValueError::new_err(format!("capacity must be >= 1, got {capacity}")));
+    }
+    if let Some((i, &v)) = s.iter().enumerate().find(|&(_, &v)| v < 0 || v > capacity) {
+        return Err(PyValueError::new_err(format!(
+            "sizes[{i}] = {v} is out of range: it must be in [0, capacity={capacity}]"
+        )));
+    }
+    let sizes: Vec<usize> = s.iter().map(|&v| v as usize).collect();
+    let (items, starts) = py.detach(|| pack::best_fit_decreasing(&sizes, capacity as usize));
+    let items: Vec<i64> = items.into_iter().map(i64::from).collect();
+    let starts: Vec<i64> = starts.into_iter().map(|v| v as i64).collect();
+    Ok((items.into_pyarray(py), starts.into_pyarray(py)))
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(build_info, m)?)?;
     m.add_function(wrap_pyfunction!(pack_flat, m)?)?;
     m.add_function(wrap_pyfunction!(flatten_int_seqs, m)?)?;
+    m.add_function(wrap_pyfunction!(best_fit_bins, m)?)?;
     m.add("__version__", crate::VERSION)?;
     m.add("IGNORE_INDEX", pack::IGNORE_INDEX)?;
     Ok(())
