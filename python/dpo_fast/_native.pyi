@@ -1,0 +1,51 @@
+"""Type stubs of the private native module ``dpo_fast._native`` (rust/src/py.rs). Hand-kept; the public API
+with validation and docs is :mod:`dpo_fast.packing` / :mod:`dpo_fast.collate`."""
+
+from typing import Any, Sequence, TypedDict
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+IGNORE_INDEX: int
+
+def build_info() -> tuple[str, str]:
+    """(crate version, Python ABI the module targets)."""
+
+class _PackedDict(TypedDict):
+    input_ids: npt.NDArray[np.int32]  # (R, L)
+    labels: npt.NDArray[np.int32]  # (R, L)
+    position_ids: npt.NDArray[np.int32]  # (R, L)
+    attention_mask: npt.NDArray[np.int8]  # (R, L)
+    cu_seqlens: npt.NDArray[np.int32]  # (2P + 1,)
+    pairs: npt.NDArray[np.int64]  # (P, 2)
+    example_index: npt.NDArray[np.int64]  # (P,)
+    seq_lens: npt.NDArray[np.int32]  # (2P,)
+    completion_lens: npt.NDArray[np.int32]  # (2P,)
+    max_seqlen: int
+
+def pack_flat(
+    prompt_values: npt.NDArray[np.int32] | npt.NDArray[np.int64],
+    prompt_offsets: npt.NDArray[np.int64],
+    chosen_values: npt.NDArray[np.int32] | npt.NDArray[np.int64],
+    chosen_offsets: npt.NDArray[np.int64],
+    rejected_values: npt.NDArray[np.int32] | npt.NDArray[np.int64],
+    rejected_offsets: npt.NDArray[np.int64],
+    *,
+    max_tokens: int,
+    mode: str,
+    pad_token_id: int,
+    truncation: str,
+    pad_to_multiple_of: int | None = None,
+    vocab_size: int | None = None,
+) -> _PackedDict:
+    """Pack flat (values, offsets) inputs (C-contiguous; the three value arrays share one dtype) with the
+    GIL released. Arrays are returned without a copy. Raises ValueError on bad options or data."""
+
+def flatten_int_seqs(
+    seqs: Sequence[Sequence[int]] | Sequence[Any], arg: str
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """(values, offsets) of a list/tuple of int sequences. TypeError naming ``arg`` on a non-int item."""
+
+def best_fit_bins(sizes: npt.NDArray[np.int64], capacity: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Best-fit-decreasing bins: (item indices in bin order, B + 1 bin offsets)."""
