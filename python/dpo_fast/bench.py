@@ -34,7 +34,7 @@ SHAPES = {
     "llama3-8b": (8, 2048, 4096, 128256),
     "qwen2.5-7b": (8, 1024, 3584, 152064),
     "gemma2-2b": (8, 1024, 2304, 256000),
-    "cpu-small": (4, 256, 256, 32000),
+    "cpu-small": (4, 512, 256, 32000),
     "tiny": (2, 32, 32, 1000),
 }
 PROMPT_FRACTION = 0.25
@@ -73,11 +73,24 @@ def make_inputs(shape: str, device: str, dtype: torch.dtype, peaked: bool = Fals
     return h.to(device, dtype), w.to(device, dtype), labels.to(device)
 
 
+def make_reference(h, w, labels):
+    """(P,) reference log-probs for the DPO methods: the policy's own, shifted by noise (no grad)."""
+    import dpo_fast
+
+    with torch.no_grad():  # the bounded engine: no high-water mark left behind before a measurement
+        lp = dpo_fast.sequence_logprobs(h, w, labels)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    lp = lp.cpu() + torch.randn(lp.shape, generator=g) * 2.0
+    P = lp.shape[0] // 2
+    return lp[:P].to(h.device), lp[P:].to(h.device)
+
+
 # ----------------------------------------------------------------------------------------------------------
-# methods: each takes (h, w, labels) and returns (B,) float32 sequence log-probs (differentiable)
+# methods: each takes (h, w, labels, ref) and returns what is backpropagated: (B,) float32 sequence log-probs
+# for the log-prob methods, the scalar loss for the DPO ones (ref = (ref_chosen, ref_rejected), (P,) each)
 
 
-def _naive(h, w, labels):
+def _naive(h, w, labels, ref=None):
     logits = h @ w.t()  # (B, T, V) in the input dtype
     logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V) float32
     mask = labels != -100
@@ -85,7 +98,7 @@ def _naive(h, w, labels):
     return (tok * mask).sum(-1)
 
 
-def _trl_rowloop(h, w, labels):
+def _trl_rowloop(h, w, labels, ref=None):
     logits = h @ w.t()  # (B, T, V)
     mask = labels != -100
     safe = labels.clamp_min(0)
@@ -95,13 +108,13 @@ def _trl_rowloop(h, w, labels):
     return (torch.stack(rows) * mask).sum(-1)
 
 
-def _ours(h, w, labels):
+def _ours(h, w, labels, ref=None):
     import dpo_fast
 
     return dpo_fast.sequence_logprobs(h, w, labels)
 
 
-def _liger(h, w, labels):
+def _liger(h, w, labels, ref=None):
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
     B, T, H = h.shape
@@ -110,26 +123,78 @@ def _liger(h, w, labels):
     return tok.float().view(B, T).sum(-1)
 
 
-def _cce(h, w, labels):
+def _cce(h, w, labels, ref=None):
     from cut_cross_entropy import linear_cross_entropy
 
     tok = -linear_cross_entropy(h, w, labels, reduction="none", shift=False)
     return tok.float().sum(-1)
 
 
+def _dpo_from_logps(logps, ref, beta=0.1):
+    P = logps.shape[0] // 2
+    margin = (logps[:P] - ref[0]) - (logps[P:] - ref[1])
+    return -torch.nn.functional.logsigmoid(beta * margin).mean()
+
+
+def _dpo_naive(h, w, labels, ref):
+    return _dpo_from_logps(_naive(h, w, labels), ref)
+
+
+def _dpo_twopass(h, w, labels, ref):
+    import dpo_fast
+
+    return dpo_fast.dpo_loss(*_ours(h, w, labels).chunk(2), *ref, beta=0.1, compute_metrics=False).loss
+
+
+_DPO_MODULES: dict = {}
+
+
+def _dpo_fused(h, w, labels, ref):
+    import dpo_fast
+
+    key = "fused"
+    if key not in _DPO_MODULES:
+        _DPO_MODULES[key] = dpo_fast.DPOLoss(beta=0.1, compute_metrics=False)
+    return _DPO_MODULES[key](h, w, labels, *ref).loss
+
+
+def _dpo_liger(h, w, labels, ref):
+    import inspect
+
+    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+    if "liger" not in _DPO_MODULES:
+        kw = dict(beta=0.1, compute_nll_loss=False)
+        if "use_ref_model" in inspect.signature(LigerFusedLinearDPOLoss.__init__).parameters:
+            kw["use_ref_model"] = False
+        _DPO_MODULES["liger"] = LigerFusedLinearDPOLoss(**kw)
+    mod = _DPO_MODULES["liger"]
+    params = inspect.signature(mod.forward).parameters
+    extra = {"ref_chosen_logps": ref[0], "ref_rejected_logps": ref[1]} if "ref_chosen_logps" in params else {}
+    out = mod(w, h, labels, **extra)
+    return out[0] if isinstance(out, tuple) else out
+
+
 METHODS = {
-    "naive": (_naive, True),
-    "trl_rowloop": (_trl_rowloop, True),
-    "dpo_fast": (_ours, True),
-    "dpo_fast_nograd": (_ours, False),
-    "liger": (_liger, True),
-    "cce": (_cce, True),
+    # log-prob engine (task "logprobs")
+    "naive": (_naive, True, "logprobs"),
+    "trl_rowloop": (_trl_rowloop, True, "logprobs"),
+    "dpo_fast": (_ours, True, "logprobs"),
+    "dpo_fast_nograd": (_ours, False, "logprobs"),
+    "liger": (_liger, True, "logprobs"),
+    "cce": (_cce, True, "logprobs"),
+    # sigmoid DPO loss from hidden states (task "dpo")
+    "dpo_naive": (_dpo_naive, True, "dpo"),
+    "dpo_fast_twopass": (_dpo_twopass, True, "dpo"),
+    "dpo_fast_fused": (_dpo_fused, True, "dpo"),
+    "liger_dpo": (_dpo_liger, True, "dpo"),
 }
+BASELINE = {"logprobs": "naive", "dpo": "dpo_naive"}
 
 
 def _available(method: str, device: str) -> str | None:
     """None if the method can run, else the reason it is left out."""
-    if method == "liger":
+    if method in ("liger", "liger_dpo"):
         if device != "cuda":
             return "CUDA only"
         try:
@@ -150,75 +215,74 @@ def _available(method: str, device: str) -> str | None:
 # measuring one method
 
 
-def _step(fn, grad: bool, h, w, labels):
+def _step(fn, grad: bool, h, w, labels, ref):
     if grad:
         hh = h.detach().requires_grad_()
         ww = w.detach().requires_grad_()
-        out = fn(hh, ww, labels)
+        out = fn(hh, ww, labels, ref)
         out.sum().backward()
-        return out.detach()
+        return out.detach().reshape(-1)
     with torch.no_grad():
-        return fn(h, w, labels)
+        return fn(h, w, labels, ref).reshape(-1)
 
 
 def measure(method: str, shape: str, device: str, dtype: torch.dtype, reps: int, peaked: bool = False) -> dict:
-    """Time and peak memory of one method in this process. Returns a dict (fields of :class:`Result`)."""
-    fn, grad = METHODS[method]
+    """Time and peak memory of one method in this process. Returns {"ms", "peak_bytes", "out"}.
+
+    CUDA: peak of ``max_memory_allocated`` above the inputs over the timed steps. CPU: call it in a fresh
+    process (see :func:`_measure_cpu_subprocess`): the peak resident set above the inputs, including the
+    first full-size step.
+    """
+    import resource
+
+    fn, grad, _ = METHODS[method]
     h, w, labels = make_inputs(shape, device, dtype, peaked)
-    out = _step(fn, grad, h, w, labels)  # warm-up (Triton compile, allocator, BLAS buffers)
-    times = []
+    ref = make_reference(h, w, labels)
     if device == "cuda":
+        torch.cuda.synchronize()
+        out = _step(fn, grad, h, w, labels, ref)  # warm-up (Triton compile, allocator)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        for _ in range(reps):
+    else:
+        # load BLAS and warm the allocator on a tiny slice, then take the baseline: ru_maxrss is a high-water
+        # mark, so nothing before the first full-size step may allocate more than the inputs
+        small = labels[:, :8].contiguous()
+        small = torch.where(small >= 0, small % 64, small)
+        _step(fn, grad, h[:, :8].contiguous(), w[:64].contiguous(), small, ref)
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        out = _step(fn, grad, h, w, labels, ref)
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            out = _step(fn, grad, h, w, labels)
+            out = _step(fn, grad, h, w, labels, ref)
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            out = _step(fn, grad, h, w, labels, ref)
+            times.append((time.perf_counter() - t0) * 1e3)
+    if device == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        import resource
-
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            out = _step(fn, grad, h, w, labels)
-            times.append((time.perf_counter() - t0) * 1e3)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-        # the warm-up already reached the steady-state peak in most cases: count it too
-        peak = max(peak, _WARM_PEAK.get("v", 0))
     return {"ms": statistics.median(times), "peak_bytes": int(peak), "out": out.float().cpu().tolist()}
 
 
-_WARM_PEAK: dict = {}
-
-
 def _measure_cpu_subprocess(method, shape, dtype_name, reps, peaked):
-    """Run in a fresh spawned process: peak RSS of the first (warm-up) call counts as well."""
-    import resource
-
+    """Entry point of a fresh spawned process, so that one method's high-water mark never hides another's."""
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    fn, grad = METHODS[method]
-    dtype = getattr(torch, dtype_name)
-    h, w, labels = make_inputs(shape, "cpu", dtype, peaked)
-    # one tiny call to load BLAS and the allocator before the baseline
-    _step(fn, grad, h[:, :4].contiguous(), w, labels[:, :4].contiguous())
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    _step(fn, grad, h, w, labels)
-    _WARM_PEAK["v"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    res = measure(method, shape, "cpu", dtype, reps, peaked)
-    res["peak_bytes"] = max(res["peak_bytes"], _WARM_PEAK["v"])
-    return res
+    return measure(method, shape, "cpu", getattr(torch, dtype_name), reps, peaked)
 
 
 def run(shapes, methods, device: str, dtype: torch.dtype, reps: int, peaked: bool = False, log=print):
     results: list[Result] = []
     dname = str(dtype).replace("torch.", "")
     for shape in shapes:
-        ref = None
+        ref: dict = {}
         for method in methods:
             why = _available(method, device)
             r = Result(method, shape + ("+peaked" if peaked else ""), device, dname)
@@ -242,10 +306,12 @@ def run(shapes, methods, device: str, dtype: torch.dtype, reps: int, peaked: boo
                 continue
             r.ms, r.peak_bytes = m["ms"], m["peak_bytes"]
             out = torch.tensor(m["out"])
-            if method == "naive":
-                ref = out
-            if ref is not None:
-                r.max_abs_diff_vs_naive = float((out - ref).abs().max())
+            task = METHODS[method][2]
+            if method == BASELINE[task]:
+                ref[task] = out
+            if task in ref:
+                r.max_abs_diff_vs_naive = float((out - ref[task]).abs().max())
+            r.extra["task"] = task
             results.append(r)
             log(f"  {r.shape:<18} {method:<16} {r.ms:9.1f} ms  {r.peak_bytes / 2**20:9.1f} MiB")
     return results
@@ -280,13 +346,14 @@ def environment(device: str) -> dict:
 
 def table(results: list[Result]) -> str:
     lines = [f"{'shape':<20} {'method':<16} {'ms':>9} {'peak MiB':>10} {'x naive time':>13} "
-             f"{'x naive mem':>12} {'|diff| vs naive':>16}  note"]
+             f"{'x naive mem':>12} {'|diff| vs naive':>16}  note",
+             "(ratios and differences are against the naive method of the same task, measured in this run)"]
     by_shape: dict[str, dict[str, Result]] = {}
     for r in results:
         by_shape.setdefault(r.shape, {})[r.method] = r
     for shape, rs in by_shape.items():
-        naive = rs.get("naive")
         for r in rs.values():
+            naive = rs.get(BASELINE[METHODS[r.method][2]])
             if r.ms is None:
                 lines.append(f"{shape:<20} {r.method:<16} {'-':>9} {'-':>10} {'':>13} {'':>12} {'':>16}  {r.note}")
                 continue
@@ -337,7 +404,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--shapes", default=None, help="comma-separated from " + ", ".join(SHAPES) +
                    " (default: the three model heads on CUDA, cpu-small on CPU)")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated from " + ", ".join(METHODS))
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated from " + ", ".join(METHODS)
+                   + " (default: all; those that cannot run here are listed with the reason)")
     p.add_argument("--dtype", default=None, help="bfloat16 (CUDA default) or float32 (CPU default)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 10 CUDA, 3 CPU)")
     p.add_argument("--peaked", action="store_true", help="LM-like peaked logits instead of random ones")
@@ -357,8 +425,9 @@ def main(argv=None) -> int:
     for m in methods:
         if m not in METHODS:
             p.error(f"--methods: unknown method {m!r}; expected one of {', '.join(METHODS)}")
-    if "naive" in methods:  # naive first: every ratio is against it, measured in this same run
-        methods = ["naive"] + [m for m in methods if m != "naive"]
+    # each task's naive baseline first: every ratio is against it, measured in this same run
+    base = [m for m in BASELINE.values() if m in methods]
+    methods = base + [m for m in methods if m not in base]
     dtype = getattr(torch, a.dtype or ("bfloat16" if device == "cuda" else "float32"))
     reps = a.reps or (10 if device == "cuda" else 3)
     env = environment(device)
