@@ -32,7 +32,7 @@ IGNORE_INDEX = -100
 __all__ = ["pack_pairs", "PackedBatch", "IGNORE_INDEX"]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class PackedBatch:
     """Output of :func:`pack_pairs`. Numpy arrays, handed over from Rust without a copy.
 

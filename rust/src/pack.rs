@@ -25,6 +25,7 @@
 //!   token if it had any); then completions are cut as above (a completion is always cut at its end:
 //!   scoring a completion without its beginning would score tokens out of context); then, only for
 //!   `max_tokens < 4`, the prompt may lose its last token.
+//!
 //! Any `max_tokens >= 2` therefore fits every pair (1 + 1 completion tokens, empty prompt).
 //!
 //! # Layout
@@ -326,7 +327,7 @@ fn validate_options(opts: &PackOptions) -> Result<i64, PackError> {
         }
     }
     let limit = match opts.vocab_size {
-        Some(v) if v < 1 || v > ID_LIMIT => {
+        Some(v) if !(1..=ID_LIMIT).contains(&v) => {
             return Err(PackError::new(format!("vocab_size must be in [1, 2147483648], got {v}")));
         }
         Some(v) => v,

@@ -132,7 +132,7 @@ fn truncation_always_fits() {
                         assert!(k.cost() <= m, "{lp} {lc} {lr} {m} {t:?} -> {k:?}");
                         assert!(k.chosen_len >= 1 && k.rejected_len >= 1);
                         assert!(k.chosen_len <= lc && k.rejected_len <= lr && k.prompt_len <= lp);
-                        assert_eq!(k.prompt_start + k.prompt_len <= lp, true);
+                        assert!(k.prompt_start + k.prompt_len <= lp);
                         if 2 * lp + lc + lr <= m {
                             assert_eq!(k, Kept { prompt_start: 0, prompt_len: lp, chosen_len: lc, rejected_len: lr });
                         }

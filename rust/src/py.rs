@@ -8,6 +8,9 @@ use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 
 use crate::pack::{self, Mode, PackOptions, Ragged, TokenId, Truncation};
 
+/// (values, offsets) or (items, bin_starts): two int64 numpy arrays.
+type ArrayPair<'py> = (Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<i64>>);
+
 /// Build facts of the native module: crate version and the Python ABI it targets.
 #[pyfunction]
 fn build_info() -> (String, String) {
@@ -140,7 +143,7 @@ fn flatten_int_seqs<'py>(
     py: Python<'py>,
     seqs: &Bound<'py, PyAny>,
     arg: &str,
-) -> PyResult<(Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<i64>>)> {
+) -> PyResult<ArrayPair<'py>> {
     let outer: Vec<Bound<'py, PyAny>> = if let Ok(l) = seqs.cast::<PyList>() {
         l.iter().collect()
     } else if let Ok(t) = seqs.cast::<PyTuple>() {
@@ -191,7 +194,7 @@ fn best_fit_bins<'py>(
     py: Python<'py>,
     sizes: PyReadonlyArray1<'py, i64>,
     capacity: i64,
-) -> PyResult<(Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<i64>>)> {
+) -> PyResult<ArrayPair<'py>> {
     let s = slice(&sizes, "sizes")?;
     if capacity < 1 {
         return Err(PyValueError::new_err(format!("capacity must be >= 1, got {capacity}")));
