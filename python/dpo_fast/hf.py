@@ -1,0 +1,388 @@
+"""Hugging Face models: log-probs straight from the decoder's last hidden states and the model's output head.
+
+A causal LM computes ``logits = head(decoder(input_ids))`` and then, for DPO, throws almost all of the
+(B, T, V) logits away. Here the decoder body runs as usual, and its last hidden states go to the fused
+engine (:func:`dpo_fast.sequence_logprobs`, :class:`dpo_fast.DPOLoss`) together with the head's weight —
+``model.lm_head`` is never called and no logits tensor exists.
+
+What the head may be (anything else raises :class:`UnsupportedHeadError` instead of giving wrong numbers):
+
+* a plain ``nn.Linear`` (with or without bias; tied to the input embeddings or not);
+* with the output scalings Hugging Face configs declare: Gemma-2/3 ``final_logit_softcapping`` (engine
+  ``softcap``), Cohere/Cohere2 ``logit_scale`` and Falcon-H1 ``lm_head_multiplier`` (logits multiplied:
+  engine ``temperature = 1 / scale``), Granite ``logits_scaling`` (logits divided: ``temperature = scale``);
+* inside a PEFT (LoRA-family) model: adapters in the decoder train as usual; the frozen head costs no dW
+  GEMM. An adapter *on* the head cannot be fused (the engine reads ``weight`` directly) and raises;
+  prompt-learning PEFT methods (prefix/prompt tuning) change the forward and raise too.
+
+How the decoder runs. :func:`call_with_hidden_states` installs (once) a thin wrapper around the model's
+``forward`` that, only when called with the keyword ``dpo_fast_fn``, runs the decoder body and hands its
+last hidden states and the head to that function *inside* the forward. Calls go through whatever wraps
+the model (DDP, FSDP, DeepSpeed, ``PeftModel``), so their hooks run as in a normal forward; every other
+call (``generate``, plain ``model(...)``) is untouched.
+
+Packed batches (from :func:`dpo_fast.pack_pairs` / :class:`dpo_fast.PairCollator`): pass ``position_ids``
+that restart at 0 for each sequence (and ``cu_seqlens``). With flash-attention implementations the
+varlen kwargs (``cu_seq_lens_q/k``, ``max_length_q/k``) are passed too; with ``sdpa``/``eager`` Hugging Face
+builds the block-diagonal causal mask from the ``position_ids`` (it detects packing when no
+``attention_mask`` is given), so packed sequences never attend to each other. Do not pass a 0/1 padding
+``attention_mask`` with a packed batch: the model would then ignore the sequence boundaries.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import types
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .logprobs import sequence_logprobs
+
+__all__ = [
+    "OutputHead",
+    "UnsupportedHeadError",
+    "output_head",
+    "unwrap_model",
+    "call_with_hidden_states",
+    "hidden_states_from_model",
+    "sequence_logprobs_from_model",
+    "check_output_head",
+]
+
+_PATCH_FLAG = "_dpo_fast_forward_installed"
+
+
+class UnsupportedHeadError(ValueError):
+    """The model's output head cannot be expressed as ``weight``/``bias``/``temperature``/``softcap``."""
+
+
+@dataclass(frozen=True)
+class OutputHead:
+    """The model's output head, in the engine's terms.
+
+    Logits of the model == ``softcap * tanh(z / softcap)`` (if ``softcap``) with
+    ``z = (h @ weight.T + bias) / temperature``.
+
+    Attributes:
+        weight: (V, H) head weight (the input embedding matrix when tied).
+        bias: (V,) or None.
+        temperature: divisor reproducing the model's logit scaling (1 / logit_scale for Cohere).
+        softcap: Gemma-2/3 final-logit soft cap, or None.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    temperature: float = 1.0
+    softcap: float | None = None
+
+    def engine_kwargs(self, temperature: float = 1.0) -> dict[str, Any]:
+        """``temperature``/``softcap`` for :func:`dpo_fast.sequence_logprobs` / :class:`dpo_fast.DPOLoss`.
+
+        Args:
+            temperature: your sampling temperature on top of the model's own scaling (default 1).
+        """
+        return {"temperature": self.temperature * float(temperature), "softcap": self.softcap}
+
+    def operands(self, hidden: torch.Tensor):
+        """(hidden, weight, bias) in one dtype, as the model's head would compute them.
+
+        Under autocast, all three are cast to the autocast dtype (what ``nn.Linear`` does); otherwise
+        ``hidden`` is cast to the weight's dtype when they differ.
+        """
+        w, b = self.weight, self.bias
+        dev = hidden.device.type
+        if torch.is_autocast_enabled(dev):
+            dt = torch.get_autocast_dtype(dev)
+            hidden, w = hidden.to(dt), w.to(dt)
+            b = None if b is None else b.to(dt)
+        elif hidden.dtype != w.dtype:
+            hidden = hidden.to(w.dtype)
+        if b is not None and b.dtype != w.dtype:
+            b = b.to(w.dtype)
+        return hidden, w, b
+
+
+# ----------------------------------------------------------------------------------------------------------
+# model structure
+
+
+def _peft_types():
+    try:
+        from peft import PeftModel
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # peft not installed: nothing can be a PEFT model
+        return None, None
+    return PeftModel, BaseTunerLayer
+
+
+def unwrap_model(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(outer, hf_model): strip DDP/DataParallel/FSDP/DeepSpeed-style ``.module`` wrappers and PEFT.
+
+    ``outer`` is what to call (the wrappers' hooks must run); ``hf_model`` is the Hugging Face
+    ``PreTrainedModel`` whose ``forward`` gets the fused entry point.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    m = model
+    for _ in range(8):  # DDP(FSDP(...)) and the like nest a few levels at most
+        inner = getattr(m, "module", None)
+        if isinstance(inner, nn.Module) and not hasattr(m, "get_output_embeddings"):
+            m = inner
+        else:
+            break
+    PeftModel, _ = _peft_types()
+    if PeftModel is not None and isinstance(m, PeftModel):
+        cfg = m.peft_config.get(m.active_adapter) if hasattr(m, "active_adapter") else None
+        if cfg is not None and getattr(cfg, "is_prompt_learning", False):
+            raise UnsupportedHeadError(
+                f"model: PEFT prompt-learning methods ({cfg.peft_type}) add virtual tokens in PeftModel.forward, "
+                "which the fused path would skip; use a LoRA-family adapter, or compute log-probs from logits")
+        m = m.get_base_model()
+    if not hasattr(m, "get_output_embeddings"):
+        raise TypeError(f"model: expected a Hugging Face PreTrainedModel (causal LM), got {type(m).__name__}")
+    return model, m
+
+
+def _decoder(hf_model: nn.Module) -> nn.Module:
+    body = getattr(hf_model, "base_model", None)
+    if body is None or body is hf_model:
+        raise UnsupportedHeadError(
+            f"model: cannot find the decoder body of {type(hf_model).__name__} (expected a causal LM with "
+            f"base_model_prefix={getattr(hf_model, 'base_model_prefix', None)!r} naming its decoder)")
+    return body
+
+
+def _text_config(hf_model):
+    cfg = hf_model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def output_head(model: nn.Module) -> OutputHead:
+    """The model's output head as (weight, bias, temperature, softcap); raises if it cannot be fused.
+
+    Args:
+        model: a Hugging Face causal LM, optionally inside PEFT / DDP / FSDP wrappers.
+
+    Raises:
+        UnsupportedHeadError: adapter on the head, a head that is not a plain linear layer, a quantized
+            head, or a non-positive logit scale.
+    """
+    _, hf = unwrap_model(model)
+    head = hf.get_output_embeddings()
+    if head is None:
+        raise UnsupportedHeadError(f"model: {type(hf).__name__} has no output embeddings (not a causal LM head)")
+    _, BaseTunerLayer = _peft_types()
+    if BaseTunerLayer is not None and isinstance(head, BaseTunerLayer):
+        raise UnsupportedHeadError(
+            "model: a PEFT adapter sits on the output head (lm_head in target_modules); the fused engine reads "
+            "lm_head.weight directly and would ignore the adapter. Remove 'lm_head' from target_modules (or merge "
+            "the adapter) to use dpo_fast.")
+    if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
+        raise UnsupportedHeadError(
+            f"model: the output head is a {type(head).__name__}, not a plain nn.Linear; dpo_fast can only fuse "
+            "logits = h @ W.T + b (with the config's softcap / logit scale). Compute log-probs from the model's "
+            "logits with dpo_fast.logprobs_from_logits instead.")
+    w = head.weight
+    if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.dim() != 2:
+        raise UnsupportedHeadError(
+            f"model: the output head's weight is {type(w).__name__} {getattr(w, 'dtype', '')} (quantized?); "
+            "the fused engine needs a floating (V, H) weight")
+    cfg = _text_config(hf)
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    scale, how = 1.0, "multiply"
+    for attr in ("logit_scale", "lm_head_multiplier"):
+        v = getattr(cfg, attr, None)
+        if v is not None:
+            scale = float(v)
+            break
+    else:
+        v = getattr(cfg, "logits_scaling", None)
+        if v is not None:
+            scale, how = float(v), "divide"
+    if not (math.isfinite(scale) and scale > 0):
+        raise UnsupportedHeadError(f"model: logit scale {scale} from the config is not a finite positive number")
+    temperature = 1.0 / scale if how == "multiply" else scale
+    return OutputHead(w, head.bias, temperature, None if softcap is None else float(softcap))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the fused forward
+
+
+_DROP_IF_NONE = ("labels", "return_dict", "output_attentions", "output_hidden_states", "logits_to_keep",
+                 "num_logits_to_keep", "task_ids", "inputs_embeds", "cache_position", "past_key_values")
+
+
+def _install(hf_model: nn.Module) -> None:
+    if getattr(hf_model, _PATCH_FLAG, False):
+        return
+    previous = hf_model.forward
+
+    @functools.wraps(type(hf_model).forward)
+    def forward(self, *args, dpo_fast_fn: Callable | None = None, **kwargs):
+        if dpo_fast_fn is None:
+            return previous(*args, **kwargs)
+        for k in _DROP_IF_NONE:
+            if k in kwargs and kwargs[k] is None:
+                del kwargs[k]
+        kwargs.pop("labels", None)  # the loss is dpo_fast_fn's business
+        kwargs["use_cache"] = False
+        out = _decoder(self)(*args, **kwargs)
+        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state  # (B, T, H)
+        return dpo_fast_fn(hidden, output_head(self))
+
+    hf_model.forward = types.MethodType(forward, hf_model)
+    setattr(hf_model, _PATCH_FLAG, True)
+
+
+def _is_flash(hf_model) -> bool:
+    impl = getattr(hf_model.config, "_attn_implementation", None) or ""
+    return "flash" in str(impl)
+
+
+def _positions_from_cu(cu_seqlens: torch.Tensor, n: int) -> torch.Tensor:
+    """(n,) int64 positions restarting at each boundary of cu_seqlens."""
+    cu = cu_seqlens.to(torch.int64)
+    lens = cu[1:] - cu[:-1]
+    starts = torch.repeat_interleave(cu[:-1], lens)
+    return torch.arange(n, device=cu.device) - starts
+
+
+def call_with_hidden_states(model: nn.Module, fn: Callable[[torch.Tensor, OutputHead], Any], input_ids: torch.Tensor,
+                            *, attention_mask=None, position_ids=None, cu_seqlens=None, max_seqlen=None,
+                            **model_kwargs) -> Any:
+    """Run the decoder and return ``fn(hidden, head)`` computed inside the model's forward.
+
+    Args:
+        model: Hugging Face causal LM (optionally PEFT / DDP / FSDP wrapped). Called through its wrappers.
+        fn: ``fn(hidden (B, T, H), head: OutputHead) -> anything``; runs inside the forward.
+        input_ids: (B, T) padded, or (R, L) / (1, N) packed rows (then pass ``cu_seqlens``).
+        attention_mask: (B, T) 0/1 padding mask for padded batches; must be None for packed ones.
+        position_ids: (B, T); for packed rows they restart at 0 per sequence (derived from ``cu_seqlens``
+            when omitted).
+        cu_seqlens: (S+1,) boundaries of the sequences in the flattened rows (packed batches).
+        max_seqlen: longest sequence, for flash-attention varlen (computed when omitted).
+        **model_kwargs: passed to the decoder (e.g. ``pixel_values`` is *not* supported: text only).
+
+    Returns:
+        Whatever ``fn`` returns.
+    """
+    outer, hf = unwrap_model(model)
+    _install(hf)
+    kwargs = dict(model_kwargs)
+    if cu_seqlens is not None:
+        if attention_mask is not None:
+            raise ValueError(
+                "attention_mask: must be None for a packed batch (cu_seqlens given): a 0/1 padding mask makes the "
+                "model ignore the sequence boundaries in position_ids; pass position_ids (or nothing) instead")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected a 2-D (rows, L) packed tensor, got shape {tuple(input_ids.shape)}")
+        n = input_ids.numel()
+        cu = cu_seqlens.to(device=input_ids.device)
+        if position_ids is None:
+            position_ids = _positions_from_cu(cu, n).view(input_ids.shape)
+        if _is_flash(hf):
+            # flash-attention varlen: one flattened row and explicit boundaries
+            input_ids, position_ids = input_ids.reshape(1, -1), position_ids.reshape(1, -1)
+            if max_seqlen is None:
+                max_seqlen = int((cu[1:] - cu[:-1]).max())
+            cu32 = cu.to(torch.int32)
+            kwargs.update(cu_seq_lens_q=cu32, cu_seq_lens_k=cu32, max_length_q=int(max_seqlen),
+                          max_length_k=int(max_seqlen))
+        else:
+            try:
+                from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
+            except ImportError as e:  # transformers < 4.54 builds no block-diagonal mask from position_ids
+                raise RuntimeError(
+                    "packed batches need transformers >= 4.54 with sdpa/eager attention (block-diagonal masks from "
+                    "position_ids), or a flash-attention implementation; use mode='padded' otherwise") from e
+    return outer(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, dpo_fast_fn=fn,
+                 **kwargs)
+
+
+def hidden_states_from_model(model: nn.Module, input_ids: torch.Tensor, **kwargs) -> tuple[torch.Tensor, OutputHead]:
+    """(last hidden states (B, T, H), :class:`OutputHead`) — the decoder only, no logits.
+
+    Same arguments as :func:`call_with_hidden_states`. Convenient in a single-process loop; under FSDP
+    (sharded head) compute inside :func:`call_with_hidden_states` instead.
+    """
+    return call_with_hidden_states(model, lambda h, head: (h, head), input_ids, **kwargs)
+
+
+def sequence_logprobs_from_model(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, *,
+                                 attention_mask=None, position_ids=None, cu_seqlens=None, max_seqlen=None,
+                                 ignore_index: int = -100, temperature: float = 1.0, average: bool = False,
+                                 backend: str = "auto", **model_kwargs) -> torch.Tensor:
+    r"""Per-sequence log-probs of ``labels`` under a Hugging Face causal LM, logits never materialised.
+
+    Runs the decoder body for the last hidden states, then :func:`dpo_fast.sequence_logprobs` with the
+    model's head (tied embeddings, bias, softcap and logit scale handled; see :func:`output_head`).
+    Under ``torch.no_grad()`` this is the 1-GEMM reference forward.
+
+    Args:
+        model: Hugging Face causal LM, optionally PEFT / DDP / FSDP wrapped.
+        input_ids: (B, T) padded, or (R, L) / (1, N) packed rows with ``cu_seqlens``.
+        labels: same shape as ``input_ids``, already shifted (``labels[t]`` is predicted from position t),
+            ``ignore_index`` on prompt/padding/last positions — as produced by :func:`dpo_fast.pack_pairs`.
+        attention_mask, position_ids, cu_seqlens, max_seqlen: see :func:`call_with_hidden_states`.
+        ignore_index, average, backend: as in :func:`dpo_fast.sequence_logprobs`.
+        temperature: sampling temperature on top of the model's own logit scaling.
+        **model_kwargs: extra decoder kwargs.
+
+    Returns:
+        (B,) float32 for padded input, (S,) for packed (S = len(cu_seqlens) - 1). Differentiable w.r.t. the
+        model's parameters (a frozen head gets no dW).
+
+    Examples::
+
+        >>> logps = sequence_logprobs_from_model(model, batch["input_ids"], batch["labels"],
+        ...                                      attention_mask=batch["attention_mask"])      # (B,)
+    """
+    if labels.shape != input_ids.shape:
+        raise ValueError(f"labels: expected the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+
+    def fn(hidden, head: OutputHead):
+        h, w, b = head.operands(hidden)
+        lab = labels.to(h.device)
+        if cu_seqlens is not None:
+            h, lab = h.reshape(-1, h.shape[-1]), lab.reshape(-1)  # (N, H), (N,)
+        return sequence_logprobs(h, w, lab, bias=b, cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(h.device),
+                                 ignore_index=ignore_index, average=average, backend=backend,
+                                 **head.engine_kwargs(temperature))
+
+    return call_with_hidden_states(model, fn, input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, **model_kwargs)
+
+
+@torch.no_grad()
+def check_output_head(model: nn.Module, input_ids: torch.Tensor | None = None, *, atol: float = 1e-3,
+                      rtol: float = 1e-3) -> OutputHead:
+    """Check once that :func:`output_head` reproduces ``model(input_ids).logits`` (for an unfamiliar model).
+
+    Runs the model's own forward on a short input (default: 2 x 8 token ids) and compares its logits with
+    the engine's formula applied to the decoder's hidden states.
+
+    Raises:
+        UnsupportedHeadError: the logits differ beyond ``atol + rtol * |logits|``.
+    """
+    outer, hf = unwrap_model(model)
+    head = output_head(hf)
+    if input_ids is None:
+        V = head.weight.shape[0]
+        input_ids = torch.arange(16, device=head.weight.device).view(2, 8) % V
+    ref = hf(input_ids=input_ids, use_cache=False).logits.float()  # (B, T, V)
+    hidden, _ = hidden_states_from_model(hf, input_ids)
+    h, w, b = head.operands(hidden)
+    z = torch.nn.functional.linear(h.float(), w.float(), None if b is None else b.float()) / head.temperature
+    if head.softcap is not None:
+        z = head.softcap * torch.tanh(z / head.softcap)
+    err = (z - ref).abs().max().item()
+    if not torch.allclose(z, ref, atol=atol, rtol=rtol):
+        raise UnsupportedHeadError(
+            f"model: {type(hf).__name__}'s logits are not h @ W.T + b with the config's scaling (max abs error "
+            f"{err:.3g}); its forward transforms the logits in a way dpo_fast does not know")
+    return head
