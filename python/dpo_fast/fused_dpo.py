@@ -115,9 +115,10 @@ class DPOLoss(nn.Module):
             reference when it is computed here from ``ref_hidden``).
         ignore_index, temperature, softcap, backend: as in :func:`dpo_fast.sequence_logprobs`.
         fused: use the one-pass route when possible (default True); False always runs the two-pass route.
-        workspace_bytes: bytes the fused pass may hold for one group of pairs' logits (default: 4 x the
-            engine workspace, :func:`dpo_fast.get_workspace_bytes` — 1 GiB on CUDA with the defaults).
-            When a single pair's logits exceed it, the two-pass route is used.
+        workspace_bytes: bytes the fused pass may hold for one group of whole pairs' logits (default: 8 x
+            the engine workspace, :func:`dpo_fast.get_workspace_bytes` — 1 GiB on CUDA, 256 MiB on CPU with
+            the defaults; one pair of two 1536-token completions at V = 128256 in bf16 takes 788 MB). When a
+            single pair's logits exceed it, the two-pass route is used.
         compute_metrics: fill ``DPOOutput.metrics`` (TRL names; one host sync).
 
     Forward:
@@ -213,7 +214,7 @@ class DPOLoss(nn.Module):
             t is not None and t.requires_grad for t in (hidden, weight, bias))
         groups = None
         if self.fused and needs_grad and L.is_pair_decomposable(self.loss_type):
-            group_budget = self.workspace_bytes or 4 * budget
+            group_budget = self.workspace_bytes or 8 * budget
             groups = _plan_groups(sc, counts, c_seq, r_seq, weight.shape[0],
                                   _per_elem_bytes(rows, sc.hidden2.dtype), group_budget)
 
@@ -353,8 +354,8 @@ def _logits_means(sc: Scored, weight, bias, counts, c_seq, r_seq, temperature):
     not applied (it does not commute with the mean); TRL logs the raw logits too.
     """
     with torch.no_grad():
-        wbar = weight.detach().float().mean(0)  # (H,)
-        m = sc.hidden2.detach().index_select(0, sc.idx).float() @ wbar  # (N,)
+        wbar = weight.detach().float().mean(0).to(weight.dtype)  # (H,)
+        m = torch.mv(sc.hidden2.detach(), wbar).index_select(0, sc.idx).float()  # (N,): a GEMV, no copy of h
         if bias is not None:
             m = m + bias.detach().float().mean()
         m = m / temperature

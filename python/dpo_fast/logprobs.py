@@ -136,14 +136,19 @@ def backward_tokens(g, hidden2, weight, bias, idx, labels_s, lse, rows, budget: 
     V, H = weight.shape
     dt, dev = hidden2.dtype, hidden2.device
     dh_out = torch.zeros_like(hidden2, memory_format=torch.contiguous_format) if need_dh else None
-    dw_out = torch.zeros_like(weight, memory_format=torch.contiguous_format) if need_dw else None
     acc = acc_dtype(dt)
     db_acc = torch.zeros(V, dtype=acc, device=dev) if need_db else None
-    if N == 0 or not (need_dh or need_dw or need_db):
-        return dh_out, dw_out, None if db_acc is None else db_acc.to(bias.dtype)
     per = _per_elem_bytes(rows, dt)
     min_cols = min(V, 1024)
     tok_chunk = min(N, max(1, budget // (min_cols * per)))
+    # every dW row is written by exactly one GEMM when all tokens fit one chunk: no zero-fill needed
+    if need_dw:
+        dw_out = (torch.empty_like if 0 < N == tok_chunk else torch.zeros_like)(
+            weight, memory_format=torch.contiguous_format)
+    else:
+        dw_out = None
+    if N == 0 or not (need_dh or need_dw or need_db):
+        return dh_out, dw_out, None if db_acc is None else db_acc.to(bias.dtype)
     cols = min(V, max(1, budget // (tok_chunk * per)))
     if cols < V and cols >= 256:
         cols -= cols % 128  # BLAS-friendly slice widths
@@ -176,14 +181,14 @@ def backward_tokens(g, hidden2, weight, bias, idx, labels_s, lse, rows, budget: 
                 elif dt == acc:
                     dh_acc.addmm_(dz, w_s)
                 else:
-                    dh_acc += torch.mm(dz, w_s).to(acc)
+                    dh_acc.add_(torch.mm(dz, w_s))  # 16-bit product, added into fp32 without an fp32 temp
             if need_dw:
                 if dw_acc is None:
                     torch.mm(dz.t(), hc, out=dw_out[v0:v1])  # (vs, H), written once
                 elif dw_acc.dtype == dt:
                     dw_acc[v0:v1].addmm_(dz.t(), hc)
                 else:
-                    dw_acc[v0:v1] += torch.mm(dz.t(), hc).to(acc)
+                    dw_acc[v0:v1].add_(torch.mm(dz.t(), hc))
             if need_db:
                 db_acc[v0:v1] += dz.to(acc).sum(0)
         if need_dh:
