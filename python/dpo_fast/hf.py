@@ -48,6 +48,7 @@ __all__ = [
     "output_head",
     "unwrap_model",
     "call_with_hidden_states",
+    "install_fused_forward",
     "hidden_states_from_model",
     "sequence_logprobs_from_model",
     "check_output_head",
@@ -86,6 +87,11 @@ class OutputHead:
             temperature: your sampling temperature on top of the model's own scaling (default 1).
         """
         return {"temperature": self.temperature * float(temperature), "softcap": self.softcap}
+
+    @staticmethod
+    def no_autocast(device: torch.device):
+        """Context that turns autocast off: the engine runs on operands already cast by :meth:`operands`."""
+        return torch.autocast(device.type, enabled=False)
 
     def operands(self, hidden: torch.Tensor):
         """(hidden, weight, bias) in one dtype, as the model's head would compute them.
@@ -217,7 +223,14 @@ _DROP_IF_NONE = ("labels", "return_dict", "output_attentions", "output_hidden_st
                  "num_logits_to_keep", "task_ids", "inputs_embeds", "cache_position", "past_key_values")
 
 
-def _install(hf_model: nn.Module) -> None:
+def install_fused_forward(model: nn.Module) -> None:
+    """Give the model's ``forward`` the ``dpo_fast_fn=`` entry point (idempotent; other calls unchanged).
+
+    :func:`call_with_hidden_states` does this on first use. Call it yourself *before* a wrapper that
+    replaces ``forward`` (accelerate's mixed-precision autocast wrapper, ``torch.compile``) so that the
+    wrapper applies to the fused path too.
+    """
+    _, hf_model = unwrap_model(model)
     if getattr(hf_model, _PATCH_FLAG, False):
         return
     previous = hf_model.forward
@@ -272,7 +285,7 @@ def call_with_hidden_states(model: nn.Module, fn: Callable[[torch.Tensor, Output
         Whatever ``fn`` returns.
     """
     outer, hf = unwrap_model(model)
-    _install(hf)
+    install_fused_forward(hf)
     kwargs = dict(model_kwargs)
     if cu_seqlens is not None:
         if attention_mask is not None:
@@ -350,9 +363,11 @@ def sequence_logprobs_from_model(model: nn.Module, input_ids: torch.Tensor, labe
         lab = labels.to(h.device)
         if cu_seqlens is not None:
             h, lab = h.reshape(-1, h.shape[-1]), lab.reshape(-1)  # (N, H), (N,)
-        return sequence_logprobs(h, w, lab, bias=b, cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(h.device),
-                                 ignore_index=ignore_index, average=average, backend=backend,
-                                 **head.engine_kwargs(temperature))
+        with head.no_autocast(h.device):
+            return sequence_logprobs(h, w, lab, bias=b,
+                                     cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(h.device),
+                                     ignore_index=ignore_index, average=average, backend=backend,
+                                     **head.engine_kwargs(temperature))
 
     return call_with_hidden_states(model, fn, input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, **model_kwargs)
