@@ -27,12 +27,13 @@ class TorchRows:
     """
 
     name = "torch"
-    #: bytes of temporaries per tile element beyond the tile itself (one float32 copy + one reduction temp)
-    bytes_per_elem = 8
 
     def __init__(self, temperature: float, softcap: float | None):
         self.temperature = float(temperature)
         self.softcap = None if softcap is None else float(softcap)
+        #: bytes of temporaries per tile element beyond the tile itself: one float32 copy for 16-bit or
+        #: tempered/capped tiles, plus the softcap chain factor in backward
+        self.bytes_per_elem = 8 if self.softcap is not None else 4
 
     @staticmethod
     def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -46,15 +47,20 @@ class TorchRows:
             zc.mul_(1.0 / self.softcap).tanh_().mul_(self.softcap)
         return zc
 
-    def fwd(self, z: torch.Tensor, labels: torch.Tensor):
+    def fwd(self, z: torch.Tensor, labels: torch.Tensor, scratch: bool = True):
+        """scratch=True: ``z`` may be overwritten (the engine's tiles); False keeps it (fused DPO reuses it)."""
+        acc = self._acc(z.dtype)
         plain = self.temperature == 1.0 and self.softcap is None
-        if z.dtype == self._acc(z.dtype) and plain:
-            zc = z  # read-only use: no copy
+        if z.dtype == acc and plain and scratch:
+            zc = z  # work in place on the scratch tile: no temporaries at all
         else:
-            zc = self._cap_(z.to(self._acc(z.dtype), copy=True))  # (n, V)
-        lse = torch.logsumexp(zc, dim=-1)  # (n,)
-        logp = zc.gather(1, labels[:, None]).squeeze(1) - lse
-        return logp, lse
+            zc = self._cap_(z.to(acc, copy=True))  # (n, V)
+        zy = zc.gather(1, labels[:, None]).squeeze(1)  # (n,) label logits, read before zc is overwritten
+        m = zc.amax(dim=1)  # (n,)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # all -inf rows stay -inf, not nan
+        s = zc.sub_(m[:, None]).exp_().sum(dim=1)  # 3 passes over the tile, in place
+        lse = m + torch.log(s)
+        return zy - lse, lse
 
     def bwd(self, z, out, labels, lse, g, v_offset: int):
         n, Vs = z.shape
@@ -84,7 +90,7 @@ class TritonRows:
 
     name = "triton"
     #: the kernels read the tile and write the gradient in place: no temporaries beyond the tile itself
-    bytes_per_elem = 0  # filled with the tile's element size by the engine
+    bytes_per_elem = 0  # the kernels need nothing beyond the tile itself
 
     def __init__(self, temperature: float, softcap: float | None):
         from .kernels import logprob as _k  # imports triton; deferred so `import dpo_fast` stays light
@@ -93,8 +99,8 @@ class TritonRows:
         self.temperature = float(temperature)
         self.softcap = None if softcap is None else float(softcap)
 
-    def fwd(self, z, labels):
-        return self._k._logprob_fwd(z, labels, self.temperature, self.softcap)
+    def fwd(self, z, labels, scratch: bool = True):
+        return self._k._logprob_fwd(z, labels, self.temperature, self.softcap)  # never writes z
 
     def bwd(self, z, out, labels, lse, g, v_offset: int):
         return self._k._logprob_bwd(z, out, labels, lse, g, v_offset, self.temperature, self.softcap)

@@ -59,7 +59,7 @@ class _FusedDPOFunction(torch.autograd.Function):
             lab = sc.labels.index_select(0, tok)
             hc = hidden2.index_select(0, rows_idx)  # (n, H)
             z = _linear_into(_tile(buf, n, V), hc, weight, bias)  # (n, V), GEMM 1
-            logp, lse = rows.fwd(z, lab)  # (n,) each
+            logp, lse = rows.fwd(z, lab, scratch=False)  # (n,) each; z is kept for the gradient
             w_t = None if tokw is None else tokw.index_select(0, tok)
             sums = torch.zeros(2 * Pg, dtype=acc, device=dev).index_add_(
                 0, local, logp if w_t is None else logp * w_t)  # (2Pg,): [c0, r0, c1, r1, ...]
