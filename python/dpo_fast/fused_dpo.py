@@ -171,6 +171,7 @@ class DPOLoss(nn.Module):
         return f"beta={self.beta}, loss_type={self.loss_type!r}, fused={self.fused}"
 
     # ------------------------------------------------------------------------------------------------------
+    @torch.compiler.disable  # data-dependent grouping: run eagerly inside compiled graphs
     def forward(self, hidden, weight, labels, ref_chosen_logps=None, ref_rejected_logps=None, *, bias=None,
                 cu_seqlens=None, pairs=None, ref_hidden=None, ref_weight=None, ref_bias=None) -> L.DPOOutput:
         sc = prepare(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, ignore_index=self.ignore_index,

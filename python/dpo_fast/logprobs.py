@@ -232,6 +232,7 @@ def scored_logprobs(sc: Scored, weight, bias, *, temperature=1.0, softcap=None, 
 # public API
 
 
+@torch.compiler.disable  # data-dependent tiling: run eagerly inside compiled graphs
 def sequence_logprobs(hidden, weight, labels, *, bias=None, cu_seqlens=None, ignore_index=-100,
                       temperature=1.0, softcap=None, average=False, backend="auto") -> torch.Tensor:
     r"""Per-sequence sum (or mean) of the log-probs of the label tokens, without materialising logits.
@@ -281,6 +282,7 @@ def sequence_logprobs(hidden, weight, labels, *, bias=None, cu_seqlens=None, ign
     return out
 
 
+@torch.compiler.disable  # data-dependent tiling: run eagerly inside compiled graphs
 def token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, temperature=1.0, softcap=None,
                    backend="auto") -> torch.Tensor:
     r"""Per-token log-probs of the label tokens, without materialising logits.
@@ -350,6 +352,7 @@ class LogitsLabelLogprobs(torch.autograd.Function):
 _REDUCTIONS = ("sum", "mean", "none")
 
 
+@torch.compiler.disable  # data-dependent tiling: run eagerly inside compiled graphs
 def logprobs_from_logits(logits, labels, *, ignore_index=-100, temperature=1.0, cu_seqlens=None,
                          reduction="sum") -> torch.Tensor:
     r"""Log-probs of the label tokens from logits you already hold, in bounded extra memory.
