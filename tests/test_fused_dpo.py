@@ -221,3 +221,24 @@ def test_bad_input():
         dpo_fast.DPOLoss(loss_type="dpo++")
     with pytest.raises(ValueError, match="beta"):
         dpo_fast.DPOLoss(beta=-1.0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_token_metrics_entropy_and_accuracy(backend, fused):
+    h, w, b, labels, rc, rr = _batch(seed=12)
+    h = h * 3  # sharper softmax, so some labels are the arg-max
+    labels = labels.clone()
+    z = h.double() @ w.double().t() + b.double()
+    top = z.argmax(-1)
+    labels[:, 3:5] = top[:, 3:5]  # make a few scored labels the arg-max
+    m = dpo_fast.DPOLoss(token_metrics=True, fused=fused, backend=backend)
+    out = m(h.clone().requires_grad_(), w, labels, rc, rr, bias=b)
+    mask = labels != -100
+    p = torch.softmax(z, -1)
+    ent = -(p * torch.log_softmax(z, -1)).sum(-1)
+    exp_ent = ent[mask].mean().item()
+    exp_acc = (top == labels)[mask].double().mean().item()
+    assert out.metrics["entropy"] == pytest.approx(exp_ent, rel=1e-4)
+    assert out.metrics["mean_token_accuracy"] == pytest.approx(exp_acc, abs=1e-6)
+    assert 0 < exp_acc < 1

@@ -47,17 +47,26 @@ class TorchRows:
             zc.mul_(1.0 / self.softcap).tanh_().mul_(self.softcap)
         return zc
 
-    def fwd(self, z: torch.Tensor, labels: torch.Tensor, scratch: bool = True):
-        """scratch=True: ``z`` may be overwritten (the engine's tiles); False keeps it (fused DPO reuses it)."""
+    def fwd(self, z: torch.Tensor, labels: torch.Tensor, scratch: bool = True, stats: bool = False):
+        """scratch=True: ``z`` may be overwritten (the engine's tiles); False keeps it (fused DPO reuses it).
+
+        Returns (logp, lse), or with ``stats`` (logp, lse, entropy, hit), each (n,).
+        """
         acc = self._acc(z.dtype)
         plain = self.temperature == 1.0 and self.softcap is None
-        if z.dtype == acc and plain and scratch:
+        if z.dtype == acc and plain and scratch and not stats:
             zc = z  # work in place on the scratch tile: no temporaries at all
         else:
             zc = self._cap_(z.to(acc, copy=True))  # (n, V)
         zy = zc.gather(1, labels[:, None]).squeeze(1)  # (n,) label logits, read before zc is overwritten
-        m = zc.amax(dim=1)  # (n,)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # all -inf rows stay -inf, not nan
+        m_raw = zc.amax(dim=1)  # (n,)
+        m = torch.where(torch.isfinite(m_raw), m_raw, torch.zeros_like(m_raw))  # no inf - inf = nan
+        if stats:
+            e = torch.exp(zc - m[:, None])  # (n, V)
+            s = e.sum(dim=1)
+            t = (e * zc).sum(dim=1)
+            lse = m + torch.log(s)
+            return zy - lse, lse, lse - t / s, (zy >= m_raw).to(acc)
         s = zc.sub_(m[:, None]).exp_().sum(dim=1)  # 3 passes over the tile, in place
         lse = m + torch.log(s)
         return zy - lse, lse
@@ -99,8 +108,8 @@ class TritonRows:
         self.temperature = float(temperature)
         self.softcap = None if softcap is None else float(softcap)
 
-    def fwd(self, z, labels, scratch: bool = True):
-        return self._k._logprob_fwd(z, labels, self.temperature, self.softcap)  # never writes z
+    def fwd(self, z, labels, scratch: bool = True, stats: bool = False):
+        return self._k._logprob_fwd(z, labels, self.temperature, self.softcap, stats)  # never writes z
 
     def bwd(self, z, out, labels, lse, g, v_offset: int):
         return self._k._logprob_bwd(z, out, labels, lse, g, v_offset, self.temperature, self.softcap)

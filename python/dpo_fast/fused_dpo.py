@@ -38,7 +38,7 @@ class _FusedDPOFunction(torch.autograd.Function):
     """Forward computes loss, sums and all gradients group by group; backward scales them."""
 
     @staticmethod
-    def forward(ctx, hidden2, weight, bias, sc: Scored, groups, tokw, rows, pair_fn, P):
+    def forward(ctx, hidden2, weight, bias, sc: Scored, groups, tokw, rows, pair_fn, P, stats_out):
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
         V = weight.shape[0]
         dev, dt = hidden2.device, hidden2.dtype
@@ -52,6 +52,10 @@ class _FusedDPOFunction(torch.autograd.Function):
         max_tok = max((g["tok"].numel() for g in groups), default=0)
         buf = torch.empty(max_tok * V, dtype=dt, device=dev)
         first_dw = True
+        if stats_out is not None:
+            N = sc.idx.numel()
+            stats_out["entropy"] = torch.empty(N, dtype=acc, device=dev)
+            stats_out["hit"] = torch.empty(N, dtype=acc, device=dev)
         for g in groups:
             tok, local, pair_ids = g["tok"], g["local"], g["pairs"]
             n, Pg = tok.numel(), pair_ids.numel()
@@ -59,7 +63,10 @@ class _FusedDPOFunction(torch.autograd.Function):
             lab = sc.labels.index_select(0, tok)
             hc = hidden2.index_select(0, rows_idx)  # (n, H)
             z = _linear_into(_tile(buf, n, V), hc, weight, bias)  # (n, V), GEMM 1
-            logp, lse = rows.fwd(z, lab, scratch=False)  # (n,) each; z is kept for the gradient
+            res = rows.fwd(z, lab, scratch=False, stats=stats_out is not None)  # z is kept for the gradient
+            logp, lse = res[0], res[1]  # (n,) each
+            if stats_out is not None:
+                stats_out["entropy"][tok], stats_out["hit"][tok] = res[2], res[3]
             w_t = None if tokw is None else tokw.index_select(0, tok)
             sums = torch.zeros(2 * Pg, dtype=acc, device=dev).index_add_(
                 0, local, logp if w_t is None else logp * w_t)  # (2Pg,): [c0, r0, c1, r1, ...]
@@ -99,7 +106,7 @@ class _FusedDPOFunction(torch.autograd.Function):
         dh = None if dh is None else dh.mul_(scale.to(dh.dtype))  # in place: the forward's gradients are ours
         dw = None if dw is None else dw.mul_(scale.to(dw.dtype))
         db = None if db is None else db.mul_(scale.to(db.dtype))
-        return dh, dw, db, None, None, None, None, None, None
+        return dh, dw, db, None, None, None, None, None, None, None
 
 
 class DPOLoss(nn.Module):
@@ -120,6 +127,9 @@ class DPOLoss(nn.Module):
             the defaults; one pair of two 1536-token completions at V = 128256 in bf16 takes 788 MB). When a
             single pair's logits exceed it, the two-pass route is used.
         compute_metrics: fill ``DPOOutput.metrics`` (TRL names; one host sync).
+        token_metrics: also log ``entropy`` (mean softmax entropy over scored tokens) and
+            ``mean_token_accuracy`` (fraction of scored tokens whose label is the arg-max), computed in the
+            same logits pass (chosen and rejected tokens together).
 
     Forward:
         hidden: (2P, T, H) padded in TRL's layout [chosen_0..chosen_{P-1}, rejected_0..rejected_{P-1}],
@@ -147,7 +157,7 @@ class DPOLoss(nn.Module):
                  discopop_tau: float = 0.05, use_weighting: bool = False, ld_alpha: float | None = None,
                  ignore_index: int = -100, temperature: float = 1.0, softcap: float | None = None,
                  backend: str = "auto", fused: bool = True, workspace_bytes: int | None = None,
-                 compute_metrics: bool = True):
+                 compute_metrics: bool = True, token_metrics: bool = False):
         super().__init__()
         # validate loss options now, so a bad config fails at construction and not mid-training
         L._make_spec(beta, loss_type, loss_weights, label_smoothing, f_divergence_type, f_alpha_divergence_coef,
@@ -164,6 +174,7 @@ class DPOLoss(nn.Module):
         self.ignore_index, self.temperature, self.softcap = ignore_index, temperature, softcap
         self.backend, self.fused, self.workspace_bytes = backend, bool(fused), workspace_bytes
         self.compute_metrics = compute_metrics
+        self.token_metrics = bool(token_metrics)
         #: which route the last forward took: "fused" or "two_pass" (for tests and logging)
         self.last_route: str | None = None
 
@@ -219,16 +230,19 @@ class DPOLoss(nn.Module):
             groups = _plan_groups(sc, counts, c_seq, r_seq, weight.shape[0],
                                   _per_elem_bytes(rows, sc.hidden2.dtype), group_budget)
 
+        stats = {} if (self.token_metrics and self.compute_metrics) else None
         if groups is None:  # two-pass route: generic engine + autograd through dpo_loss
             self.last_route = "two_pass"
             logp = scored_logprobs(sc, weight, bias, temperature=self.temperature, softcap=self.softcap,
-                                   backend=be)
+                                   backend=be, stats_out=stats)
             if tokw is not None:
                 logp = logp * tokw
             seq = torch.zeros(sc.num_seqs, dtype=logp.dtype, device=dev).index_add(0, sc.seq, logp)
-            return L.dpo_loss(seq[c_seq], seq[r_seq], ref_chosen_logps, ref_rejected_logps, **common,
-                              chosen_logits_mean=logit_c, rejected_logits_mean=logit_r,
-                              compute_metrics=self.compute_metrics)
+            out = L.dpo_loss(seq[c_seq], seq[r_seq], ref_chosen_logps, ref_rejected_logps, **common,
+                             chosen_logits_mean=logit_c, rejected_logits_mean=logit_r,
+                             compute_metrics=self.compute_metrics)
+            _add_token_metrics(out, stats, sc, c_seq, r_seq)
+            return out
 
         self.last_route = "fused"
         ref_c = None if ref_chosen_logps is None else ref_chosen_logps.detach()
@@ -245,11 +259,12 @@ class DPOLoss(nn.Module):
                 rejected_wpo_logweights=None if wpo_r is None else wpo_r[pair_ids])
 
         loss, chosen, rejected = _FusedDPOFunction.apply(sc.hidden2, weight, bias, sc, groups, tokw, rows,
-                                                         pair_fn, P)
+                                                         pair_fn, P, stats)
         with torch.no_grad():
             out = L.dpo_loss(chosen, rejected, ref_c, ref_r, **common, chosen_logits_mean=logit_c,
                              rejected_logits_mean=logit_r, compute_metrics=self.compute_metrics)
         out.loss = loss
+        _add_token_metrics(out, stats, sc, c_seq, r_seq)
         return out
 
     def _reference(self, sc, hidden, ref_hidden, ref_weight, ref_bias, weight, bias, tokw, c_seq, r_seq, rows,
@@ -279,6 +294,18 @@ class DPOLoss(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------------
 # helpers
+
+
+def _add_token_metrics(out, stats, sc: Scored, c_seq, r_seq) -> None:
+    """entropy / mean_token_accuracy over the scored tokens of the paired sequences (one host sync)."""
+    if stats is None:
+        return
+    used = torch.zeros(sc.num_seqs, dtype=torch.bool, device=sc.seq.device)
+    used[c_seq], used[r_seq] = True, True
+    keep = used[sc.seq]  # (N,) tokens of sequences that belong to a pair
+    n = keep.sum().clamp_min(1)
+    vals = torch.stack([(stats["entropy"] * keep).sum() / n, (stats["hit"] * keep).sum() / n]).tolist()
+    out.metrics["entropy"], out.metrics["mean_token_accuracy"] = vals
 
 
 def _pair_layout(pairs, S: int, packed: bool, device):

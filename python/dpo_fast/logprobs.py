@@ -101,10 +101,11 @@ def _per_elem_bytes(rows, dtype: torch.dtype) -> int:
     return elt + rows.bytes_per_elem
 
 
-def forward_tokens(hidden2, weight, bias, idx, labels_s, rows, budget: int):
+def forward_tokens(hidden2, weight, bias, idx, labels_s, rows, budget: int, stats_out: dict | None = None):
     """No-grad forward over scored tokens: token chunks x full vocabulary.
 
-    Returns (logp, lse): (N,) float32 each.
+    Returns (logp, lse): (N,) float32 each. With a ``stats_out`` dict, also fills it with per-token
+    ``entropy`` and ``hit`` (label is the arg-max), (N,) float32, computed in the same pass.
     """
     N = idx.numel()
     V = weight.shape[0]
@@ -114,15 +115,20 @@ def forward_tokens(hidden2, weight, bias, idx, labels_s, rows, budget: int):
     lse = torch.empty(N, dtype=acc, device=dev)
     if N == 0:
         return logp, lse
+    stats = stats_out is not None
+    if stats:
+        stats_out["entropy"] = torch.empty(N, dtype=acc, device=dev)
+        stats_out["hit"] = torch.empty(N, dtype=acc, device=dev)
     chunk = max(1, min(N, budget // (V * _per_elem_bytes(rows, hidden2.dtype))))
     buf = torch.empty(chunk * V, dtype=hidden2.dtype, device=dev)
     for s in range(0, N, chunk):
         e = min(N, s + chunk)
         hc = hidden2.index_select(0, idx[s:e])  # (n, H)
         z = _linear_into(_tile(buf, e - s, V), hc, weight, bias)  # (n, V)
-        lp, ls = rows.fwd(z, labels_s[s:e])
-        logp[s:e] = lp
-        lse[s:e] = ls
+        res = rows.fwd(z, labels_s[s:e], stats=stats)
+        logp[s:e], lse[s:e] = res[0], res[1]
+        if stats:
+            stats_out["entropy"][s:e], stats_out["hit"][s:e] = res[2], res[3]
     return logp, lse
 
 
@@ -202,8 +208,8 @@ class LinearLabelLogprobs(torch.autograd.Function):
     """(hidden2 (M, H), weight (V, H), bias (V,)|None) -> log p of the label at each scored position (N,) fp32."""
 
     @staticmethod
-    def forward(ctx, hidden2, weight, bias, idx, labels_s, rows, budget):
-        logp, lse = forward_tokens(hidden2, weight, bias, idx, labels_s, rows, budget)
+    def forward(ctx, hidden2, weight, bias, idx, labels_s, rows, budget, stats_out=None):
+        logp, lse = forward_tokens(hidden2, weight, bias, idx, labels_s, rows, budget, stats_out)
         if any(ctx.needs_input_grad[:3]):
             ctx.save_for_backward(hidden2, weight, bias, idx, labels_s, lse)
             ctx.rows, ctx.budget = rows, budget
@@ -215,17 +221,21 @@ class LinearLabelLogprobs(torch.autograd.Function):
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
         dh, dw, db = backward_tokens(g, hidden2, weight, bias, idx, labels_s, lse, ctx.rows, ctx.budget,
                                      need_dh, need_dw, need_db)
-        return dh, dw, db, None, None, None, None
+        return dh, dw, db, None, None, None, None, None
 
 
-def scored_logprobs(sc: Scored, weight, bias, *, temperature=1.0, softcap=None, backend="auto") -> torch.Tensor:
-    """(N,) float32 log-probs of the scored tokens of a prepared batch, differentiable."""
+def scored_logprobs(sc: Scored, weight, bias, *, temperature=1.0, softcap=None, backend="auto",
+                    stats_out: dict | None = None) -> torch.Tensor:
+    """(N,) float32 log-probs of the scored tokens of a prepared batch, differentiable.
+
+    ``stats_out``: optional dict filled with per-token ``entropy`` and ``hit`` (see :func:`forward_tokens`).
+    """
     be = resolve_backend(backend, sc.hidden2.device)
     if sc.hidden2.dtype == torch.float64:
         be = "torch"  # the Triton kernels take 16/32-bit tiles; float64 is for gradcheck and references
     rows = make_rows(be, temperature, softcap)
     budget = _config.get_workspace_bytes(sc.hidden2.device)
-    return LinearLabelLogprobs.apply(sc.hidden2, weight, bias, sc.idx, sc.labels, rows, budget)
+    return LinearLabelLogprobs.apply(sc.hidden2, weight, bias, sc.idx, sc.labels, rows, budget, stats_out)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -46,6 +46,8 @@ def _logprob_fwd_kernel(
     labels_ptr,  # (n,) int64 label of each row, in [0, V)
     logp_ptr,  # (n,) fp32 out: z[y] - lse
     lse_ptr,  # (n,) fp32 out: logsumexp of the (tempered, capped) row
+    ent_ptr,  # (n,) fp32 out (WITH_STATS): entropy of the row's softmax
+    hit_ptr,  # (n,) fp32 out (WITH_STATS): 1.0 if the label's logit is the row maximum
     # shapes
     V,
     # strides
@@ -55,6 +57,7 @@ def _logprob_fwd_kernel(
     softcap,
     # meta-parameters
     HAS_SOFTCAP: tl.constexpr,
+    WITH_STATS: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -63,6 +66,7 @@ def _logprob_fwd_kernel(
     # Online logsumexp: keep a per-lane running max m and sum s of exp(z - m); merge lanes at the end.
     m = tl.full([BLOCK_V], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_V], tl.float32)
+    t = tl.zeros([BLOCK_V], tl.float32)  # WITH_STATS: running sum of exp(z - m) * z, for the entropy
     for v0 in range(0, V, BLOCK_V):
         idx = v0 + cols
         mask = idx < V
@@ -73,10 +77,15 @@ def _logprob_fwd_kernel(
         m_new = tl.maximum(m, z)
         # lanes still at -inf (only masked columns so far) must not produce exp(-inf - -inf) = nan
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - m_safe) + tl.exp(z - m_safe)
+        rescale = tl.exp(m - m_safe)
+        e = tl.exp(z - m_safe)
+        s = s * rescale + e
+        if WITH_STATS:
+            t = t * rescale + e * tl.where(mask, z, 0.0)  # masked lanes: e = 0, and 0 * -inf would be nan
         m = m_new
     m_all = tl.max(m, axis=0)
-    s_all = tl.sum(s * tl.exp(m - m_all), axis=0)
+    lane_scale = tl.exp(m - m_all)
+    s_all = tl.sum(s * lane_scale, axis=0)
     lse = m_all + tl.log(s_all)
     y = tl.load(labels_ptr + row)
     zy = tl.load(z_row + y).to(tl.float32) * inv_temp
@@ -84,6 +93,11 @@ def _logprob_fwd_kernel(
         zy = softcap * _tanh(zy / softcap)
     tl.store(logp_ptr + row, zy - lse)
     tl.store(lse_ptr + row, lse)
+    if WITH_STATS:
+        # H = lse - sum_v p_v z_v;  the label is a top-1 hit when its logit is the row maximum
+        t_all = tl.sum(t * lane_scale, axis=0)
+        tl.store(ent_ptr + row, lse - t_all / s_all)
+        tl.store(hit_ptr + row, tl.where(zy >= m_all, 1.0, 0.0))
 
 
 @triton.jit
@@ -141,31 +155,34 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _logprob_fwd(z: torch.Tensor, labels: torch.Tensor, temperature: float, softcap: float | None):
+def _logprob_fwd(z: torch.Tensor, labels: torch.Tensor, temperature: float, softcap: float | None,
+                 stats: bool = False):
     """Row log-probs of a full-vocabulary logits tile.
 
     Args:
         z: (n, V) logits, float32/bfloat16/float16, unit column stride.
         labels: (n,) int64 in [0, V).
+        stats: also return per-row entropy and top-1 hit (for the entropy / mean_token_accuracy metrics).
     Returns:
-        (logp, lse): two (n,) float32 tensors.
+        (logp, lse) or (logp, lse, entropy, hit): (n,) float32 tensors.
     """
     n, V = z.shape
     assert z.stride(1) == 1 and labels.dtype == torch.int64
     logp = torch.empty(n, dtype=torch.float32, device=z.device)
     lse = torch.empty(n, dtype=torch.float32, device=z.device)
-    if n == 0:
-        return logp, lse
-    BLOCK_V = _block_v(V, _interpreting())
-    _logprob_fwd_kernel[(n,)](
-        z, labels, logp, lse,
-        V,
-        z.stride(0),
-        1.0 / temperature, float(softcap or 1.0),
-        HAS_SOFTCAP=softcap is not None, BLOCK_V=BLOCK_V,
-        num_warps=8 if BLOCK_V >= 4096 else 4,
-    )
-    return logp, lse
+    ent = torch.empty(n if stats else 0, dtype=torch.float32, device=z.device)
+    hit = torch.empty(n if stats else 0, dtype=torch.float32, device=z.device)
+    if n > 0:
+        BLOCK_V = _block_v(V, _interpreting())
+        _logprob_fwd_kernel[(n,)](
+            z, labels, logp, lse, ent, hit,
+            V,
+            z.stride(0),
+            1.0 / temperature, float(softcap or 1.0),
+            HAS_SOFTCAP=softcap is not None, WITH_STATS=stats, BLOCK_V=BLOCK_V,
+            num_warps=8 if BLOCK_V >= 4096 else 4,
+        )
+    return (logp, lse, ent, hit) if stats else (logp, lse)
 
 
 def _logprob_bwd(
