@@ -242,3 +242,22 @@ def test_token_metrics_entropy_and_accuracy(backend, fused):
     assert out.metrics["entropy"] == pytest.approx(exp_ent, rel=1e-4)
     assert out.metrics["mean_token_accuracy"] == pytest.approx(exp_acc, abs=1e-6)
     assert 0 < exp_acc < 1
+
+
+def test_autocast_bf16_activations_with_fp32_master_weight():
+    """Under autocast the inputs are cast like F.linear would; gradients reach the fp32 weight."""
+    h, w, b, labels, rc, rr = _batch(seed=13)
+    ww = w.clone().requires_grad_()
+    lin = torch.nn.Linear(h.shape[-1], h.shape[-1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hb = lin(h)  # bf16 activations
+        assert hb.dtype == torch.bfloat16
+        out = dpo_fast.DPOLoss(token_metrics=True)(hb, ww, labels, rc, rr, bias=b)
+        lp = dpo_fast.sequence_logprobs(hb, ww, labels, bias=b)
+    out.loss.backward()
+    assert ww.grad is not None and ww.grad.dtype == torch.float32 and torch.isfinite(ww.grad).all()
+    assert lin.weight.grad is not None
+    # same numbers as an explicit bf16 computation
+    with torch.no_grad():
+        ref = dpo_fast.sequence_logprobs(hb.detach(), w.to(torch.bfloat16), labels, bias=b.to(torch.bfloat16))
+    assert torch.allclose(lp, ref)

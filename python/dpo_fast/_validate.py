@@ -131,3 +131,39 @@ def check_engine_inputs(hidden, weight, labels, bias, cu_seqlens, ignore_index, 
     if S == 0 or hidden.shape[0] == 0:
         raise ValueError(f"hidden: empty batch (no sequences), got {_desc(hidden)}")
     return S, T
+
+
+def autocast_aware(*float_args: str):
+    """Make an entry point behave like ``F.linear`` under ``torch.autocast``.
+
+    If autocast is on for the device of the first named argument, the named floating tensors (e.g. bf16
+    hidden states and the fp32 master weight) are cast to the autocast dtype — gradients flow back through
+    the cast to the original dtypes — and the engine runs with autocast off, since it manages its own
+    precision (fp32 accumulation). Without autocast the call is untouched.
+    """
+    import functools
+    import inspect
+
+    def deco(fn):
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            ba = sig.bind(*args, **kwargs)
+            lead = ba.arguments.get(float_args[0])
+            if not isinstance(lead, torch.Tensor):
+                return fn(*args, **kwargs)
+            kind = lead.device.type
+            if kind not in ("cpu", "cuda", "xpu") or not torch.is_autocast_enabled(kind):
+                return fn(*args, **kwargs)
+            dtype = torch.get_autocast_dtype(kind)
+            for name in float_args:
+                t = ba.arguments.get(name)
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+                    ba.arguments[name] = t.to(dtype)
+            with torch.autocast(kind, enabled=False):
+                return fn(*ba.args, **ba.kwargs)
+
+        return wrapper
+
+    return deco

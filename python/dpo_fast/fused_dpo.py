@@ -27,7 +27,7 @@ from torch import nn
 from . import _config
 from . import losses as L
 from ._rowops import make_rows, resolve_backend
-from ._validate import check_tensor
+from ._validate import autocast_aware, check_tensor
 from .logprobs import Scored, _linear_into, _per_elem_bytes, _tile, forward_tokens, prepare, scored_logprobs
 
 _LOSS_OPTIONS = ("label_smoothing", "loss_weights", "f_divergence_type", "f_alpha_divergence_coef",
@@ -183,6 +183,7 @@ class DPOLoss(nn.Module):
 
     # ------------------------------------------------------------------------------------------------------
     @torch.compiler.disable  # data-dependent grouping: run eagerly inside compiled graphs
+    @autocast_aware("hidden", "weight", "bias", "ref_hidden", "ref_weight", "ref_bias")
     def forward(self, hidden, weight, labels, ref_chosen_logps=None, ref_rejected_logps=None, *, bias=None,
                 cu_seqlens=None, pairs=None, ref_hidden=None, ref_weight=None, ref_bias=None) -> L.DPOOutput:
         sc = prepare(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, ignore_index=self.ignore_index,

@@ -28,7 +28,8 @@ import torch
 
 from . import _config
 from ._rowops import make_rows, resolve_backend
-from ._validate import check_engine_inputs, check_labels_range, check_tensor, check_same_device, check_cu_seqlens
+from ._validate import (autocast_aware, check_cu_seqlens, check_engine_inputs, check_labels_range, check_same_device,
+                        check_tensor)
 
 # ----------------------------------------------------------------------------------------------------------
 # preparation: which positions are scored, and to which sequence each belongs
@@ -243,6 +244,7 @@ def scored_logprobs(sc: Scored, weight, bias, *, temperature=1.0, softcap=None, 
 
 
 @torch.compiler.disable  # data-dependent tiling: run eagerly inside compiled graphs
+@autocast_aware("hidden", "weight", "bias")
 def sequence_logprobs(hidden, weight, labels, *, bias=None, cu_seqlens=None, ignore_index=-100,
                       temperature=1.0, softcap=None, average=False, backend="auto") -> torch.Tensor:
     r"""Per-sequence sum (or mean) of the log-probs of the label tokens, without materialising logits.
@@ -275,7 +277,9 @@ def sequence_logprobs(hidden, weight, labels, *, bias=None, cu_seqlens=None, ign
         plus O(N) float32 — never (B, T, V).
 
     NaN/inf in ``hidden`` propagate to the affected sequences' log-probs (and to gradients in backward);
-    nothing crashes.
+    nothing crashes. Under ``torch.autocast``, hidden/weight/bias are cast to the autocast dtype first (as
+    ``F.linear`` would), so bf16 activations with an fp32 master weight work; otherwise all three must share
+    one dtype.
 
     Examples::
 
@@ -293,6 +297,7 @@ def sequence_logprobs(hidden, weight, labels, *, bias=None, cu_seqlens=None, ign
 
 
 @torch.compiler.disable  # data-dependent tiling: run eagerly inside compiled graphs
+@autocast_aware("hidden", "weight", "bias")
 def token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, temperature=1.0, softcap=None,
                    backend="auto") -> torch.Tensor:
     r"""Per-token log-probs of the label tokens, without materialising logits.
@@ -363,6 +368,7 @@ _REDUCTIONS = ("sum", "mean", "none")
 
 
 @torch.compiler.disable  # data-dependent tiling: run eagerly inside compiled graphs
+@autocast_aware("logits")
 def logprobs_from_logits(logits, labels, *, ignore_index=-100, temperature=1.0, cu_seqlens=None,
                          reduction="sum") -> torch.Tensor:
     r"""Log-probs of the label tokens from logits you already hold, in bounded extra memory.
