@@ -237,11 +237,25 @@ def test_token_metrics_entropy_and_accuracy(backend, fused):
     mask = labels != -100
     p = torch.softmax(z, -1)
     ent = -(p * torch.log_softmax(z, -1)).sum(-1)
-    exp_ent = ent[mask].mean().item()
-    exp_acc = (top == labels)[mask].double().mean().item()
+    P = h.shape[0] // 2
+    exp_ent = ent[mask].mean().item()  # TRL: over all scored tokens
+    exp_acc = (top == labels)[:P][mask[:P]].double().mean().item()  # TRL: over chosen tokens
+    zbar = z.mean(-1)
     assert out.metrics["entropy"] == pytest.approx(exp_ent, rel=1e-4)
     assert out.metrics["mean_token_accuracy"] == pytest.approx(exp_acc, abs=1e-6)
+    assert out.metrics["logits/chosen"] == pytest.approx(zbar[:P][mask[:P]].mean().item(), rel=1e-4, abs=1e-5)
+    assert out.metrics["logits/rejected"] == pytest.approx(zbar[P:][mask[P:]].mean().item(), rel=1e-4, abs=1e-5)
     assert 0 < exp_acc < 1
+    sums = m.last_token_sums
+    assert sums["tokens"].item() == mask.sum().item() and sums["chosen_tokens"].item() == mask[:P].sum().item()
+
+
+def test_token_metrics_logits_include_softcap():
+    h, w, b, labels, rc, rr = _batch(seed=14)
+    out = dpo_fast.DPOLoss(token_metrics=True, softcap=2.0)(h * 4, w, labels, rc, rr)
+    z = 2.0 * torch.tanh((h.double() * 4) @ w.double().t() / 2.0)
+    P, mask = h.shape[0] // 2, labels != -100
+    assert out.metrics["logits/chosen"] == pytest.approx(z.mean(-1)[:P][mask[:P]].mean().item(), rel=1e-4)
 
 
 def test_autocast_bf16_activations_with_fp32_master_weight():

@@ -56,6 +56,7 @@ class _FusedDPOFunction(torch.autograd.Function):
             N = sc.idx.numel()
             stats_out["entropy"] = torch.empty(N, dtype=acc, device=dev)
             stats_out["hit"] = torch.empty(N, dtype=acc, device=dev)
+            stats_out["zmean"] = torch.empty(N, dtype=acc, device=dev)
         for g in groups:
             tok, local, pair_ids = g["tok"], g["local"], g["pairs"]
             n, Pg = tok.numel(), pair_ids.numel()
@@ -66,7 +67,7 @@ class _FusedDPOFunction(torch.autograd.Function):
             res = rows.fwd(z, lab, scratch=False, stats=stats_out is not None)  # z is kept for the gradient
             logp, lse = res[0], res[1]  # (n,) each
             if stats_out is not None:
-                stats_out["entropy"][tok], stats_out["hit"][tok] = res[2], res[3]
+                stats_out["entropy"][tok], stats_out["hit"][tok], stats_out["zmean"][tok] = res[2:5]
             w_t = None if tokw is None else tokw.index_select(0, tok)
             sums = torch.zeros(2 * Pg, dtype=acc, device=dev).index_add_(
                 0, local, logp if w_t is None else logp * w_t)  # (2Pg,): [c0, r0, c1, r1, ...]
@@ -127,9 +128,10 @@ class DPOLoss(nn.Module):
             the defaults; one pair of two 1536-token completions at V = 128256 in bf16 takes 788 MB). When a
             single pair's logits exceed it, the two-pass route is used.
         compute_metrics: fill ``DPOOutput.metrics`` (TRL names; one host sync).
-        token_metrics: also log ``entropy`` (mean softmax entropy over scored tokens) and
-            ``mean_token_accuracy`` (fraction of scored tokens whose label is the arg-max), computed in the
-            same logits pass (chosen and rejected tokens together).
+        token_metrics: also log TRL's ``entropy`` (mean softmax entropy over all scored tokens) and
+            ``mean_token_accuracy`` (fraction of scored *chosen* tokens whose label is the arg-max), and take
+            ``logits/*`` from the actual (capped) logits, all computed in the same logits pass. The sums
+            behind them are kept in ``last_token_sums`` (0-d tensors) for cross-process aggregation.
 
     Forward:
         hidden: (2P, T, H) padded in TRL's layout [chosen_0..chosen_{P-1}, rejected_0..rejected_{P-1}],
@@ -177,6 +179,9 @@ class DPOLoss(nn.Module):
         self.token_metrics = bool(token_metrics)
         #: which route the last forward took: "fused" or "two_pass" (for tests and logging)
         self.last_route: str | None = None
+        #: with token_metrics: entropy_sum, tokens, chosen_hits, chosen_tokens, chosen_logits_sum,
+        #: rejected_logits_sum, rejected_tokens of the last forward (0-d tensors, for distributed gathering)
+        self.last_token_sums: dict[str, torch.Tensor] | None = None
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, loss_type={self.loss_type!r}, fused={self.fused}"
@@ -231,7 +236,7 @@ class DPOLoss(nn.Module):
             groups = _plan_groups(sc, counts, c_seq, r_seq, weight.shape[0],
                                   _per_elem_bytes(rows, sc.hidden2.dtype), group_budget)
 
-        stats = {} if (self.token_metrics and self.compute_metrics) else None
+        stats = {} if self.token_metrics else None
         if groups is None:  # two-pass route: generic engine + autograd through dpo_loss
             self.last_route = "two_pass"
             logp = scored_logprobs(sc, weight, bias, temperature=self.temperature, softcap=self.softcap,
@@ -242,7 +247,7 @@ class DPOLoss(nn.Module):
             out = L.dpo_loss(seq[c_seq], seq[r_seq], ref_chosen_logps, ref_rejected_logps, **common,
                              chosen_logits_mean=logit_c, rejected_logits_mean=logit_r,
                              compute_metrics=self.compute_metrics)
-            _add_token_metrics(out, stats, sc, c_seq, r_seq)
+            self.last_token_sums = _add_token_metrics(out, stats, sc, c_seq, r_seq, self.compute_metrics)
             return out
 
         self.last_route = "fused"
@@ -265,7 +270,7 @@ class DPOLoss(nn.Module):
             out = L.dpo_loss(chosen, rejected, ref_c, ref_r, **common, chosen_logits_mean=logit_c,
                              rejected_logits_mean=logit_r, compute_metrics=self.compute_metrics)
         out.loss = loss
-        _add_token_metrics(out, stats, sc, c_seq, r_seq)
+        self.last_token_sums = _add_token_metrics(out, stats, sc, c_seq, r_seq, self.compute_metrics)
         return out
 
     def _reference(self, sc, hidden, ref_hidden, ref_weight, ref_bias, weight, bias, tokw, c_seq, r_seq, rows,
@@ -297,16 +302,32 @@ class DPOLoss(nn.Module):
 # helpers
 
 
-def _add_token_metrics(out, stats, sc: Scored, c_seq, r_seq) -> None:
-    """entropy / mean_token_accuracy over the scored tokens of the paired sequences (one host sync)."""
+def _add_token_metrics(out, stats, sc: Scored, c_seq, r_seq, compute_metrics: bool):
+    """TRL's token metrics from the per-token stats of the logits pass; returns the sums behind them.
+
+    entropy = mean over all scored tokens of the paired sequences; mean_token_accuracy = fraction of scored
+    chosen tokens whose label is the arg-max; logits/chosen|rejected = mean over scored tokens of the
+    vocab-mean (tempered, capped) logit. One host sync for the metrics dict.
+    """
     if stats is None:
-        return
-    used = torch.zeros(sc.num_seqs, dtype=torch.bool, device=sc.seq.device)
-    used[c_seq], used[r_seq] = True, True
-    keep = used[sc.seq]  # (N,) tokens of sequences that belong to a pair
-    n = keep.sum().clamp_min(1)
-    vals = torch.stack([(stats["entropy"] * keep).sum() / n, (stats["hit"] * keep).sum() / n]).tolist()
-    out.metrics["entropy"], out.metrics["mean_token_accuracy"] = vals
+        return None
+    role = torch.zeros(sc.num_seqs, dtype=torch.int8, device=sc.seq.device)  # 0 unpaired, 1 chosen, 2 rejected
+    role[c_seq], role[r_seq] = 1, 2
+    r = role[sc.seq]  # (N,)
+    is_c, is_r = (r == 1).to(stats["hit"].dtype), (r == 2).to(stats["hit"].dtype)
+    sums = {
+        "entropy_sum": (stats["entropy"] * (is_c + is_r)).sum(), "tokens": (is_c + is_r).sum(),
+        "chosen_hits": (stats["hit"] * is_c).sum(), "chosen_tokens": is_c.sum(),
+        "chosen_logits_sum": (stats["zmean"] * is_c).sum(), "rejected_logits_sum": (stats["zmean"] * is_r).sum(),
+        "rejected_tokens": is_r.sum(),
+    }
+    if compute_metrics:
+        v = dict(zip(sums, torch.stack(list(sums.values())).tolist()))
+        out.metrics["entropy"] = v["entropy_sum"] / max(v["tokens"], 1.0)
+        out.metrics["mean_token_accuracy"] = v["chosen_hits"] / max(v["chosen_tokens"], 1.0)
+        out.metrics["logits/chosen"] = v["chosen_logits_sum"] / max(v["chosen_tokens"], 1.0)
+        out.metrics["logits/rejected"] = v["rejected_logits_sum"] / max(v["rejected_tokens"], 1.0)
+    return sums
 
 
 def _pair_layout(pairs, S: int, packed: bool, device):

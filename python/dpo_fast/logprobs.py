@@ -106,7 +106,8 @@ def forward_tokens(hidden2, weight, bias, idx, labels_s, rows, budget: int, stat
     """No-grad forward over scored tokens: token chunks x full vocabulary.
 
     Returns (logp, lse): (N,) float32 each. With a ``stats_out`` dict, also fills it with per-token
-    ``entropy`` and ``hit`` (label is the arg-max), (N,) float32, computed in the same pass.
+    ``entropy``, ``hit`` (label is the arg-max) and ``zmean`` (vocab-mean of the tempered/capped logits),
+    (N,) float32 each, computed in the same pass.
     """
     N = idx.numel()
     V = weight.shape[0]
@@ -120,6 +121,7 @@ def forward_tokens(hidden2, weight, bias, idx, labels_s, rows, budget: int, stat
     if stats:
         stats_out["entropy"] = torch.empty(N, dtype=acc, device=dev)
         stats_out["hit"] = torch.empty(N, dtype=acc, device=dev)
+        stats_out["zmean"] = torch.empty(N, dtype=acc, device=dev)
     chunk = max(1, min(N, budget // (V * _per_elem_bytes(rows, hidden2.dtype))))
     buf = torch.empty(chunk * V, dtype=hidden2.dtype, device=dev)
     for s in range(0, N, chunk):
@@ -129,7 +131,7 @@ def forward_tokens(hidden2, weight, bias, idx, labels_s, rows, budget: int, stat
         res = rows.fwd(z, labels_s[s:e], stats=stats)
         logp[s:e], lse[s:e] = res[0], res[1]
         if stats:
-            stats_out["entropy"][s:e], stats_out["hit"][s:e] = res[2], res[3]
+            stats_out["entropy"][s:e], stats_out["hit"][s:e], stats_out["zmean"][s:e] = res[2:5]
     return logp, lse
 
 

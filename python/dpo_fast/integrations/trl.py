@@ -10,7 +10,7 @@ What changes: TRL's ``_compute_loss`` runs the decoder, then its chunked LM head
 (plus entropy / mean logit / top-1 per token, over every position of the padded batch on non-Triton
 devices), then the loss through autograd. Here the decoder's last hidden states go straight to the fused
 :class:`dpo_fast.DPOLoss`: scored tokens only, loss and gradients in one pass over the logits (3 GEMMs),
-and one no-grad pass for the token metrics (entropy, mean_token_accuracy, logits/*; disable with
+and the token metrics (entropy, mean_token_accuracy, logits/*) from that same pass (disable with
 ``token_metrics=False``). The reference log-probs come from TRL's precomputed columns
 (``precompute_ref_log_probs=True``) or from the reference model (or the PEFT model with its adapter
 disabled) through the 1-GEMM no-grad forward.
@@ -34,7 +34,6 @@ from typing import Any
 
 import torch
 
-from .. import _config
 from ..fused_dpo import DPOLoss
 from ..hf import call_with_hidden_states, install_fused_forward
 from ..logprobs import sequence_logprobs, token_logprobs
@@ -85,34 +84,6 @@ def _shifted_labels(input_ids: torch.Tensor, completion_mask: torch.Tensor) -> t
     lab = torch.full_like(input_ids, -100)
     lab[:, :-1] = input_ids[:, 1:].masked_fill(completion_mask[:, 1:] == 0, -100)
     return lab
-
-
-@torch.no_grad()
-def _token_stats(h, w, b, labels, temperature, softcap):
-    """Per scored token: entropy, top-1 hit, vocab-mean logit (TRL's definitions), plus its row index.
-
-    No grad, one chunked logits pass over the scored tokens (the engine's workspace bounds each chunk).
-    """
-    T, Hd = labels.shape[-1], h.shape[-1]
-    h2, lab = h.reshape(-1, Hd), labels.reshape(-1)
-    idx = torch.nonzero(lab != -100).squeeze(1)
-    V = w.shape[0]
-    n = idx.numel()
-    ent = torch.empty(n, dtype=torch.float32, device=h.device)
-    top1 = torch.empty(n, dtype=torch.bool, device=h.device)
-    zmean = torch.empty(n, dtype=torch.float32, device=h.device)
-    chunk = max(1, _config.get_workspace_bytes(h.device) // (V * (h.element_size() + 12)))
-    for s in range(0, n, chunk):
-        e = min(n, s + chunk)
-        z = torch.nn.functional.linear(h2.index_select(0, idx[s:e]), w, b).float()  # (c, V)
-        z = z / temperature
-        if softcap is not None:
-            z = softcap * torch.tanh(z / softcap)
-        zmean[s:e] = z.mean(-1)
-        top1[s:e] = z.argmax(-1) == lab[idx[s:e]]  # argmax takes the first maximum, as TRL's is_top1
-        z = torch.log_softmax(z, -1)
-        ent[s:e] = -(z.exp() * z).sum(-1)
-    return ent, top1, zmean, torch.div(idx, T, rounding_mode="floor")
 
 
 class _FastDPOMixin:
@@ -208,10 +179,9 @@ class _FastDPOMixin:
             h, w, b = head.operands(hidden)
             kw = head.engine_kwargs()
             with head.no_autocast(h.device):  # operands are already in the autocast dtype
-                out = DPOLoss(**opts, **kw)(h, w, labels, ref_c.float(), ref_r.float(), bias=b)
-                stats = _token_stats(h.detach(), w.detach(), None if b is None else b.detach(), labels, **kw) \
-                    if want_stats else None
-            return out, stats
+                loss_fn = DPOLoss(**opts, **kw, token_metrics=want_stats)  # token stats from the same pass
+                out = loss_fn(h, w, labels, ref_c.float(), ref_r.float(), bias=b)
+            return out, loss_fn.last_token_sums
 
         out, stats = call_with_hidden_states(model, fn, input_ids, attention_mask=inputs.get("attention_mask"),
                                              **self._dpo_fast_model_kwargs(inputs))
@@ -226,25 +196,21 @@ class _FastDPOMixin:
     def _dpo_fast_log(self, mode, inputs, labels, out, stats) -> None:
         """Append the metrics TRL logs, under TRL's names, gathered across processes as TRL does."""
         acc, m = self.accelerator, self._metrics[mode]
-        P = labels.shape[0] // 2
-        scored = labels != -100
+        def total(name):  # a per-process sum, summed over processes
+            return acc.gather_for_metrics(stats[name]).sum().item()
+
         if stats is not None:
-            ent, top1, zmean, row = stats
-            ent_sum, n_tok = acc.gather_for_metrics(ent.sum()).sum(), acc.gather_for_metrics(scored.sum()).sum()
-            m["entropy"].append((ent_sum / n_tok).item() if n_tok > 0 else 0.0)
+            n_tok = total("tokens")
+            m["entropy"].append(total("entropy_sum") / n_tok if n_tok > 0 else 0.0)
         if mode == "train":
             n = acc.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
             self._total_train_tokens += n // self._tp_size
         m["num_tokens"] = [self._total_train_tokens]
         if stats is not None:
-            is_c = row < P
-            sums = [zmean[is_c].sum(), scored[:P].sum(), zmean[~is_c].sum(), scored[P:].sum()]
-            lc, nc, lr, nr = (acc.gather_for_metrics(t).sum().item() for t in sums)
-            m["logits/chosen"].append(lc / nc if nc > 0 else 0.0)
-            m["logits/rejected"].append(lr / nr if nr > 0 else 0.0)
-            correct = acc.gather_for_metrics(top1[is_c].sum())
-            total = acc.gather_for_metrics(scored[:P].sum()).sum()
-            m["mean_token_accuracy"].append((correct.sum() / total).item() if total > 0 else 0.0)
+            nc, nr = total("chosen_tokens"), total("rejected_tokens")
+            m["logits/chosen"].append(total("chosen_logits_sum") / nc if nc > 0 else 0.0)
+            m["logits/rejected"].append(total("rejected_logits_sum") / nr if nr > 0 else 0.0)
+            m["mean_token_accuracy"].append(total("chosen_hits") / nc if nc > 0 else 0.0)
         cr, rr = acc.gather(out.chosen_rewards.detach()), acc.gather(out.rejected_rewards.detach())
         m["rewards/chosen"].append(cr.mean().item())
         m["rewards/rejected"].append(rr.mean().item())
@@ -261,7 +227,7 @@ class FastDPOTrainer(_FastDPOMixin, DPOTrainer):
 
     Args:
         token_metrics: log ``entropy``, ``mean_token_accuracy`` and ``logits/*`` like TRL (default True);
-            costs one no-grad logits pass over the scored tokens per step. False skips them.
+            computed in the loss's own logits pass (no extra GEMM). False skips them.
 
     Raises:
         UnsupportedTRLVersion: the installed TRL is outside :data:`SUPPORTED_TRL`.

@@ -48,6 +48,7 @@ def _logprob_fwd_kernel(
     lse_ptr,  # (n,) fp32 out: logsumexp of the (tempered, capped) row
     ent_ptr,  # (n,) fp32 out (WITH_STATS): entropy of the row's softmax
     hit_ptr,  # (n,) fp32 out (WITH_STATS): 1.0 if the label's logit is the row maximum
+    zmean_ptr,  # (n,) fp32 out (WITH_STATS): mean over the vocabulary of the (tempered, capped) logits
     # shapes
     V,
     # strides
@@ -67,6 +68,7 @@ def _logprob_fwd_kernel(
     m = tl.full([BLOCK_V], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_V], tl.float32)
     t = tl.zeros([BLOCK_V], tl.float32)  # WITH_STATS: running sum of exp(z - m) * z, for the entropy
+    u = tl.zeros([BLOCK_V], tl.float32)  # WITH_STATS: running sum of z, for the vocab-mean logit
     for v0 in range(0, V, BLOCK_V):
         idx = v0 + cols
         mask = idx < V
@@ -81,7 +83,9 @@ def _logprob_fwd_kernel(
         e = tl.exp(z - m_safe)
         s = s * rescale + e
         if WITH_STATS:
-            t = t * rescale + e * tl.where(mask, z, 0.0)  # masked lanes: e = 0, and 0 * -inf would be nan
+            z0 = tl.where(mask, z, 0.0)  # masked lanes: e = 0, and 0 * -inf would be nan
+            t = t * rescale + e * z0
+            u += z0
         m = m_new
     m_all = tl.max(m, axis=0)
     lane_scale = tl.exp(m - m_all)
@@ -98,6 +102,7 @@ def _logprob_fwd_kernel(
         t_all = tl.sum(t * lane_scale, axis=0)
         tl.store(ent_ptr + row, lse - t_all / s_all)
         tl.store(hit_ptr + row, tl.where(zy >= m_all, 1.0, 0.0))
+        tl.store(zmean_ptr + row, tl.sum(u, axis=0) / V)
 
 
 @triton.jit
@@ -162,9 +167,9 @@ def _logprob_fwd(z: torch.Tensor, labels: torch.Tensor, temperature: float, soft
     Args:
         z: (n, V) logits, float32/bfloat16/float16, unit column stride.
         labels: (n,) int64 in [0, V).
-        stats: also return per-row entropy and top-1 hit (for the entropy / mean_token_accuracy metrics).
+        stats: also return per-row entropy, top-1 hit and vocab-mean logit (the token metrics).
     Returns:
-        (logp, lse) or (logp, lse, entropy, hit): (n,) float32 tensors.
+        (logp, lse) or (logp, lse, entropy, hit, zmean): (n,) float32 tensors.
     """
     n, V = z.shape
     assert z.stride(1) == 1 and labels.dtype == torch.int64
@@ -172,17 +177,18 @@ def _logprob_fwd(z: torch.Tensor, labels: torch.Tensor, temperature: float, soft
     lse = torch.empty(n, dtype=torch.float32, device=z.device)
     ent = torch.empty(n if stats else 0, dtype=torch.float32, device=z.device)
     hit = torch.empty(n if stats else 0, dtype=torch.float32, device=z.device)
+    zmean = torch.empty(n if stats else 0, dtype=torch.float32, device=z.device)
     if n > 0:
         BLOCK_V = _block_v(V, _interpreting())
         _logprob_fwd_kernel[(n,)](
-            z, labels, logp, lse, ent, hit,
+            z, labels, logp, lse, ent, hit, zmean,
             V,
             z.stride(0),
             1.0 / temperature, float(softcap or 1.0),
             HAS_SOFTCAP=softcap is not None, WITH_STATS=stats, BLOCK_V=BLOCK_V,
             num_warps=8 if BLOCK_V >= 4096 else 4,
         )
-    return (logp, lse, ent, hit) if stats else (logp, lse)
+    return (logp, lse, ent, hit, zmean) if stats else (logp, lse)
 
 
 def _logprob_bwd(
