@@ -71,6 +71,40 @@ class TorchRows:
         lse = m + torch.log(s)
         return zy - lse, lse
 
+    # -- fused DPO route: forward, then the gradient of the very same full-vocabulary tile -----------------
+    def fwd_for_grad(self, z: torch.Tensor, labels: torch.Tensor, stats: bool = False):
+        """Forward that leaves what :meth:`grad_after_fwd` needs. Returns (logp, lse, *stats, state).
+
+        Without softcap, the float32 tile (``z`` itself, or one float32 copy of a 16-bit tile) is turned into
+        e = exp(zc - m) in place; the gradient is then one pass, dz = g (onehot - e / s), instead of
+        recomputing the softmax (3 passes) from a kept copy of the logits.
+        """
+        if self.softcap is not None or stats:
+            return (*self.fwd(z, labels, scratch=False, stats=stats), None)
+        acc = self._acc(z.dtype)
+        zc = self._cap_(z if z.dtype == acc else z.to(acc, copy=True))  # (n, V)
+        zy = zc.gather(1, labels[:, None]).squeeze(1)
+        m = zc.amax(dim=1)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        e = zc.sub_(m[:, None]).exp_()  # (n, V) = exp(zc - m)
+        s = e.sum(dim=1)
+        lse = m + torch.log(s)
+        return zy - lse, lse, (e, s)
+
+    def grad_after_fwd(self, z, labels, lse, g, state):
+        """Gradient of the raw logits of the tile passed to :meth:`fwd_for_grad`, written into ``z``."""
+        if state is None:
+            return self.bwd(z, z, labels, lse, g, 0)
+        e, s = state
+        dz = e.mul_((-g / s)[:, None])  # -g * softmax
+        rows = torch.arange(labels.numel(), device=labels.device)
+        dz.index_put_((rows, labels), g, accumulate=True)  # + g * onehot
+        if self.temperature != 1.0:
+            dz.mul_(1.0 / self.temperature)
+        if dz.data_ptr() != z.data_ptr():
+            z.copy_(dz)
+        return z
+
     def bwd(self, z, out, labels, lse, g, v_offset: int):
         n, Vs = z.shape
         acc = self._acc(z.dtype)
@@ -113,6 +147,13 @@ class TritonRows:
 
     def bwd(self, z, out, labels, lse, g, v_offset: int):
         return self._k._logprob_bwd(z, out, labels, lse, g, v_offset, self.temperature, self.softcap)
+
+    def fwd_for_grad(self, z, labels, stats: bool = False):
+        """Fused DPO route: the kernels read the tile without writing it; the gradient pass re-reads it."""
+        return (*self.fwd(z, labels, stats=stats), None)
+
+    def grad_after_fwd(self, z, labels, lse, g, state):
+        return self.bwd(z, z, labels, lse, g, 0)
 
 
 BACKENDS = ("auto", "torch", "triton")

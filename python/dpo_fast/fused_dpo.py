@@ -64,8 +64,8 @@ class _FusedDPOFunction(torch.autograd.Function):
             lab = sc.labels.index_select(0, tok)
             hc = hidden2.index_select(0, rows_idx)  # (n, H)
             z = _linear_into(_tile(buf, n, V), hc, weight, bias)  # (n, V), GEMM 1
-            res = rows.fwd(z, lab, scratch=False, stats=stats_out is not None)  # z is kept for the gradient
-            logp, lse = res[0], res[1]  # (n,) each
+            res = rows.fwd_for_grad(z, lab, stats=stats_out is not None)  # keeps what the gradient needs
+            logp, lse, state = res[0], res[1], res[-1]  # (n,) each
             if stats_out is not None:
                 stats_out["entropy"][tok], stats_out["hit"][tok], stats_out["zmean"][tok] = res[2:5]
             w_t = None if tokw is None else tokw.index_select(0, tok)
@@ -81,7 +81,7 @@ class _FusedDPOFunction(torch.autograd.Function):
                 g_tok = g_tok * w_t
             if not (need_dh or need_dw or need_db):
                 continue
-            dz = rows.bwd(z, z, lab, lse, g_tok.contiguous(), 0)  # (n, V) in place
+            dz = rows.grad_after_fwd(z, lab, lse, g_tok.contiguous(), state)  # (n, V), in place in the tile
             if need_dh:
                 dh.index_copy_(0, rows_idx, torch.mm(dz, weight))  # GEMM 2
             if need_dw:  # GEMM 3; later groups add into the weight-dtype gradient (one rounding each)
