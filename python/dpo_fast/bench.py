@@ -441,6 +441,7 @@ def main(argv=None) -> int:
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump({"env": env, "results": [asdict(r) for r in results]}, f, indent=1)
     plot(results, os.path.join(a.out, "results.png"),
-         f"dpo_fast sequence log-probs, fwd+bwd — {env.get('gpu', env['cpu'])}, {dtype}, {env['date']}")
+         f"dpo_fast log-prob engine and DPO loss (fwd+bwd unless no-grad) — {env.get('gpu', env['cpu'])}, "
+         f"{dtype}, {env['date']}")
     print(f"\nwrote {a.out}/results.json and {a.out}/results.png")
     return 0
