@@ -5,14 +5,15 @@ derived from a single number, the *workspace budget in bytes*: the most memory t
 (the logits tile, its float32 copies on the torch backend) may take at once. It never allocates (B, T, V).
 
 Set it with :func:`set_workspace_bytes` or the environment variable ``DPO_FAST_WORKSPACE_BYTES`` (read
-when the engine first runs, not at import). Defaults: 128 MiB on CUDA, 32 MiB on CPU. Larger tiles mean
-bigger GEMMs; at 128 MiB and an 8B model's head (H 4096, V 128256, bf16) the forward tile is ~520 tokens x
-the full vocabulary and the backward slices are ~5.4k vocabulary columns x all scored tokens — GEMMs of
-0.5+ TFLOP each, large enough for full speed.
+when the engine first runs, not at import). Defaults: 96 MiB on CUDA, 32 MiB on CPU. Larger tiles mean
+bigger GEMMs; at 96 MiB and an 8B model's head (H 4096, V 128256, bf16) the forward tile is ~390 tokens x
+the full vocabulary and the backward slices are ~4k vocabulary columns x all scored tokens — GEMMs of
+0.3+ TFLOP each, still large enough for full speed, while the no-grad forward stays under 0.1 GiB.
 
 Peak memory of a generic forward+backward beyond inputs and the gradients it returns, with N scored tokens:
 budget + N*H*(2 + 4) bytes (the gathered scored hidden rows, and an fp32 dh accumulator when the vocabulary
-is split into several slices and inputs are 16-bit) + small O(N) vectors.
+is split into several slices and inputs are 16-bit) + small O(N) vectors. The fused ``DPOLoss`` holds the
+logits of a group of whole pairs instead (its own ``workspace_bytes``, default 8 x this budget).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import os
 
 import torch
 
-_DEFAULTS = {"cuda": 128 << 20, "cpu": 32 << 20}
+_DEFAULTS = {"cuda": 96 << 20, "cpu": 32 << 20}
 _MIN_BYTES = 1024  # tests use tiny budgets to force many tiles
 _override: int | None = None
 

@@ -124,8 +124,8 @@ class DPOLoss(nn.Module):
         ignore_index, temperature, softcap, backend: as in :func:`dpo_fast.sequence_logprobs`.
         fused: use the one-pass route when possible (default True); False always runs the two-pass route.
         workspace_bytes: bytes the fused pass may hold for one group of whole pairs' logits (default: 8 x
-            the engine workspace, :func:`dpo_fast.get_workspace_bytes` — 1 GiB on CUDA, 256 MiB on CPU with
-            the defaults; one pair of two 1536-token completions at V = 128256 in bf16 takes 788 MB). When a
+            the engine workspace, :func:`dpo_fast.get_workspace_bytes` — 768 MiB on CUDA, 256 MiB on CPU with
+            the defaults; one pair of two 1536-token completions at V = 128256 in bf16 takes 752 MiB). When a
             single pair's logits exceed it, the two-pass route is used.
         compute_metrics: fill ``DPOOutput.metrics`` (TRL names; one host sync).
         token_metrics: also log TRL's ``entropy`` (mean softmax entropy over all scored tokens) and
