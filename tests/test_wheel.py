@@ -41,6 +41,8 @@ def test_wheel_ships_kernels(tmp_path):
     assert "abi3" in wheel.name, wheel.name
     names = zipfile.ZipFile(wheel).namelist()
     assert "dpo_fast/kernels/logprob.py" in names
+    assert {"dpo_fast/py.typed", "dpo_fast/_native.pyi", "dpo_fast/demo/__init__.py",
+            "dpo_fast/integrations/trl.py"} <= set(names)
     assert not any(n.startswith("kernels/") for n in names), "kernels/ must not ship as a top-level package"
     site = tmp_path / "site"
     inst = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
