@@ -70,16 +70,32 @@ def correctness(device: str, backend: str) -> list[dict]:
                 refs.append((tok * m).sum())
             ref = torch.stack(refs)
             rdh, rdw = torch.autograd.grad(ref, (h64, w64), go.double())
+            # plain PyTorch at the same precision: the error budget where a float32 sum over V terms cannot
+            # reach the tolerance (the tests' idiom: within 2 x PyTorch's own error)
+            hb, wb = h.clone().requires_grad_(), w.clone().requires_grad_()
+            base = []
+            for i in range(B):
+                z = hb[i] @ wb.t()
+                if b is not None:
+                    z = z + b
+                z = z.float() / kw.get("temperature", 1.0)
+                if "softcap" in kw:
+                    z = kw["softcap"] * torch.tanh(z / kw["softcap"])
+                m = labels[i] != -100
+                base.append((torch.log_softmax(z, -1).gather(-1, labels[i].clamp_min(0)[:, None]).squeeze(-1)
+                             * m).sum())
+            base = torch.stack(base)
+            bdh, bdw = torch.autograd.grad(base, (hb, wb), go)
             tol = 1e-5 if dtype == torch.float32 else 1e-2
             rec = dict(dtype=str(dtype), shape=[B, T, H, V], options=kw, bias=b is not None, seconds=secs,
                        err_logps=_rel(lp, ref), err_dh=_rel(dh, rdh), err_dw=_rel(dw, rdw),
+                       torch_err_logps=_rel(base, ref), torch_err_dh=_rel(bdh, rdh), torch_err_dw=_rel(bdw, rdw),
                        masked_row_zero=bool(lp[-1].item() == 0.0), finite=bool(torch.isfinite(dw).all()))
-            # tf32 is never used (fp32 tiles run in ieee precision in cuBLAS unless the user enables tf32)
-            rec["ok"] = (rec["err_logps"] <= tol and rec["err_dh"] <= 4 * tol and rec["err_dw"] <= 4 * tol
-                         and rec["masked_row_zero"] and rec["finite"])
+            rec["ok"] = all(rec[f"err_{k}"] <= max(tol, 2 * rec[f"torch_err_{k}"] + 1e-7)
+                            for k in ("logps", "dh", "dw")) and rec["masked_row_zero"] and rec["finite"]
             out.append(rec)
             print(json.dumps(rec), flush=True)
-            del h64, w64, ref, rdh, rdw
+            del h64, w64, ref, rdh, rdw, hb, wb, base, bdh, bdw
             if device == "cuda":
                 torch.cuda.empty_cache()
     # fused DPOLoss == composition (bf16 and fp32)
