@@ -275,3 +275,25 @@ def test_autocast_bf16_activations_with_fp32_master_weight():
     with torch.no_grad():
         ref = dpo_fast.sequence_logprobs(hb.detach(), w.to(torch.bfloat16), labels, bias=b.to(torch.bfloat16))
     assert torch.allclose(lp, ref)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_wpo_same_pass_both_routes_no_extra_gemm(backend):
+    """WPO's lse(2z) comes from the loss's own logits pass: same numbers on both routes, no extra GEMM."""
+    h, w, b, labels, rc, rr = _batch(seed=15)
+    P = h.shape[0] // 2
+    logits = h @ w.t() + b
+    lw_all = L.wpo_logweights_from_logits(logits, labels)
+    lp = dpo_fast.sequence_logprobs(h, w, labels, bias=b)
+    hh = h.clone().requires_grad_()
+    ref = dpo_fast.dpo_loss(lp[:P], lp[P:], rc, rr, use_weighting=True, chosen_wpo_logweights=lw_all[:P],
+                            rejected_wpo_logweights=lw_all[P:])
+    for fused, gemms in ((True, 3), (False, 4)):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        with _CountMM() as c:
+            m = dpo_fast.DPOLoss(use_weighting=True, fused=fused, backend=backend, compute_metrics=False)
+            out = m(hh, ww, labels, rc, rr, bias=b)
+            out.loss.backward()
+        assert m.last_route == ("fused" if fused else "two_pass")
+        assert c.calls == gemms
+        assert_close(out.loss, ref.loss, torch.float32, f"WPO loss fused={fused}")

@@ -50,7 +50,8 @@ class TorchRows:
     def fwd(self, z: torch.Tensor, labels: torch.Tensor, scratch: bool = True, stats: bool = False):
         """scratch=True: ``z`` may be overwritten (the engine's tiles); False keeps it (fused DPO reuses it).
 
-        Returns (logp, lse), or with ``stats`` (logp, lse, entropy, hit, zmean), each (n,).
+        Returns (logp, lse), or with ``stats`` (logp, lse, entropy, hit, zmean, lse2), each (n,), where
+        lse2 = logsumexp(2 zc) (WPO's weights).
         """
         acc = self._acc(z.dtype)
         plain = self.temperature == 1.0 and self.softcap is None
@@ -66,7 +67,8 @@ class TorchRows:
             s = e.sum(dim=1)
             t = (e * zc).sum(dim=1)
             lse = m + torch.log(s)
-            return zy - lse, lse, lse - t / s, (zy >= m_raw).to(acc), zc.mean(dim=1)
+            lse2 = 2 * m + torch.log(e.square().sum(dim=1))
+            return zy - lse, lse, lse - t / s, (zy >= m_raw).to(acc), zc.mean(dim=1), lse2
         s = zc.sub_(m[:, None]).exp_().sum(dim=1)  # 3 passes over the tile, in place
         lse = m + torch.log(s)
         return zy - lse, lse

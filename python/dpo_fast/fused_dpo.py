@@ -28,7 +28,8 @@ from . import _config
 from . import losses as L
 from ._rowops import make_rows, resolve_backend
 from ._validate import autocast_aware, check_tensor
-from .logprobs import Scored, _linear_into, _per_elem_bytes, _tile, forward_tokens, prepare, scored_logprobs
+from .logprobs import (STAT_KEYS, Scored, _linear_into, _per_elem_bytes, _tile, forward_tokens, prepare,
+                       scored_logprobs)
 
 _LOSS_OPTIONS = ("label_smoothing", "loss_weights", "f_divergence_type", "f_alpha_divergence_coef",
                  "discopop_tau")
@@ -38,7 +39,8 @@ class _FusedDPOFunction(torch.autograd.Function):
     """Forward computes loss, sums and all gradients group by group; backward scales them."""
 
     @staticmethod
-    def forward(ctx, hidden2, weight, bias, sc: Scored, groups, tokw, rows, pair_fn, P, stats_out):
+    def forward(ctx, hidden2, weight, bias, sc: Scored, groups, tokw, rows, pair_fn, P, aux):
+        """aux: {"stats": bool, "wpo": bool}; filled with per-token stats and per-pair WPO log-weights."""
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
         V = weight.shape[0]
         dev, dt = hidden2.device, hidden2.dtype
@@ -52,11 +54,12 @@ class _FusedDPOFunction(torch.autograd.Function):
         max_tok = max((g["tok"].numel() for g in groups), default=0)
         buf = torch.empty(max_tok * V, dtype=dt, device=dev)
         first_dw = True
-        if stats_out is not None:
-            N = sc.idx.numel()
-            stats_out["entropy"] = torch.empty(N, dtype=acc, device=dev)
-            stats_out["hit"] = torch.empty(N, dtype=acc, device=dev)
-            stats_out["zmean"] = torch.empty(N, dtype=acc, device=dev)
+        want_stats = aux["stats"] or aux["wpo"]
+        if want_stats:
+            for k in STAT_KEYS:
+                aux[k] = torch.empty(sc.idx.numel(), dtype=acc, device=dev)
+        if aux["wpo"]:
+            aux["wpo_c"], aux["wpo_r"] = torch.zeros(P, dtype=acc, device=dev), torch.zeros(P, dtype=acc, device=dev)
         for g in groups:
             tok, local, pair_ids = g["tok"], g["local"], g["pairs"]
             n, Pg = tok.numel(), pair_ids.numel()
@@ -64,16 +67,22 @@ class _FusedDPOFunction(torch.autograd.Function):
             lab = sc.labels.index_select(0, tok)
             hc = hidden2.index_select(0, rows_idx)  # (n, H)
             z = _linear_into(_tile(buf, n, V), hc, weight, bias)  # (n, V), GEMM 1
-            res = rows.fwd_for_grad(z, lab, stats=stats_out is not None)  # keeps what the gradient needs
+            res = rows.fwd_for_grad(z, lab, stats=want_stats)  # keeps what the gradient needs
             logp, lse, state = res[0], res[1], res[-1]  # (n,) each
-            if stats_out is not None:
-                stats_out["entropy"][tok], stats_out["hit"][tok], stats_out["zmean"][tok] = res[2:5]
+            if want_stats:
+                for k, v in zip(STAT_KEYS, res[2:6]):
+                    aux[k][tok] = v
             w_t = None if tokw is None else tokw.index_select(0, tok)
             sums = torch.zeros(2 * Pg, dtype=acc, device=dev).index_add_(
                 0, local, logp if w_t is None else logp * w_t)  # (2Pg,): [c0, r0, c1, r1, ...]
             lw, ll = sums[0::2], sums[1::2]
             chosen[pair_ids], rejected[pair_ids] = lw, ll
-            losses_g, d_c, d_r = pair_fn(pair_ids, lw, ll)
+            wpo_g = None
+            if aux["wpo"]:  # WPO log-weights of the group's pairs, from this same pass (lse(2z) included)
+                wpo_g = _wpo_means(logp, lse, res[5], local, 2 * Pg)
+                aux["wpo_c"][pair_ids], aux["wpo_r"][pair_ids] = wpo_g[0::2], wpo_g[1::2]
+                wpo_g = (wpo_g[0::2], wpo_g[1::2])
+            losses_g, d_c, d_r = pair_fn(pair_ids, lw, ll, wpo_g)
             loss += losses_g.sum() / P
             d_seq = torch.stack([d_c, d_r], dim=1).reshape(-1).to(acc)  # (2Pg,)
             g_tok = d_seq.index_select(0, local)
@@ -118,7 +127,7 @@ class DPOLoss(nn.Module):
         loss_type: a :data:`dpo_fast.LOSS_TYPES` name or a list of them (with ``loss_weights``).
         label_smoothing, loss_weights, f_divergence_type, f_alpha_divergence_coef, discopop_tau: as in
             :func:`dpo_fast.dpo_loss`.
-        use_weighting: WPO weights (one extra no-grad logits pass computes lse(2z) per token).
+        use_weighting: WPO weights, from the same logits pass (the row pass also computes lse(2z)).
         ld_alpha: LD-DPO: tokens past min(|y_w|, |y_l|) of a pair count with weight α in ℓ (policy, and
             reference when it is computed here from ``ref_hidden``).
         ignore_index, temperature, softcap, backend: as in :func:`dpo_fast.sequence_logprobs`.
@@ -219,14 +228,9 @@ class DPOLoss(nn.Module):
                 if t.shape[0] != P:
                     raise ValueError(f"{name}: expected shape ({P},) (one per pair), got {tuple(t.shape)}")
 
-        wpo_c = wpo_r = None
-        if self.use_weighting:
-            wpo = _wpo_sequence_logweights(sc, weight, bias, self.temperature, self.softcap, budget)
-            wpo_c, wpo_r = wpo[c_seq], wpo[r_seq]
         logit_c, logit_r = _logits_means(sc, weight, bias, counts, c_seq, r_seq, self.temperature)
         common = dict(beta=self.beta, loss_type=self.loss_type, **self.loss_options, chosen_lengths=len_w,
-                      rejected_lengths=len_l, use_weighting=self.use_weighting, chosen_wpo_logweights=wpo_c,
-                      rejected_wpo_logweights=wpo_r)
+                      rejected_lengths=len_l, use_weighting=self.use_weighting)
 
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (hidden, weight, bias))
@@ -236,18 +240,22 @@ class DPOLoss(nn.Module):
             groups = _plan_groups(sc, counts, c_seq, r_seq, weight.shape[0],
                                   _per_elem_bytes(rows, sc.hidden2.dtype), group_budget)
 
-        stats = {} if self.token_metrics else None
+        stats = {} if (self.token_metrics or self.use_weighting) else None
         if groups is None:  # two-pass route: generic engine + autograd through dpo_loss
             self.last_route = "two_pass"
             logp = scored_logprobs(sc, weight, bias, temperature=self.temperature, softcap=self.softcap,
                                    backend=be, stats_out=stats)
+            if self.use_weighting:  # from the same forward pass: lse(2z) came with the stats
+                wpo = _wpo_means(logp.detach(), stats["lse"], stats["lse2"], sc.seq, sc.num_seqs)
+                common["chosen_wpo_logweights"], common["rejected_wpo_logweights"] = wpo[c_seq], wpo[r_seq]
             if tokw is not None:
                 logp = logp * tokw
             seq = torch.zeros(sc.num_seqs, dtype=logp.dtype, device=dev).index_add(0, sc.seq, logp)
             out = L.dpo_loss(seq[c_seq], seq[r_seq], ref_chosen_logps, ref_rejected_logps, **common,
                              chosen_logits_mean=logit_c, rejected_logits_mean=logit_r,
                              compute_metrics=self.compute_metrics)
-            self.last_token_sums = _add_token_metrics(out, stats, sc, c_seq, r_seq, self.compute_metrics)
+            self.last_token_sums = _add_token_metrics(out, stats if self.token_metrics else None, sc, c_seq, r_seq,
+                                                      self.compute_metrics)
             return out
 
         self.last_route = "fused"
@@ -255,22 +263,26 @@ class DPOLoss(nn.Module):
         ref_r = None if ref_rejected_logps is None else ref_rejected_logps.detach()
         n_chosen_tokens = len_w.clamp_min(1.0).sum()  # dpo_loss counts |y| = 0 as 1
 
-        def pair_fn(pair_ids, lw, ll):
+        def pair_fn(pair_ids, lw, ll, wpo_g):
             return L.pair_loss_and_grads(
                 lw, ll, None if ref_c is None else ref_c[pair_ids], None if ref_r is None else ref_r[pair_ids],
                 num_pairs=P, num_chosen_tokens=n_chosen_tokens, beta=self.beta, loss_type=self.loss_type,
                 **self.loss_options, chosen_lengths=len_w[pair_ids], rejected_lengths=len_l[pair_ids],
                 use_weighting=self.use_weighting,
-                chosen_wpo_logweights=None if wpo_c is None else wpo_c[pair_ids],
-                rejected_wpo_logweights=None if wpo_r is None else wpo_r[pair_ids])
+                chosen_wpo_logweights=None if wpo_g is None else wpo_g[0],
+                rejected_wpo_logweights=None if wpo_g is None else wpo_g[1])
 
+        aux = {"stats": self.token_metrics, "wpo": self.use_weighting}
         loss, chosen, rejected = _FusedDPOFunction.apply(sc.hidden2, weight, bias, sc, groups, tokw, rows,
-                                                         pair_fn, P, stats)
+                                                         pair_fn, P, aux)
+        if self.use_weighting:
+            common["chosen_wpo_logweights"], common["rejected_wpo_logweights"] = aux["wpo_c"], aux["wpo_r"]
         with torch.no_grad():
             out = L.dpo_loss(chosen, rejected, ref_c, ref_r, **common, chosen_logits_mean=logit_c,
                              rejected_logits_mean=logit_r, compute_metrics=self.compute_metrics)
         out.loss = loss
-        self.last_token_sums = _add_token_metrics(out, stats, sc, c_seq, r_seq, self.compute_metrics)
+        self.last_token_sums = _add_token_metrics(out, aux if self.token_metrics else None, sc, c_seq, r_seq,
+                                                  self.compute_metrics)
         return out
 
     def _reference(self, sc, hidden, ref_hidden, ref_weight, ref_bias, weight, bias, tokw, c_seq, r_seq, rows,
@@ -414,27 +426,12 @@ def _logits_means(sc: Scored, weight, bias, counts, c_seq, r_seq, temperature):
     return per_seq[c_seq], per_seq[r_seq]
 
 
-def _wpo_sequence_logweights(sc: Scored, weight, bias, temperature, softcap, budget):
-    """(S,) WPO log-weights mean_t[log p_t − (lse(2z_t) − 2 lse(z_t))], no grad, one chunked logits pass."""
-    V = weight.shape[0]
-    N = sc.idx.numel()
-    acc = torch.float64 if sc.hidden2.dtype == torch.float64 else torch.float32
-    vals = torch.empty(N, dtype=acc, device=sc.idx.device)
-    chunk = max(1, budget // (V * (sc.hidden2.element_size() + 12)))
-    with torch.no_grad():
-        for s in range(0, N, chunk):
-            e = min(N, s + chunk)
-            hc = sc.hidden2.detach().index_select(0, sc.idx[s:e])
-            z = hc @ weight.detach().t()
-            if bias is not None:
-                z = z + bias.detach()
-            z = z.to(acc) / temperature
-            if softcap is not None:
-                z = softcap * torch.tanh(z / softcap)
-            lse = torch.logsumexp(z, -1)
-            lse2 = torch.logsumexp(2 * z, -1)
-            logp = z.gather(1, sc.labels[s:e, None]).squeeze(1) - lse
-            vals[s:e] = logp - (lse2 - 2 * lse)
-        per_seq = torch.zeros(sc.num_seqs, dtype=acc, device=vals.device).index_add_(0, sc.seq, vals)
-        per_seq = per_seq / sc.counts().to(acc).clamp_min(1.0)
-    return per_seq
+def _wpo_means(logp, lse, lse2, seq, num_seqs):
+    """(num_seqs,) WPO log-weights: per sequence, mean_t[log p_t - (lse(2z_t) - 2 lse(z_t))] (no grad).
+
+    logp, lse, lse2, seq: (n,) per scored token; seq: the token's sequence index in [0, num_seqs).
+    """
+    v = (logp.detach() - (lse2 - 2 * lse)).to(lse.dtype)
+    sums = torch.zeros(num_seqs, dtype=v.dtype, device=v.device).index_add_(0, seq, v)
+    cnt = torch.zeros(num_seqs, dtype=v.dtype, device=v.device).index_add_(0, seq, torch.ones_like(v))
+    return sums / cnt.clamp_min(1.0)

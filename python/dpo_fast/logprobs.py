@@ -92,6 +92,10 @@ def _tile(buf: torch.Tensor, n: int, v: int) -> torch.Tensor:
     return buf[: n * v].view(n, v)
 
 
+#: per-token statistics a stats-enabled forward produces, in the order the row ops return them
+STAT_KEYS = ("entropy", "hit", "zmean", "lse2")
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation/output dtype: float32, or float64 for float64 inputs (used by gradcheck)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -142,8 +146,8 @@ def forward_tokens(hidden2, weight, bias, idx, labels_s, rows, budget: int, stat
     """No-grad forward over scored tokens: token chunks x full vocabulary.
 
     Returns (logp, lse): (N,) float32 each. With a ``stats_out`` dict, also fills it with per-token
-    ``entropy``, ``hit`` (label is the arg-max) and ``zmean`` (vocab-mean of the tempered/capped logits),
-    (N,) float32 each, computed in the same pass.
+    ``entropy``, ``hit`` (label is the arg-max), ``zmean`` (vocab-mean of the tempered/capped logits) and
+    ``lse2`` (logsumexp of twice the logits, for WPO), (N,) float32 each, computed in the same pass.
     """
     N = idx.numel()
     V = weight.shape[0]
@@ -158,6 +162,7 @@ def forward_tokens(hidden2, weight, bias, idx, labels_s, rows, budget: int, stat
         stats_out["entropy"] = torch.empty(N, dtype=acc, device=dev)
         stats_out["hit"] = torch.empty(N, dtype=acc, device=dev)
         stats_out["zmean"] = torch.empty(N, dtype=acc, device=dev)
+        stats_out["lse2"] = torch.empty(N, dtype=acc, device=dev)
     chunk = max(1, min(N, budget // (V * _per_elem_bytes(rows, hidden2.dtype))))
     buf = torch.empty(chunk * V, dtype=hidden2.dtype, device=dev)
     for s in range(0, N, chunk):
@@ -167,7 +172,10 @@ def forward_tokens(hidden2, weight, bias, idx, labels_s, rows, budget: int, stat
         res = rows.fwd(z, labels_s[s:e], stats=stats)
         logp[s:e], lse[s:e] = res[0], res[1]
         if stats:
-            stats_out["entropy"][s:e], stats_out["hit"][s:e], stats_out["zmean"][s:e] = res[2:5]
+            for k, v in zip(STAT_KEYS, res[2:6]):
+                stats_out[k][s:e] = v
+    if stats:
+        stats_out["lse"] = lse
     return logp, lse
 
 

@@ -49,6 +49,7 @@ def _logprob_fwd_kernel(
     ent_ptr,  # (n,) fp32 out (WITH_STATS): entropy of the row's softmax
     hit_ptr,  # (n,) fp32 out (WITH_STATS): 1.0 if the label's logit is the row maximum
     zmean_ptr,  # (n,) fp32 out (WITH_STATS): mean over the vocabulary of the (tempered, capped) logits
+    lse2_ptr,  # (n,) fp32 out (WITH_STATS): logsumexp(2 z), for WPO's weights
     # shapes
     V,
     # strides
@@ -69,6 +70,7 @@ def _logprob_fwd_kernel(
     s = tl.zeros([BLOCK_V], tl.float32)
     t = tl.zeros([BLOCK_V], tl.float32)  # WITH_STATS: running sum of exp(z - m) * z, for the entropy
     u = tl.zeros([BLOCK_V], tl.float32)  # WITH_STATS: running sum of z, for the vocab-mean logit
+    s2 = tl.zeros([BLOCK_V], tl.float32)  # WITH_STATS: running sum of exp(2 (z - m)), for lse(2z)
     for v0 in range(0, V, BLOCK_V):
         idx = v0 + cols
         mask = idx < V
@@ -86,6 +88,7 @@ def _logprob_fwd_kernel(
             z0 = tl.where(mask, z, 0.0)  # masked lanes: e = 0, and 0 * -inf would be nan
             t = t * rescale + e * z0
             u += z0
+            s2 = s2 * rescale * rescale + e * e
         m = m_new
     m_all = tl.max(m, axis=0)
     lane_scale = tl.exp(m - m_all)
@@ -103,6 +106,7 @@ def _logprob_fwd_kernel(
         tl.store(ent_ptr + row, lse - t_all / s_all)
         tl.store(hit_ptr + row, tl.where(zy >= m_all, 1.0, 0.0))
         tl.store(zmean_ptr + row, tl.sum(u, axis=0) / V)
+        tl.store(lse2_ptr + row, 2.0 * m_all + tl.log(tl.sum(s2 * lane_scale * lane_scale, axis=0)))
 
 
 @triton.jit
@@ -167,9 +171,10 @@ def _logprob_fwd(z: torch.Tensor, labels: torch.Tensor, temperature: float, soft
     Args:
         z: (n, V) logits, float32/bfloat16/float16, unit column stride.
         labels: (n,) int64 in [0, V).
-        stats: also return per-row entropy, top-1 hit and vocab-mean logit (the token metrics).
+        stats: also return per-row entropy, top-1 hit, vocab-mean logit (the token metrics) and
+            logsumexp(2 z) (WPO's weights).
     Returns:
-        (logp, lse) or (logp, lse, entropy, hit, zmean): (n,) float32 tensors.
+        (logp, lse) or (logp, lse, entropy, hit, zmean, lse2): (n,) float32 tensors.
     """
     n, V = z.shape
     assert z.stride(1) == 1 and labels.dtype == torch.int64
@@ -178,17 +183,18 @@ def _logprob_fwd(z: torch.Tensor, labels: torch.Tensor, temperature: float, soft
     ent = torch.empty(n if stats else 0, dtype=torch.float32, device=z.device)
     hit = torch.empty(n if stats else 0, dtype=torch.float32, device=z.device)
     zmean = torch.empty(n if stats else 0, dtype=torch.float32, device=z.device)
+    lse2 = torch.empty(n if stats else 0, dtype=torch.float32, device=z.device)
     if n > 0:
         BLOCK_V = _block_v(V, _interpreting())
         _logprob_fwd_kernel[(n,)](
-            z, labels, logp, lse, ent, hit, zmean,
+            z, labels, logp, lse, ent, hit, zmean, lse2,
             V,
             z.stride(0),
             1.0 / temperature, float(softcap or 1.0),
             HAS_SOFTCAP=softcap is not None, WITH_STATS=stats, BLOCK_V=BLOCK_V,
             num_warps=8 if BLOCK_V >= 4096 else 4,
         )
-    return (logp, lse, ent, hit, zmean) if stats else (logp, lse)
+    return (logp, lse, ent, hit, zmean, lse2) if stats else (logp, lse)
 
 
 def _logprob_bwd(
