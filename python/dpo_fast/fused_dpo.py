@@ -35,11 +35,16 @@ _LOSS_OPTIONS = ("label_smoothing", "loss_weights", "f_divergence_type", "f_alph
                  "discopop_tau")
 
 
-class _FusedDPOFunction(torch.autograd.Function):
-    """Forward computes loss, sums and all gradients group by group; backward scales them."""
+class _FusedPairFunction(torch.autograd.Function):
+    """Forward computes the pair sums and all gradients group by group; backward scales them.
+
+    Outputs: a 0-valued scalar that carries the gradient (the caller adds it to the detached loss value,
+    computed from the returned sums), and the per-pair chosen / rejected sums (P,), non-differentiable.
+    ``grad_fn(pair_ids, lw, ll, wpo)`` -> (dL/dlw, dL/dll) for the group's pairs.
+    """
 
     @staticmethod
-    def forward(ctx, hidden2, weight, bias, sc: Scored, groups, tokw, rows, pair_fn, P, aux):
+    def forward(ctx, hidden2, weight, bias, sc: Scored, groups, tokw, rows, grad_fn, P, aux):
         """aux: {"stats": bool, "wpo": bool}; filled with per-token stats and per-pair WPO log-weights."""
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
         V = weight.shape[0]
@@ -50,7 +55,6 @@ class _FusedDPOFunction(torch.autograd.Function):
         db = torch.zeros(V, dtype=acc, device=dev) if need_db else None
         chosen = torch.zeros(P, dtype=acc, device=dev)
         rejected = torch.zeros(P, dtype=acc, device=dev)
-        loss = torch.zeros((), dtype=acc, device=dev)
         max_tok = max((g["tok"].numel() for g in groups), default=0)
         buf = torch.empty(max_tok * V, dtype=dt, device=dev)
         first_dw = True
@@ -82,8 +86,7 @@ class _FusedDPOFunction(torch.autograd.Function):
                 wpo_g = _wpo_means(logp, lse, res[5], local, 2 * Pg)
                 aux["wpo_c"][pair_ids], aux["wpo_r"][pair_ids] = wpo_g[0::2], wpo_g[1::2]
                 wpo_g = (wpo_g[0::2], wpo_g[1::2])
-            losses_g, d_c, d_r = pair_fn(pair_ids, lw, ll, wpo_g)
-            loss += losses_g.sum() / P
+            d_c, d_r = grad_fn(pair_ids, lw, ll, wpo_g)
             d_seq = torch.stack([d_c, d_r], dim=1).reshape(-1).to(acc)  # (2Pg,)
             g_tok = d_seq.index_select(0, local)
             if w_t is not None:
@@ -104,12 +107,12 @@ class _FusedDPOFunction(torch.autograd.Function):
         ctx.save_for_backward(dh, dw, None if db is None else db.to(bias.dtype))
         ctx.used = False
         ctx.mark_non_differentiable(chosen, rejected)
-        return loss.to(torch.float32 if acc == torch.float32 else acc), chosen, rejected
+        return torch.zeros((), dtype=acc, device=dev), chosen, rejected
 
     @staticmethod
     def backward(ctx, grad_loss, _gc, _gr):
         if ctx.used:
-            raise RuntimeError("DPOLoss fused path: backward can run once per forward (no retain_graph)")
+            raise RuntimeError("fused preference loss: backward can run once per forward (no retain_graph)")
         ctx.used = True
         dh, dw, db = ctx.saved_tensors
         scale = grad_loss.to(torch.float32)
@@ -263,24 +266,24 @@ class DPOLoss(nn.Module):
         ref_r = None if ref_rejected_logps is None else ref_rejected_logps.detach()
         n_chosen_tokens = len_w.clamp_min(1.0).sum()  # dpo_loss counts |y| = 0 as 1
 
-        def pair_fn(pair_ids, lw, ll, wpo_g):
+        def grad_fn(pair_ids, lw, ll, wpo_g):
             return L.pair_loss_and_grads(
                 lw, ll, None if ref_c is None else ref_c[pair_ids], None if ref_r is None else ref_r[pair_ids],
                 num_pairs=P, num_chosen_tokens=n_chosen_tokens, beta=self.beta, loss_type=self.loss_type,
                 **self.loss_options, chosen_lengths=len_w[pair_ids], rejected_lengths=len_l[pair_ids],
                 use_weighting=self.use_weighting,
                 chosen_wpo_logweights=None if wpo_g is None else wpo_g[0],
-                rejected_wpo_logweights=None if wpo_g is None else wpo_g[1])
+                rejected_wpo_logweights=None if wpo_g is None else wpo_g[1])[1:]
 
         aux = {"stats": self.token_metrics, "wpo": self.use_weighting}
-        loss, chosen, rejected = _FusedDPOFunction.apply(sc.hidden2, weight, bias, sc, groups, tokw, rows,
-                                                         pair_fn, P, aux)
+        carrier, chosen, rejected = _FusedPairFunction.apply(sc.hidden2, weight, bias, sc, groups, tokw, rows,
+                                                             grad_fn, P, aux)
         if self.use_weighting:
             common["chosen_wpo_logweights"], common["rejected_wpo_logweights"] = aux["wpo_c"], aux["wpo_r"]
         with torch.no_grad():
             out = L.dpo_loss(chosen, rejected, ref_c, ref_r, **common, chosen_logits_mean=logit_c,
                              rejected_logits_mean=logit_r, compute_metrics=self.compute_metrics)
-        out.loss = loss
+        out.loss = out.loss.detach() + carrier.to(out.loss.dtype)  # the value, and the gradient's path
         self.last_token_sums = _add_token_metrics(out, aux if self.token_metrics else None, sc, c_seq, r_seq,
                                                   self.compute_metrics)
         return out
