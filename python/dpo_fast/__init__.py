@@ -6,7 +6,8 @@ Public API (see README.md):
   hidden states and the lm_head weight, never allocating the (B, T, V) logits.
 - :func:`logprobs_from_logits` — the same reduction when you already hold logits.
 - :func:`dpo_loss` and the family (:func:`cpo_loss`, :func:`orpo_loss`, :func:`kto_loss`,
-  :func:`bco_loss`, :func:`grpo_loss`), and the fused :class:`DPOLoss` module.
+  :func:`bco_loss`, :func:`grpo_loss`), and the fused :class:`DPOLoss`, :class:`CPOLoss` (CPO/SimPO/AlphaPO)
+  and :class:`ORPOLoss` modules.
 - :func:`pack_pairs` — Rust packing of (prompt, chosen, rejected) triples.
 
 Names are resolved lazily so that ``import dpo_fast`` does no device probing and does not import Triton.
@@ -37,6 +38,8 @@ _LAZY = {
     "bco_loss": "dpo_fast.losses",
     "grpo_loss": "dpo_fast.losses",
     "DPOLoss": "dpo_fast.fused_dpo",
+    "CPOLoss": "dpo_fast.fused_dpo",
+    "ORPOLoss": "dpo_fast.fused_dpo",
     # packing
     "pack_pairs": "dpo_fast.packing",
     "PackedBatch": "dpo_fast.packing",

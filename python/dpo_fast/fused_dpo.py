@@ -438,3 +438,174 @@ def _wpo_means(logp, lse, lse2, seq, num_seqs):
     sums = torch.zeros(num_seqs, dtype=v.dtype, device=v.device).index_add_(0, seq, v)
     cnt = torch.zeros(num_seqs, dtype=v.dtype, device=v.device).index_add_(0, seq, torch.ones_like(v))
     return sums / cnt.clamp_min(1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the reference-free family: CPO / SimPO / AlphaPO and ORPO through the same fused pass
+
+
+def _autograd_pair_grads(total_fn, len_w, len_l, dtype):
+    """grad_fn for :class:`_FusedPairFunction` from any per-pair-decomposable batch loss.
+
+    ``total_fn(lw (P,), ll (P,)) -> scalar``. For a group, the group's sums are placed into full-batch
+    vectors whose other entries are harmless placeholders (ℓ = −|y|, i.e. a mean log-prob of −1), and autograd
+    gives dL/dℓ of the group's entries. That is exact when the loss decomposes per pair given batch constants
+    (P, Σ|y_w|, …), as every loss of this family does: the other entries do not enter these derivatives.
+    """
+    base_w = -len_w.clamp_min(1.0).to(dtype)
+    base_l = -len_l.clamp_min(1.0).to(dtype)
+
+    def grad_fn(pair_ids, lw_g, ll_g, wpo_g):
+        with torch.enable_grad():
+            lw, ll = base_w.clone(), base_l.clone()
+            lw[pair_ids], ll[pair_ids] = lw_g.detach().to(dtype), ll_g.detach().to(dtype)
+            lw.requires_grad_(True)
+            ll.requires_grad_(True)
+            gw, gl = torch.autograd.grad(total_fn(lw, ll), (lw, ll), allow_unused=True)
+        gw = torch.zeros_like(lw) if gw is None else gw
+        gl = torch.zeros_like(ll) if gl is None else gl
+        return gw[pair_ids], gl[pair_ids]
+
+    return grad_fn
+
+
+class _ReferenceFreePairLoss(nn.Module):
+    """Shared forward of the fused reference-free pairwise losses (subclasses define ``_loss``)."""
+
+    def __init__(self, *, ignore_index, temperature, softcap, backend, fused, workspace_bytes, compute_metrics,
+                 token_metrics):
+        super().__init__()
+        if workspace_bytes is not None and (not isinstance(workspace_bytes, int) or workspace_bytes < 1024):
+            raise ValueError(f"workspace_bytes: expected None or an int >= 1024, got {workspace_bytes!r}")
+        self.ignore_index, self.temperature, self.softcap = ignore_index, temperature, softcap
+        self.backend, self.fused, self.workspace_bytes = backend, bool(fused), workspace_bytes
+        self.compute_metrics, self.token_metrics = compute_metrics, bool(token_metrics)
+        self.last_route: str | None = None
+        self.last_token_sums: dict[str, torch.Tensor] | None = None
+
+    def _loss(self, lw, ll, len_w, len_l, logit_c, logit_r, compute_metrics) -> L.DPOOutput:
+        raise NotImplementedError
+
+    def _validate_options(self) -> None:
+        # run the loss once on a tiny batch: a bad option raises now, not at the first training step
+        one = torch.tensor([-2.0])
+        self._loss(one, one - 1, torch.tensor([2.0]), torch.tensor([3.0]), None, None, False)
+
+    @torch.compiler.disable  # data-dependent grouping: run eagerly inside compiled graphs
+    @autocast_aware("hidden", "weight", "bias")
+    def forward(self, hidden, weight, labels, *, bias=None, cu_seqlens=None, pairs=None) -> L.DPOOutput:
+        """Same layouts as :meth:`DPOLoss.forward` (no reference model). Returns a :class:`DPOOutput`."""
+        sc = prepare(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, ignore_index=self.ignore_index,
+                     temperature=self.temperature, softcap=self.softcap)
+        dev = sc.idx.device
+        c_seq, r_seq = _pair_layout(pairs, sc.num_seqs, cu_seqlens is not None, dev)
+        P = c_seq.numel()
+        counts = sc.counts()
+        len_w, len_l = counts[c_seq], counts[r_seq]
+        be = "torch" if sc.hidden2.dtype == torch.float64 else resolve_backend(self.backend, dev)
+        rows = make_rows(be, self.temperature, self.softcap)
+        budget = _config.get_workspace_bytes(dev)
+        logit_c, logit_r = _logits_means(sc, weight, bias, counts, c_seq, r_seq, self.temperature)
+        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+        groups = None
+        if self.fused and needs_grad:
+            groups = _plan_groups(sc, counts, c_seq, r_seq, weight.shape[0], _per_elem_bytes(rows, sc.hidden2.dtype),
+                                  self.workspace_bytes or 8 * budget)
+        if groups is None:  # two-pass route: generic engine + autograd through the loss
+            self.last_route = "two_pass"
+            stats = {} if self.token_metrics else None
+            logp = scored_logprobs(sc, weight, bias, temperature=self.temperature, softcap=self.softcap, backend=be,
+                                   stats_out=stats)
+            seq = torch.zeros(sc.num_seqs, dtype=logp.dtype, device=dev).index_add(0, sc.seq, logp)
+            out = self._loss(seq[c_seq], seq[r_seq], len_w, len_l, logit_c, logit_r, self.compute_metrics)
+        else:
+            self.last_route = "fused"
+            acc = torch.float64 if sc.hidden2.dtype == torch.float64 else torch.float32
+            grad_fn = _autograd_pair_grads(
+                lambda lw, ll: self._loss(lw, ll, len_w, len_l, None, None, False).loss, len_w, len_l, acc)
+            stats = {"stats": self.token_metrics, "wpo": False}
+            carrier, chosen, rejected = _FusedPairFunction.apply(sc.hidden2, weight, bias, sc, groups, None, rows,
+                                                                 grad_fn, P, stats)
+            with torch.no_grad():
+                out = self._loss(chosen, rejected, len_w, len_l, logit_c, logit_r, self.compute_metrics)
+            out.loss = out.loss.detach() + carrier.to(out.loss.dtype)
+            if not self.token_metrics:
+                stats = None
+        self.last_token_sums = _add_token_metrics(out, stats if self.token_metrics else None, sc, c_seq, r_seq,
+                                                  self.compute_metrics)
+        return out
+
+
+class CPOLoss(_ReferenceFreePairLoss):
+    r"""CPO / SimPO / AlphaPO straight from hidden states: :func:`dpo_fast.cpo_loss`, logits never materialised.
+
+    The loss is a mean over pairs plus ``cpo_alpha`` x the chosen token-mean NLL: it decomposes per pair, so
+    the same one-pass fused route as :class:`DPOLoss` applies (3 GEMMs over scored tokens).
+
+    Args:
+        beta, loss_type (``sigmoid`` | ``hinge`` | ``ipo`` | ``simpo``), label_smoothing, simpo_gamma, cpo_alpha,
+            alpha: as in :func:`dpo_fast.cpo_loss` (SimPO proper: ``loss_type="simpo", cpo_alpha=0``).
+        ignore_index, temperature, softcap, backend, fused, workspace_bytes, compute_metrics, token_metrics:
+            as in :class:`DPOLoss`.
+
+    Forward:
+        ``(hidden, weight, labels, *, bias=None, cu_seqlens=None, pairs=None)`` with :class:`DPOLoss`'s layouts;
+        sequence lengths (for the length-averaged ``simpo``/``ipo`` and the NLL) are the scored-token counts.
+
+    Examples::
+
+        >>> out = dpo_fast.CPOLoss(beta=2.0, loss_type="simpo", simpo_gamma=0.5, cpo_alpha=0.0)(h, W, labels)
+        >>> out.loss.backward()
+    """
+
+    def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", *, label_smoothing: float = 0.0,
+                 simpo_gamma: float = 0.5, cpo_alpha: float = 1.0, alpha: float = 0.0, ignore_index: int = -100,
+                 temperature: float = 1.0, softcap: float | None = None, backend: str = "auto", fused: bool = True,
+                 workspace_bytes: int | None = None, compute_metrics: bool = True, token_metrics: bool = False):
+        super().__init__(ignore_index=ignore_index, temperature=temperature, softcap=softcap, backend=backend,
+                         fused=fused, workspace_bytes=workspace_bytes, compute_metrics=compute_metrics,
+                         token_metrics=token_metrics)
+        self.options = dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+                            simpo_gamma=simpo_gamma, cpo_alpha=cpo_alpha, alpha=alpha)
+        self._validate_options()
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items()) + f", fused={self.fused}"
+
+    def _loss(self, lw, ll, len_w, len_l, logit_c, logit_r, compute_metrics):
+        return L.cpo_loss(lw, ll, **self.options, chosen_lengths=len_w, rejected_lengths=len_l,
+                          chosen_logits_mean=logit_c, rejected_logits_mean=logit_r, compute_metrics=compute_metrics)
+
+
+class ORPOLoss(_ReferenceFreePairLoss):
+    r"""ORPO straight from hidden states: :func:`dpo_fast.orpo_loss`, logits never materialised.
+
+    ``NLL(chosen) − β · mean log σ(log odds)`` decomposes per pair (the NLL is a token mean over the batch, a
+    constant denominator), so the one-pass fused route of :class:`DPOLoss` applies.
+
+    Args:
+        beta: β > 0 (ORPO's λ).
+        ignore_index, temperature, softcap, backend, fused, workspace_bytes, compute_metrics, token_metrics:
+            as in :class:`DPOLoss`.
+
+    Examples::
+
+        >>> out = dpo_fast.ORPOLoss(beta=0.1)(h, W, labels)
+        >>> out.loss.backward()
+    """
+
+    def __init__(self, beta: float = 0.1, *, ignore_index: int = -100, temperature: float = 1.0,
+                 softcap: float | None = None, backend: str = "auto", fused: bool = True,
+                 workspace_bytes: int | None = None, compute_metrics: bool = True, token_metrics: bool = False):
+        super().__init__(ignore_index=ignore_index, temperature=temperature, softcap=softcap, backend=backend,
+                         fused=fused, workspace_bytes=workspace_bytes, compute_metrics=compute_metrics,
+                         token_metrics=token_metrics)
+        self.beta = beta
+        self._validate_options()
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, fused={self.fused}"
+
+    def _loss(self, lw, ll, len_w, len_l, logit_c, logit_r, compute_metrics):
+        return L.orpo_loss(lw, ll, chosen_lengths=len_w, rejected_lengths=len_l, beta=self.beta,
+                           chosen_logits_mean=logit_c, rejected_logits_mean=logit_r, compute_metrics=compute_metrics)
