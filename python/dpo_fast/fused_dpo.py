@@ -28,98 +28,45 @@ from . import _config
 from . import losses as L
 from ._rowops import make_rows, resolve_backend
 from ._validate import autocast_aware, check_tensor
-from .logprobs import (STAT_KEYS, Scored, _linear_into, _per_elem_bytes, _tile, forward_tokens, prepare,
-                       scored_logprobs)
+from ._fused import FusedLogitsPass, plan_groups
+from .logprobs import Scored, _per_elem_bytes, forward_tokens, prepare, scored_logprobs
 
 _LOSS_OPTIONS = ("label_smoothing", "loss_weights", "f_divergence_type", "f_alpha_divergence_coef",
                  "discopop_tau")
 
 
-class _FusedPairFunction(torch.autograd.Function):
-    """Forward computes the pair sums and all gradients group by group; backward scales them.
+def _pair_group_grad(P: int, dtype, tokw, grad_fn, wpo: bool, aux: dict):
+    """``group_grad`` for :class:`FusedLogitsPass` over groups of whole pairs.
 
-    Outputs: a 0-valued scalar that carries the gradient (the caller adds it to the detached loss value,
-    computed from the returned sums), and the per-pair chosen / rejected sums (P,), non-differentiable.
-    ``grad_fn(pair_ids, lw, ll, wpo)`` -> (dL/dlw, dL/dll) for the group's pairs.
+    Per group: the pair sums (LD-DPO token weights applied), WPO log-weights from the same pass, then
+    ``grad_fn(pair_ids, lw, ll, wpo)`` -> (dL/dlw, dL/dll), spread to the tokens. Fills ``aux`` with the
+    (P,) ``chosen`` / ``rejected`` sums and, with WPO, ``wpo_c`` / ``wpo_r``.
     """
+    dev = aux["device"]
+    aux["chosen"], aux["rejected"] = torch.zeros(P, dtype=dtype, device=dev), torch.zeros(P, dtype=dtype, device=dev)
+    if wpo:
+        aux["wpo_c"], aux["wpo_r"] = torch.zeros(P, dtype=dtype, device=dev), torch.zeros(P, dtype=dtype, device=dev)
 
-    @staticmethod
-    def forward(ctx, hidden2, weight, bias, sc: Scored, groups, tokw, rows, grad_fn, P, aux):
-        """aux: {"stats": bool, "wpo": bool}; filled with per-token stats and per-pair WPO log-weights."""
-        need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
-        V = weight.shape[0]
-        dev, dt = hidden2.device, hidden2.dtype
-        acc = torch.float64 if dt == torch.float64 else torch.float32
-        dh = torch.zeros_like(hidden2, memory_format=torch.contiguous_format) if need_dh else None
-        dw = torch.zeros_like(weight, memory_format=torch.contiguous_format) if need_dw else None
-        db = torch.zeros(V, dtype=acc, device=dev) if need_db else None
-        chosen = torch.zeros(P, dtype=acc, device=dev)
-        rejected = torch.zeros(P, dtype=acc, device=dev)
-        max_tok = max((g["tok"].numel() for g in groups), default=0)
-        buf = torch.empty(max_tok * V, dtype=dt, device=dev)
-        first_dw = True
-        want_stats = aux["stats"] or aux["wpo"]
-        if want_stats:
-            for k in STAT_KEYS:
-                aux[k] = torch.empty(sc.idx.numel(), dtype=acc, device=dev)
-        if aux["wpo"]:
-            aux["wpo_c"], aux["wpo_r"] = torch.zeros(P, dtype=acc, device=dev), torch.zeros(P, dtype=acc, device=dev)
-        for g in groups:
-            tok, local, pair_ids = g["tok"], g["local"], g["pairs"]
-            n, Pg = tok.numel(), pair_ids.numel()
-            rows_idx = sc.idx.index_select(0, tok)  # (n,) flat positions
-            lab = sc.labels.index_select(0, tok)
-            hc = hidden2.index_select(0, rows_idx)  # (n, H)
-            z = _linear_into(_tile(buf, n, V), hc, weight, bias)  # (n, V), GEMM 1
-            res = rows.fwd_for_grad(z, lab, stats=want_stats)  # keeps what the gradient needs
-            logp, lse, state = res[0], res[1], res[-1]  # (n,) each
-            if want_stats:
-                for k, v in zip(STAT_KEYS, res[2:6]):
-                    aux[k][tok] = v
-            w_t = None if tokw is None else tokw.index_select(0, tok)
-            sums = torch.zeros(2 * Pg, dtype=acc, device=dev).index_add_(
-                0, local, logp if w_t is None else logp * w_t)  # (2Pg,): [c0, r0, c1, r1, ...]
-            lw, ll = sums[0::2], sums[1::2]
-            chosen[pair_ids], rejected[pair_ids] = lw, ll
-            wpo_g = None
-            if aux["wpo"]:  # WPO log-weights of the group's pairs, from this same pass (lse(2z) included)
-                wpo_g = _wpo_means(logp, lse, res[5], local, 2 * Pg)
-                aux["wpo_c"][pair_ids], aux["wpo_r"][pair_ids] = wpo_g[0::2], wpo_g[1::2]
-                wpo_g = (wpo_g[0::2], wpo_g[1::2])
-            d_c, d_r = grad_fn(pair_ids, lw, ll, wpo_g)
-            d_seq = torch.stack([d_c, d_r], dim=1).reshape(-1).to(acc)  # (2Pg,)
-            g_tok = d_seq.index_select(0, local)
-            if w_t is not None:
-                g_tok = g_tok * w_t
-            if not (need_dh or need_dw or need_db):
-                continue
-            dz = rows.grad_after_fwd(z, lab, lse, g_tok.contiguous(), state)  # (n, V), in place in the tile
-            if need_dh:
-                dh.index_copy_(0, rows_idx, torch.mm(dz, weight))  # GEMM 2
-            if need_dw:  # GEMM 3; later groups add into the weight-dtype gradient (one rounding each)
-                if first_dw:
-                    torch.mm(dz.t(), hc, out=dw)
-                else:
-                    dw.addmm_(dz.t(), hc)
-                first_dw = False
-            if need_db:
-                db += dz.to(acc).sum(0)
-        ctx.save_for_backward(dh, dw, None if db is None else db.to(bias.dtype))
-        ctx.used = False
-        ctx.mark_non_differentiable(chosen, rejected)
-        return torch.zeros((), dtype=acc, device=dev), chosen, rejected
+    def group_grad(g, res):
+        tok, local, pair_ids = g["tok"], g["local"], g["units"]
+        logp, lse = res[0].to(dtype), res[1]
+        Pg = pair_ids.numel()
+        w_t = None if tokw is None else tokw.index_select(0, tok)
+        sums = torch.zeros(2 * Pg, dtype=dtype, device=dev).index_add_(
+            0, local, logp if w_t is None else logp * w_t)  # (2Pg,): [c0, r0, c1, r1, ...]
+        lw, ll = sums[0::2], sums[1::2]
+        aux["chosen"][pair_ids], aux["rejected"][pair_ids] = lw, ll
+        wpo_g = None
+        if wpo:  # WPO log-weights of the group's pairs, from this same pass (lse(2z) included)
+            m = _wpo_means(logp, lse, res[5], local, 2 * Pg)
+            aux["wpo_c"][pair_ids], aux["wpo_r"][pair_ids] = m[0::2], m[1::2]
+            wpo_g = (m[0::2], m[1::2])
+        d_c, d_r = grad_fn(pair_ids, lw, ll, wpo_g)
+        d_seq = torch.stack([d_c, d_r], dim=1).reshape(-1).to(dtype)  # (2Pg,)
+        g_tok = d_seq.index_select(0, local)
+        return g_tok if w_t is None else g_tok * w_t
 
-    @staticmethod
-    def backward(ctx, grad_loss, _gc, _gr):
-        if ctx.used:
-            raise RuntimeError("fused preference loss: backward can run once per forward (no retain_graph)")
-        ctx.used = True
-        dh, dw, db = ctx.saved_tensors
-        scale = grad_loss.to(torch.float32)
-        dh = None if dh is None else dh.mul_(scale.to(dh.dtype))  # in place: the forward's gradients are ours
-        dw = None if dw is None else dw.mul_(scale.to(dw.dtype))
-        db = None if db is None else db.mul_(scale.to(db.dtype))
-        return dh, dw, db, None, None, None, None, None, None, None
+    return group_grad
 
 
 class DPOLoss(nn.Module):
@@ -240,8 +187,8 @@ class DPOLoss(nn.Module):
         groups = None
         if self.fused and needs_grad and L.is_pair_decomposable(self.loss_type):
             group_budget = self.workspace_bytes or 8 * budget
-            groups = _plan_groups(sc, counts, c_seq, r_seq, weight.shape[0],
-                                  _per_elem_bytes(rows, sc.hidden2.dtype), group_budget)
+            groups = plan_groups(sc, counts, torch.stack([c_seq, r_seq], 1), weight.shape[0],
+                                 _per_elem_bytes(rows, sc.hidden2.dtype), group_budget)
 
         stats = {} if (self.token_metrics or self.use_weighting) else None
         if groups is None:  # two-pass route: generic engine + autograd through dpo_loss
@@ -275,9 +222,12 @@ class DPOLoss(nn.Module):
                 chosen_wpo_logweights=None if wpo_g is None else wpo_g[0],
                 rejected_wpo_logweights=None if wpo_g is None else wpo_g[1])[1:]
 
-        aux = {"stats": self.token_metrics, "wpo": self.use_weighting}
-        carrier, chosen, rejected = _FusedPairFunction.apply(sc.hidden2, weight, bias, sc, groups, tokw, rows,
-                                                             grad_fn, P, aux)
+        acc = torch.float64 if sc.hidden2.dtype == torch.float64 else torch.float32
+        aux = {"device": dev}
+        group_grad = _pair_group_grad(P, acc, tokw, grad_fn, self.use_weighting, aux)
+        carrier = FusedLogitsPass.apply(sc.hidden2, weight, bias, sc, groups, rows, group_grad,
+                                        self.token_metrics or self.use_weighting, aux)
+        chosen, rejected = aux["chosen"], aux["rejected"]
         if self.use_weighting:
             common["chosen_wpo_logweights"], common["rejected_wpo_logweights"] = aux["wpo_c"], aux["wpo_r"]
         with torch.no_grad():
@@ -380,38 +330,6 @@ def _ld_token_weights(sc: Scored, counts, c_seq, r_seq, alpha: float) -> torch.T
     return w.to(torch.float64 if sc.hidden2.dtype == torch.float64 else torch.float32)
 
 
-def _plan_groups(sc: Scored, counts, c_seq, r_seq, V: int, per_elem: int, budget: int):
-    """Greedy groups of consecutive pairs whose logits fit ``budget``; None if one pair alone does not."""
-    cnt = counts.to("cpu", torch.int64)
-    cw, cr = cnt[c_seq.cpu()], cnt[r_seq.cpu()]
-    per_pair = (cw + cr).tolist()
-    max_tokens = budget // (V * per_elem)
-    if max(per_pair) > max_tokens:
-        return None
-    start = (torch.cumsum(cnt, 0) - cnt)
-    groups, cur, cur_tok = [], [], 0
-    for i, t in enumerate(per_pair):
-        if cur and cur_tok + t > max_tokens:
-            groups.append(cur)
-            cur, cur_tok = [], 0
-        cur.append(i)
-        cur_tok += t
-    if cur:
-        groups.append(cur)
-    dev = sc.idx.device
-    out = []
-    for pids in groups:
-        pid = torch.tensor(pids, dtype=torch.int64)
-        seqs = torch.stack([c_seq.cpu()[pid], r_seq.cpu()[pid]], 1).reshape(-1)  # (2Pg,) [c0, r0, c1, r1..]
-        lens = cnt[seqs]
-        total = int(lens.sum())
-        local = torch.repeat_interleave(torch.arange(seqs.numel()), lens)  # (n,) local sequence id
-        offs = torch.cumsum(lens, 0) - lens
-        tok = start[seqs][local] + (torch.arange(total) - offs[local])  # (n,) index into scored arrays
-        out.append({"tok": tok.to(dev), "local": local.to(dev), "pairs": pid.to(dev)})
-    return out
-
-
 def _logits_means(sc: Scored, weight, bias, counts, c_seq, r_seq, temperature):
     """(P,) mean over each sequence's scored tokens of the vocab-mean logit h·mean_v(W_v) + mean(b).
 
@@ -445,7 +363,7 @@ def _wpo_means(logp, lse, lse2, seq, num_seqs):
 
 
 def _autograd_pair_grads(total_fn, len_w, len_l, dtype):
-    """grad_fn for :class:`_FusedPairFunction` from any per-pair-decomposable batch loss.
+    """grad_fn for :func:`_pair_group_grad` from any per-pair-decomposable batch loss.
 
     ``total_fn(lw (P,), ll (P,)) -> scalar``. For a group, the group's sums are placed into full-batch
     vectors whose other entries are harmless placeholders (ℓ = −|y|, i.e. a mean log-prob of −1), and autograd
@@ -509,8 +427,8 @@ class _ReferenceFreePairLoss(nn.Module):
         needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
         groups = None
         if self.fused and needs_grad:
-            groups = _plan_groups(sc, counts, c_seq, r_seq, weight.shape[0], _per_elem_bytes(rows, sc.hidden2.dtype),
-                                  self.workspace_bytes or 8 * budget)
+            groups = plan_groups(sc, counts, torch.stack([c_seq, r_seq], 1), weight.shape[0],
+                                 _per_elem_bytes(rows, sc.hidden2.dtype), self.workspace_bytes or 8 * budget)
         if groups is None:  # two-pass route: generic engine + autograd through the loss
             self.last_route = "two_pass"
             stats = {} if self.token_metrics else None
@@ -523,14 +441,14 @@ class _ReferenceFreePairLoss(nn.Module):
             acc = torch.float64 if sc.hidden2.dtype == torch.float64 else torch.float32
             grad_fn = _autograd_pair_grads(
                 lambda lw, ll: self._loss(lw, ll, len_w, len_l, None, None, False).loss, len_w, len_l, acc)
-            stats = {"stats": self.token_metrics, "wpo": False}
-            carrier, chosen, rejected = _FusedPairFunction.apply(sc.hidden2, weight, bias, sc, groups, None, rows,
-                                                                 grad_fn, P, stats)
+            stats = {"device": dev}
+            group_grad = _pair_group_grad(P, acc, None, grad_fn, False, stats)
+            carrier = FusedLogitsPass.apply(sc.hidden2, weight, bias, sc, groups, rows, group_grad,
+                                            self.token_metrics, stats)
             with torch.no_grad():
-                out = self._loss(chosen, rejected, len_w, len_l, logit_c, logit_r, self.compute_metrics)
+                out = self._loss(stats["chosen"], stats["rejected"], len_w, len_l, logit_c, logit_r,
+                                 self.compute_metrics)
             out.loss = out.loss.detach() + carrier.to(out.loss.dtype)
-            if not self.token_metrics:
-                stats = None
         self.last_token_sums = _add_token_metrics(out, stats if self.token_metrics else None, sc, c_seq, r_seq,
                                                   self.compute_metrics)
         return out

@@ -1,0 +1,139 @@
+"""The one-pass fused route shared by the loss modules (DPOLoss, CPOLoss, ORPOLoss, GRPOLoss).
+
+A loss whose gradient w.r.t. each scored token's log-prob depends only on a small *unit* of sequences (a
+preference pair, or one sampled completion) can be computed in a single pass over the logits: for a group
+of whole units whose logits fit the workspace,
+
+    z = h W^T (+b)          GEMM 1   (n x V tile, kept)
+    logp, lse = rows(z)     row pass: per-token log-probs (+ token stats)
+    g = dL/dlogp per token  the loss's callback, from the group's log-probs and batch constants
+    dz = g (onehot - softmax(z)) in place on the tile
+    dh = dz W               GEMM 2      dW += dz^T h   GEMM 3
+
+Three GEMM-equivalents over scored tokens instead of the generic engine's four; the gradients are produced
+in forward and scaled by grad_output in backward. The forward returns a 0-valued scalar that carries the
+gradient; callers add it to the (detached) loss value they compute from the sums.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .logprobs import STAT_KEYS, Scored, _linear_into, _tile
+
+
+class FusedLogitsPass(torch.autograd.Function):
+    """One pass over the logits of ``groups`` of scored tokens; the gradient comes from ``group_grad``.
+
+    Args (forward):
+        hidden2 (M, H), weight (V, H), bias (V,) | None: the head's operands (one dtype).
+        sc: the prepared batch (:class:`dpo_fast.logprobs.Scored`).
+        groups: list of dicts with at least ``tok`` (n,) int64 indices into the scored arrays.
+        rows: backend row ops (``fwd_for_grad`` / ``grad_after_fwd``).
+        group_grad: ``(group, res) -> g_tok (n,)``, with ``res = (logp, lse, *stats)`` of the group's tokens.
+        want_stats: also compute per-token stats (:data:`STAT_KEYS`) into ``aux``.
+        aux: dict the pass fills with the per-token stats, (N,) each.
+    Returns:
+        a 0-valued scalar (float32/float64) whose backward scales the gradients computed here.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden2, weight, bias, sc: Scored, groups, rows, group_grad, want_stats, aux):
+        need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
+        V = weight.shape[0]
+        dev, dt = hidden2.device, hidden2.dtype
+        acc = torch.float64 if dt == torch.float64 else torch.float32
+        dh = torch.zeros_like(hidden2, memory_format=torch.contiguous_format) if need_dh else None
+        dw = torch.zeros_like(weight, memory_format=torch.contiguous_format) if need_dw else None
+        db = torch.zeros(V, dtype=acc, device=dev) if need_db else None
+        max_tok = max((g["tok"].numel() for g in groups), default=0)
+        buf = torch.empty(max_tok * V, dtype=dt, device=dev)
+        if want_stats:
+            for k in STAT_KEYS:
+                aux[k] = torch.zeros(sc.idx.numel(), dtype=acc, device=dev)
+        first_dw = True
+        for g in groups:
+            tok = g["tok"]
+            n = tok.numel()
+            if n == 0:
+                group_grad(g, (torch.zeros(0, dtype=acc, device=dev),) * (6 if want_stats else 2))
+                continue
+            rows_idx = sc.idx.index_select(0, tok)  # (n,) flat positions
+            lab = sc.labels.index_select(0, tok)
+            hc = hidden2.index_select(0, rows_idx)  # (n, H)
+            z = _linear_into(_tile(buf, n, V), hc, weight, bias)  # (n, V), GEMM 1
+            res = rows.fwd_for_grad(z, lab, stats=want_stats)  # keeps what the gradient needs
+            state = res[-1]
+            if want_stats:
+                for k, v in zip(STAT_KEYS, res[2:6]):
+                    aux[k][tok] = v
+            g_tok = group_grad(g, res[:-1]).to(acc).contiguous()  # (n,)
+            if not (need_dh or need_dw or need_db):
+                continue
+            dz = rows.grad_after_fwd(z, lab, res[1], g_tok, state)  # (n, V), in place in the tile
+            if need_dh:
+                dh.index_copy_(0, rows_idx, torch.mm(dz, weight))  # GEMM 2
+            if need_dw:  # GEMM 3; later groups add into the weight-dtype gradient (one rounding each)
+                if first_dw:
+                    torch.mm(dz.t(), hc, out=dw)
+                else:
+                    dw.addmm_(dz.t(), hc)
+                first_dw = False
+            if need_db:
+                db += dz.to(acc).sum(0)
+        ctx.save_for_backward(dh, dw, None if db is None else db.to(bias.dtype))
+        ctx.used = False
+        return torch.zeros((), dtype=acc, device=dev)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.used:
+            raise RuntimeError("fused preference loss: backward can run once per forward (no retain_graph)")
+        ctx.used = True
+        dh, dw, db = ctx.saved_tensors
+        # in place: the gradients were made by this forward and are used once
+        dh = None if dh is None else dh.mul_(grad_out.to(dh.dtype))
+        dw = None if dw is None else dw.mul_(grad_out.to(dw.dtype))
+        db = None if db is None else db.mul_(grad_out.to(db.dtype))
+        return dh, dw, db, None, None, None, None, None, None
+
+
+def plan_groups(sc: Scored, counts: torch.Tensor, units: torch.Tensor, V: int, per_elem: int, budget: int):
+    """Greedy groups of consecutive *units* (rows of ``units``: sequence indices) whose logits fit ``budget``.
+
+    Args:
+        counts: (S,) scored tokens per sequence. units: (U, k) int64 sequence indices (pairs: k = 2).
+        per_elem: workspace bytes per logits element; budget: bytes for one group's logits.
+    Returns:
+        None if a single unit's logits exceed the budget; else a list of dicts with ``tok`` (n,) indices into
+        the scored arrays, ``local`` (n,) position of each token's sequence in the group's flattened
+        ``units[group]`` (unit-major: [u0s0, u0s1, u1s0, ...]), and ``units`` (G,) the group's unit ids.
+    """
+    cnt = counts.to("cpu", torch.int64)
+    units_cpu = units.to("cpu", torch.int64)
+    per_unit = cnt[units_cpu].sum(1).tolist()
+    max_tokens = budget // (V * per_elem)
+    if per_unit and max(per_unit) > max_tokens:
+        return None
+    start = torch.cumsum(cnt, 0) - cnt
+    groups, cur, cur_tok = [], [], 0
+    for i, t in enumerate(per_unit):
+        if cur and cur_tok + t > max_tokens:
+            groups.append(cur)
+            cur, cur_tok = [], 0
+        cur.append(i)
+        cur_tok += t
+    if cur:
+        groups.append(cur)
+    dev = sc.idx.device
+    out = []
+    for uids in groups:
+        uid = torch.tensor(uids, dtype=torch.int64)
+        seqs = units_cpu[uid].reshape(-1)  # (G*k,) unit-major
+        lens = cnt[seqs]
+        total = int(lens.sum())
+        local = torch.repeat_interleave(torch.arange(seqs.numel()), lens)  # (n,)
+        offs = torch.cumsum(lens, 0) - lens
+        tok = start[seqs][local] + (torch.arange(total) - offs[local])  # (n,) index into scored arrays
+        out.append({"tok": tok.to(dev), "local": local.to(dev), "units": uid.to(dev)})
+    return out
