@@ -1,0 +1,147 @@
+"""``GRPOLoss``: GRPO-family policy-gradient loss straight from hidden states, in one pass over the logits.
+
+The per-token GRPO loss (clipped importance ratio x advantage, optional KL to a reference) depends on a
+token's own log-prob — or, with ``importance_sampling_level="sequence"`` (GSPO), on its sequence's mean — and
+on batch constants (the aggregation's denominators). So for a group of whole sequences, dL/dlog p_t is known
+as soon as the group's log-probs are: the one-pass fused route of :mod:`dpo_fast._fused` applies (3 GEMMs
+over completion tokens instead of 4, logits never materialised). The per-token derivatives come from
+autograd of :func:`dpo_fast.grpo_loss` on (B, T) vectors, the other sequences held at placeholder values
+that do not enter them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import _config
+from . import losses as L
+from ._fused import FusedLogitsPass, plan_groups
+from ._rowops import make_rows, resolve_backend
+from ._validate import autocast_aware
+from .logprobs import _per_elem_bytes, prepare, scored_logprobs
+
+
+class GRPOLoss(nn.Module):
+    r"""GRPO / DAPO / Dr. GRPO / GSPO loss from last hidden states and the lm_head weight.
+
+    Args:
+        beta, epsilon_low, epsilon_high, importance_sampling_level (``token`` | ``sequence``), loss_type
+            (``grpo`` | ``bnpo`` | ``dr_grpo`` | ``dapo``), max_completion_length: as in
+            :func:`dpo_fast.grpo_loss`.
+        ignore_index, temperature, softcap, backend: as in :func:`dpo_fast.sequence_logprobs` (use the
+            sampling temperature here, as TRL does).
+        fused: use the one-pass route when possible (default True).
+        workspace_bytes: bytes for one group of whole sequences' logits (default 8 x the engine workspace);
+            a sequence that does not fit alone sends the batch to the two-pass route.
+        compute_metrics: fill ``metrics`` (``kl``, ``clip_ratio/*``; one host sync).
+        token_metrics: also log ``entropy`` (mean over completion tokens), from the same pass.
+
+    Forward:
+        hidden: (B, T, H) last hidden states of prompt + sampled completion; weight: (V, H);
+        labels: (B, T) shifted completion tokens, ``ignore_index`` elsewhere (they define the mask);
+        advantages: (B,); old_logps, ref_logps: optional (B, T) per-token log-probs (``ref_logps`` required
+        when beta != 0); bias: optional (V,); num_items_in_batch: for ``dapo``.
+
+    Returns:
+        :class:`dpo_fast.losses.GRPOOutput`: ``loss`` differentiable w.r.t. hidden, weight and bias;
+        ``per_token_loss`` (B, T) detached on the fused route.
+
+    Examples::
+
+        >>> out = dpo_fast.GRPOLoss(loss_type="dapo", epsilon_high=0.28)(hidden, W, labels, advantages)
+        >>> out.loss.backward()
+    """
+
+    def __init__(self, beta: float = 0.0, epsilon_low: float = 0.2, epsilon_high: float | None = None, *,
+                 importance_sampling_level: str = "token", loss_type: str = "grpo",
+                 max_completion_length: int | None = None, ignore_index: int = -100, temperature: float = 1.0,
+                 softcap: float | None = None, backend: str = "auto", fused: bool = True,
+                 workspace_bytes: int | None = None, compute_metrics: bool = True, token_metrics: bool = False):
+        super().__init__()
+        if workspace_bytes is not None and (not isinstance(workspace_bytes, int) or workspace_bytes < 1024):
+            raise ValueError(f"workspace_bytes: expected None or an int >= 1024, got {workspace_bytes!r}")
+        self.options = dict(beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
+                            importance_sampling_level=importance_sampling_level, loss_type=loss_type,
+                            max_completion_length=max_completion_length)
+        self.ignore_index, self.temperature, self.softcap = ignore_index, temperature, softcap
+        self.backend, self.fused, self.workspace_bytes = backend, bool(fused), workspace_bytes
+        self.compute_metrics, self.token_metrics = compute_metrics, bool(token_metrics)
+        self.last_route: str | None = None
+        # validate the options now: a bad config fails at construction, not at the first step
+        one = torch.zeros(1, 2)
+        L.grpo_loss(one, torch.zeros(1), torch.ones(1, 2), None, None if beta == 0 else one,
+                    **self.options, compute_metrics=False)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items()) + f", fused={self.fused}"
+
+    def _loss(self, logps, advantages, mask, old_logps, ref_logps, num_items_in_batch, compute_metrics):
+        return L.grpo_loss(logps, advantages, mask, old_logps, ref_logps, **self.options,
+                           num_items_in_batch=num_items_in_batch, compute_metrics=compute_metrics)
+
+    @torch.compiler.disable  # data-dependent grouping: run eagerly inside compiled graphs
+    @autocast_aware("hidden", "weight", "bias")
+    def forward(self, hidden, weight, labels, advantages, old_logps=None, ref_logps=None, *, bias=None,
+                num_items_in_batch=None) -> L.GRPOOutput:
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+            raise ValueError(f"hidden: expected a padded (B, T, H) tensor, got "
+                             f"{getattr(hidden, 'shape', type(hidden).__name__)}")
+        sc = prepare(hidden, weight, labels, bias=bias, ignore_index=self.ignore_index,
+                     temperature=self.temperature, softcap=self.softcap)
+        B, T = labels.shape
+        dev = sc.idx.device
+        mask = labels != self.ignore_index
+        for name, t in (("old_logps", old_logps), ("ref_logps", ref_logps)):
+            if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != (B, T)):
+                raise ValueError(f"{name}: expected shape ({B}, {T}) like labels, got "
+                                 f"{tuple(getattr(t, 'shape', ()))}")
+        be = "torch" if sc.hidden2.dtype == torch.float64 else resolve_backend(self.backend, dev)
+        rows = make_rows(be, self.temperature, self.softcap)
+        acc = torch.float64 if sc.hidden2.dtype == torch.float64 else torch.float32
+        budget = _config.get_workspace_bytes(dev)
+        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+        groups = None
+        if self.fused and needs_grad:
+            counts = sc.counts()
+            groups = plan_groups(sc, counts, torch.arange(B, device=dev)[:, None], weight.shape[0],
+                                 _per_elem_bytes(rows, sc.hidden2.dtype), self.workspace_bytes or 8 * budget)
+        stats = {} if self.token_metrics else None
+        if groups is None:  # two-pass route: generic engine + autograd through grpo_loss
+            self.last_route = "two_pass"
+            logp = scored_logprobs(sc, weight, bias, temperature=self.temperature, softcap=self.softcap,
+                                   backend=be, stats_out=stats)
+            tok = torch.zeros(B * T, dtype=logp.dtype, device=dev).index_copy(0, sc.idx, logp).view(B, T)
+            out = self._loss(tok, advantages, mask, old_logps, ref_logps, num_items_in_batch, self.compute_metrics)
+        else:
+            self.last_route = "fused"
+            # placeholders for tokens outside a group: any finite value (they do not enter its derivatives)
+            base = (torch.zeros(B * T, dtype=acc, device=dev) if old_logps is None
+                    else old_logps.detach().reshape(-1).to(acc).clone())
+            final = torch.zeros(B * T, dtype=acc, device=dev)
+
+            def group_grad(g, res):
+                pos = sc.idx.index_select(0, g["tok"])  # (n,) flat (B*T) positions
+                lp = res[0].detach().to(acc)
+                final[pos] = lp
+                with torch.enable_grad():
+                    cur = base.clone()
+                    cur[pos] = lp
+                    cur.requires_grad_(True)
+                    total = self._loss(cur.view(B, T), advantages, mask, old_logps, ref_logps, num_items_in_batch,
+                                       False).loss
+                    (grad,) = torch.autograd.grad(total, cur)
+                return grad.index_select(0, pos)
+
+            aux = {}
+            carrier = FusedLogitsPass.apply(sc.hidden2, weight, bias, sc, groups, rows, group_grad,
+                                            self.token_metrics, aux)
+            with torch.no_grad():
+                out = self._loss(final.view(B, T), advantages, mask, old_logps, ref_logps, num_items_in_batch,
+                                 self.compute_metrics)
+            out.loss = out.loss.detach() + carrier.to(out.loss.dtype)
+            stats = aux if self.token_metrics else None
+        if stats is not None and self.compute_metrics:
+            n = max(sc.idx.numel(), 1)
+            out.metrics["entropy"] = float(stats["entropy"].sum()) / n
+        return out

@@ -1,0 +1,100 @@
+"""GRPOLoss: the fused route equals grpo_loss(token_logprobs(...)) — loss, gradients, metrics."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import dpo_fast
+from helpers import assert_close, random_labels
+from test_logprobs import _CountMM
+
+CONFIGS = [
+    dict(),
+    dict(loss_type="dapo", epsilon_high=0.28),
+    dict(loss_type="bnpo", importance_sampling_level="sequence"),
+    dict(loss_type="dr_grpo", beta=0.04, max_completion_length=12),
+]
+
+
+def _batch(seed, B=4, T=9, H=12, V=61):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(B, T, H, generator=g)
+    w = torch.randn(V, H, generator=g) / 3
+    b = torch.randn(V, generator=g) * 0.1
+    labels = random_labels((B, T), V, 0.1, g)
+    labels[:, :3] = -100  # prompt
+    labels[1, 6:] = -100  # a shorter completion
+    adv = torch.randn(B, generator=g)
+    old = torch.randn(B, T, generator=g) * 0.3 - 4
+    ref = torch.randn(B, T, generator=g) * 0.3 - 4
+    return h, w, b, labels, adv, old, ref
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("cfg,use_old", list(itertools.product(range(len(CONFIGS)), [False, True])))
+def test_fused_grpo_equals_composition(cfg, use_old, backend):
+    kw = CONFIGS[cfg]
+    h, w, b, labels, adv, old, ref = _batch(cfg * 2 + use_old)
+    old_ = old if use_old else None
+    ref_ = ref if kw.get("beta") else None
+    hh, ww, bb = (x.clone().requires_grad_() for x in (h, w, b))
+    tok = dpo_fast.token_logprobs(hh, ww, labels, bias=bb, backend="torch")
+    expect = dpo_fast.grpo_loss(tok, adv, labels != -100, old_, ref_, **kw)
+    expect.loss.backward()
+    ref_grads = (hh.grad, ww.grad, bb.grad)
+    m = dpo_fast.GRPOLoss(backend=backend, workspace_bytes=14 * w.shape[0] * 8, **kw)  # ~2 sequences per group
+    hh, ww, bb = (x.clone().requires_grad_() for x in (h, w, b))
+    out = m(hh, ww, labels, adv, old_, ref_, bias=bb)
+    assert m.last_route == "fused"
+    out.loss.backward()
+    assert_close(out.loss, expect.loss, torch.float32, "loss")
+    assert_close(out.per_token_loss, expect.per_token_loss, torch.float32, "per-token loss")
+    for g, r, n in zip((hh.grad, ww.grad, bb.grad), ref_grads, "hwb"):
+        assert_close(g, r, torch.float32, f"d{n}")
+    for k, v in expect.metrics.items():
+        assert out.metrics[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
+
+
+def test_grpo_gemm_counts_and_fallbacks():
+    h, w, b, labels, adv, old, ref = _batch(11)
+    results = []
+    for fused, gemms in ((True, 3), (False, 4)):
+        hh = h.clone().requires_grad_()
+        ww = w.clone().requires_grad_()
+        m = dpo_fast.GRPOLoss(fused=fused, loss_type="dapo", compute_metrics=False)
+        with _CountMM() as c:
+            out = m(hh, ww, labels, adv, old)
+            out.loss.backward()
+        assert c.calls == gemms and m.last_route == ("fused" if fused else "two_pass")
+        results.append((out.loss.detach(), hh.grad, ww.grad))
+    assert_close(results[0][0], results[1][0], torch.float32, "loss")
+    assert_close(results[0][2], results[1][2], torch.float32, "dW")
+    # a sequence that does not fit the fused workspace: two-pass, same numbers
+    m = dpo_fast.GRPOLoss(loss_type="dapo", workspace_bytes=1024)
+    out = m(h.clone().requires_grad_(), w, labels, adv, old)
+    assert m.last_route == "two_pass"
+    assert_close(out.loss, results[0][0], torch.float32, "fallback loss")
+
+
+def test_grpo_entropy_metric_and_errors():
+    h, w, b, labels, adv, old, ref = _batch(12)
+    m = dpo_fast.GRPOLoss(token_metrics=True)
+    out = m(h.clone().requires_grad_(), w, labels, adv)
+    z = h.double() @ w.double().t()
+    ent = -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1)
+    assert out.metrics["entropy"] == pytest.approx(ent[labels != -100].mean().item(), rel=1e-4)
+    with pytest.raises(ValueError):
+        dpo_fast.GRPOLoss(loss_type="ppo")
+    with pytest.raises(ValueError):
+        dpo_fast.GRPOLoss(epsilon_low=1.5)
+    with pytest.raises(ValueError, match="ref_logps"):
+        dpo_fast.GRPOLoss(beta=0.1)(h, w, labels, adv)
+    with pytest.raises(ValueError, match=r"old_logps: expected shape"):
+        m(h, w, labels, adv, old[:, :3])
+    with pytest.raises(ValueError, match="advantages"):
+        m(h.clone().requires_grad_(), w, labels, adv[:2])
+    with pytest.raises(ValueError, match=r"hidden: expected a padded \(B, T, H\)"):
+        m(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1), adv)
