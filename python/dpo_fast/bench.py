@@ -10,10 +10,14 @@ Methods (forward + backward, gradients to hidden and weight, unless marked no-gr
 * ``dpo_fast_nograd`` — the same, forward only under ``torch.no_grad`` (reference log-probs).
 * ``liger``, ``cce`` — Liger-Kernel's fused linear cross-entropy and Cut-Cross-Entropy with per-token
                    losses summed per sequence, when installed and on CUDA.
+* DPO task (sigmoid DPO from hidden states): ``dpo_naive``, ``dpo_fast_twopass``, ``dpo_fast_fused``,
+  ``liger_dpo`` (Liger's LigerFusedLinearDPOLoss, when installed); SimPO task: ``simpo_naive`` /
+  ``simpo_fused`` (CPOLoss); GRPO task (DAPO aggregation): ``grpo_naive`` / ``grpo_fused`` (GRPOLoss).
 
 Timing: CUDA events on CUDA (median of ``reps`` after warm-up); wall clock on CPU. Memory: peak bytes
-above the inputs — ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the peak resident set of a fresh
-process per method (so one method's high-water mark never hides another's). Results are printed as a
+above the inputs — ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the growth of the peak resident set
+of a fresh process per method (so one method's high-water mark never hides another's), with glibc's mmap
+threshold at 64 KiB so that freed blocks leave the resident set (repeatable to ~0.1 MiB). Results are printed as a
 table and written as JSON and a PNG plot.
 """
 
@@ -176,6 +180,52 @@ def _dpo_liger(h, w, labels, ref):
     return out[0] if isinstance(out, tuple) else out
 
 
+def _token_naive(h, w, labels):
+    logp = torch.log_softmax((h @ w.t()).float(), dim=-1)  # (B, T, V) float32
+    return logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1) * (labels != -100)
+
+
+def _advantages(labels):
+    g = torch.Generator(device="cpu").manual_seed(2)
+    return torch.randn(labels.shape[0], generator=g).to(labels.device)
+
+
+def _grpo_naive(h, w, labels, ref):
+    import dpo_fast
+
+    return dpo_fast.grpo_loss(_token_naive(h, w, labels), _advantages(labels), labels != -100, loss_type="dapo",
+                              compute_metrics=False).loss
+
+
+def _grpo_fused(h, w, labels, ref):
+    import dpo_fast
+
+    if "grpo" not in _DPO_MODULES:
+        _DPO_MODULES["grpo"] = dpo_fast.GRPOLoss(loss_type="dapo", compute_metrics=False)
+    return _DPO_MODULES["grpo"](h, w, labels, _advantages(labels)).loss
+
+
+def _simpo_from_logps(logps, labels):
+    import dpo_fast
+
+    P = logps.shape[0] // 2
+    n = (labels != -100).sum(-1)
+    return dpo_fast.cpo_loss(logps[:P], logps[P:], beta=2.0, loss_type="simpo", cpo_alpha=0.0,
+                             chosen_lengths=n[:P], rejected_lengths=n[P:], compute_metrics=False).loss
+
+
+def _simpo_naive(h, w, labels, ref):
+    return _simpo_from_logps(_naive(h, w, labels), labels)
+
+
+def _simpo_fused(h, w, labels, ref):
+    import dpo_fast
+
+    if "simpo" not in _DPO_MODULES:
+        _DPO_MODULES["simpo"] = dpo_fast.CPOLoss(beta=2.0, loss_type="simpo", cpo_alpha=0.0, compute_metrics=False)
+    return _DPO_MODULES["simpo"](h, w, labels).loss
+
+
 METHODS = {
     # log-prob engine (task "logprobs")
     "naive": (_naive, True, "logprobs"),
@@ -189,8 +239,13 @@ METHODS = {
     "dpo_fast_twopass": (_dpo_twopass, True, "dpo"),
     "dpo_fast_fused": (_dpo_fused, True, "dpo"),
     "liger_dpo": (_dpo_liger, True, "dpo"),
+    # reference-free SimPO (task "simpo") and GRPO/DAPO (task "grpo") from hidden states
+    "simpo_naive": (_simpo_naive, True, "simpo"),
+    "simpo_fused": (_simpo_fused, True, "simpo"),
+    "grpo_naive": (_grpo_naive, True, "grpo"),
+    "grpo_fused": (_grpo_fused, True, "grpo"),
 }
-BASELINE = {"logprobs": "naive", "dpo": "dpo_naive"}
+BASELINE = {"logprobs": "naive", "dpo": "dpo_naive", "simpo": "simpo_naive", "grpo": "grpo_naive"}
 
 
 def _available(method: str, device: str) -> str | None:
@@ -295,8 +350,18 @@ def run(shapes, methods, device: str, dtype: torch.dtype, reps: int, peaked: boo
                 if device == "cpu":
                     import multiprocessing as mp
 
-                    with mp.get_context("spawn").Pool(1) as pool:
-                        m = pool.apply(_measure_cpu_subprocess, (method, shape, dname, reps, peaked))
+                    # glibc: serve every block >= 64 KiB by mmap and return it on free, so the resident set
+                    # tracks live memory (a freed-but-cached heap would otherwise hide or inflate peaks)
+                    saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+                    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+                    try:
+                        with mp.get_context("spawn").Pool(1) as pool:
+                            m = pool.apply(_measure_cpu_subprocess, (method, shape, dname, reps, peaked))
+                    finally:
+                        if saved is None:
+                            os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
+                        else:
+                            os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
                 else:
                     m = measure(method, shape, device, dtype, reps, peaked)
                     torch.cuda.empty_cache()
