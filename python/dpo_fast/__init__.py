@@ -7,7 +7,7 @@ Public API (see README.md):
 - :func:`logprobs_from_logits` — the same reduction when you already hold logits.
 - :func:`dpo_loss` and the family (:func:`cpo_loss`, :func:`orpo_loss`, :func:`kto_loss`,
   :func:`bco_loss`, :func:`grpo_loss`), and the fused :class:`DPOLoss`, :class:`CPOLoss` (CPO/SimPO/AlphaPO)
-  :class:`ORPOLoss` and :class:`GRPOLoss` modules.
+  :class:`ORPOLoss`, :class:`KTOLoss` and :class:`GRPOLoss` modules.
 - :func:`pack_pairs` — Rust packing of (prompt, chosen, rejected) triples.
 
 Names are resolved lazily so that ``import dpo_fast`` does no device probing and does not import Triton.
@@ -41,6 +41,7 @@ _LAZY = {
     "CPOLoss": "dpo_fast.fused_dpo",
     "ORPOLoss": "dpo_fast.fused_dpo",
     "GRPOLoss": "dpo_fast.fused_grpo",
+    "KTOLoss": "dpo_fast.fused_kto",
     # packing
     "pack_pairs": "dpo_fast.packing",
     "PackedBatch": "dpo_fast.packing",
