@@ -98,7 +98,15 @@ def correctness(device: str, backend: str) -> list[dict]:
             del h64, w64, ref, rdh, rdw, hb, wb, base, bdh, bdw
             if device == "cuda":
                 torch.cuda.empty_cache()
-    # fused DPOLoss == composition (bf16 and fp32)
+    # every fused loss module == its two-pass route (bf16 and fp32)
+    modules = {
+        "DPOLoss": lambda f: (dpo_fast.DPOLoss(beta=0.1, fused=f, backend=backend), "pair_ref"),
+        "CPOLoss(simpo)": lambda f: (dpo_fast.CPOLoss(beta=2.0, loss_type="simpo", cpo_alpha=0.0, fused=f,
+                                                      backend=backend), "pair"),
+        "ORPOLoss": lambda f: (dpo_fast.ORPOLoss(beta=0.1, fused=f, backend=backend), "pair"),
+        "KTOLoss": lambda f: (dpo_fast.KTOLoss(beta=0.1, fused=f, backend=backend), "kto"),
+        "GRPOLoss(dapo)": lambda f: (dpo_fast.GRPOLoss(loss_type="dapo", fused=f, backend=backend), "grpo"),
+    }
     for dtype in (torch.float32, torch.bfloat16):
         g = torch.Generator(device="cpu").manual_seed(5)
         P, T, H, V = (4, 300, 1024, 32_000) if big else (2, 9, 16, 301)
@@ -108,19 +116,31 @@ def correctness(device: str, backend: str) -> list[dict]:
         labels[:, : T // 4] = -100
         labels = labels.to(device)
         rc, rr = (torch.randn(P, generator=g).to(device) - 50 for _ in range(2))
-        res = {}
-        for fused in (True, False):
-            hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
-            m = dpo_fast.DPOLoss(beta=0.1, fused=fused, backend=backend)
-            o = m(hh, ww, labels, rc, rr)
-            o.loss.backward()
-            res[fused] = (o.loss.detach(), hh.grad, ww.grad, m.last_route)
-        rec = dict(check="DPOLoss fused vs two-pass", dtype=str(dtype), route=res[True][3],
-                   err_loss=_rel(res[True][0], res[False][0]), err_dh=_rel(res[True][1], res[False][1]),
-                   err_dw=_rel(res[True][2], res[False][2]))
-        rec["ok"] = max(rec["err_loss"], rec["err_dh"], rec["err_dw"]) <= (1e-5 if dtype == torch.float32 else 2e-2)
-        out.append(rec)
-        print(json.dumps(rec), flush=True)
+        des = (torch.arange(2 * P) % 2 == 0).to(device)
+        ref_all = (torch.randn(2 * P, generator=g) - 50).to(device)
+        adv = torch.randn(2 * P, generator=g).to(device)
+        for name, make in modules.items():
+            res = {}
+            for fused in (True, False):
+                hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+                m, kind = make(fused)
+                if kind == "pair_ref":
+                    o = m(hh, ww, labels, rc, rr)
+                elif kind == "pair":
+                    o = m(hh, ww, labels)
+                elif kind == "kto":
+                    o = m(hh, ww, labels, des, ref_all, kl=torch.tensor(0.5, device=device))
+                else:
+                    o = m(hh, ww, labels, adv)
+                o.loss.backward()
+                res[fused] = (o.loss.detach(), hh.grad, ww.grad, m.last_route)
+            rec = dict(check=f"{name} fused vs two-pass", dtype=str(dtype), route=res[True][3],
+                       err_loss=_rel(res[True][0], res[False][0]), err_dh=_rel(res[True][1], res[False][1]),
+                       err_dw=_rel(res[True][2], res[False][2]))
+            rec["ok"] = rec["route"] == "fused" and max(rec["err_loss"], rec["err_dh"], rec["err_dw"]) <= (
+                1e-5 if dtype == torch.float32 else 2e-2)
+            out.append(rec)
+            print(json.dumps(rec), flush=True)
     return out
 
 
