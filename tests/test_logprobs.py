@@ -291,3 +291,16 @@ def test_inside_torch_compile_runs_eagerly_and_matches():
     gg = torch.autograd.grad(got, (h, w))
     assert torch.allclose(got, expected)
     assert all(torch.allclose(a, b) for a, b in zip(gg, ge))
+
+
+def test_segment_sum_matches_index_add_with_empty_segments():
+    from dpo_fast.logprobs import segment_sum
+
+    gen = torch.Generator().manual_seed(31)
+    seg = torch.sort(torch.randint(0, 9, (200,), generator=gen)).values
+    seg = seg[seg != 4]  # an empty segment in the middle; 9 and 10 empty at the end
+    vals = torch.randn(seg.numel(), generator=gen, dtype=torch.float64, requires_grad=True)
+    out = segment_sum(vals, seg, 11)
+    ref = torch.zeros(11, dtype=torch.float64).index_add(0, seg, vals)
+    assert torch.allclose(out, ref, rtol=0, atol=1e-12) and out[4] == 0 and out[9] == 0 and out[10] == 0
+    assert torch.autograd.gradcheck(lambda v: segment_sum(v, seg, 11), (vals,))

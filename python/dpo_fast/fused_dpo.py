@@ -29,7 +29,7 @@ from . import losses as L
 from ._rowops import make_rows, resolve_backend
 from ._validate import autocast_aware, check_tensor
 from ._fused import FusedLogitsPass, plan_groups
-from .logprobs import Scored, _per_elem_bytes, forward_tokens, prepare, scored_logprobs
+from .logprobs import Scored, _per_elem_bytes, forward_tokens, prepare, scored_logprobs, segment_sum
 
 _LOSS_OPTIONS = ("label_smoothing", "loss_weights", "f_divergence_type", "f_alpha_divergence_coef",
                  "discopop_tau")
@@ -52,8 +52,7 @@ def _pair_group_grad(P: int, dtype, tokw, grad_fn, wpo: bool, aux: dict):
         logp, lse = res[0].to(dtype), res[1]
         Pg = pair_ids.numel()
         w_t = None if tokw is None else tokw.index_select(0, tok)
-        sums = torch.zeros(2 * Pg, dtype=dtype, device=dev).index_add_(
-            0, local, logp if w_t is None else logp * w_t)  # (2Pg,): [c0, r0, c1, r1, ...]
+        sums = segment_sum(logp if w_t is None else logp * w_t, local, 2 * Pg)  # (2Pg,): [c0, r0, c1, r1, ...]
         lw, ll = sums[0::2], sums[1::2]
         aux["chosen"][pair_ids], aux["rejected"][pair_ids] = lw, ll
         wpo_g = None
@@ -200,7 +199,7 @@ class DPOLoss(nn.Module):
                 common["chosen_wpo_logweights"], common["rejected_wpo_logweights"] = wpo[c_seq], wpo[r_seq]
             if tokw is not None:
                 logp = logp * tokw
-            seq = torch.zeros(sc.num_seqs, dtype=logp.dtype, device=dev).index_add(0, sc.seq, logp)
+            seq = segment_sum(logp, sc.seq, sc.num_seqs)
             out = L.dpo_loss(seq[c_seq], seq[r_seq], ref_chosen_logps, ref_rejected_logps, **common,
                              chosen_logits_mean=logit_c, rejected_logits_mean=logit_r,
                              compute_metrics=self.compute_metrics)
@@ -259,7 +258,7 @@ class DPOLoss(nn.Module):
                                      rows, budget)
             if tokw is not None:
                 logp = logp * tokw
-            seq = torch.zeros(sc.num_seqs, dtype=logp.dtype, device=logp.device).index_add_(0, sc.seq, logp)
+            seq = segment_sum(logp, sc.seq, sc.num_seqs)
         return seq[c_seq], seq[r_seq]
 
 
@@ -342,7 +341,7 @@ def _logits_means(sc: Scored, weight, bias, counts, c_seq, r_seq, temperature):
         if bias is not None:
             m = m + bias.detach().float().mean()
         m = m / temperature
-        per_seq = torch.zeros(sc.num_seqs, dtype=torch.float32, device=m.device).index_add_(0, sc.seq, m)
+        per_seq = segment_sum(m, sc.seq, sc.num_seqs)
         per_seq = per_seq / counts.clamp_min(1.0)
     return per_seq[c_seq], per_seq[r_seq]
 
@@ -353,8 +352,8 @@ def _wpo_means(logp, lse, lse2, seq, num_seqs):
     logp, lse, lse2, seq: (n,) per scored token; seq: the token's sequence index in [0, num_seqs).
     """
     v = (logp.detach() - (lse2 - 2 * lse)).to(lse.dtype)
-    sums = torch.zeros(num_seqs, dtype=v.dtype, device=v.device).index_add_(0, seq, v)
-    cnt = torch.zeros(num_seqs, dtype=v.dtype, device=v.device).index_add_(0, seq, torch.ones_like(v))
+    sums = segment_sum(v, seq, num_seqs)
+    cnt = torch.bincount(seq, minlength=num_seqs)[:num_seqs].to(v.dtype)
     return sums / cnt.clamp_min(1.0)
 
 
@@ -434,7 +433,7 @@ class _ReferenceFreePairLoss(nn.Module):
             stats = {} if self.token_metrics else None
             logp = scored_logprobs(sc, weight, bias, temperature=self.temperature, softcap=self.softcap, backend=be,
                                    stats_out=stats)
-            seq = torch.zeros(sc.num_seqs, dtype=logp.dtype, device=dev).index_add(0, sc.seq, logp)
+            seq = segment_sum(logp, sc.seq, sc.num_seqs)
             out = self._loss(seq[c_seq], seq[r_seq], len_w, len_l, logit_c, logit_r, self.compute_metrics)
         else:
             self.last_route = "fused"

@@ -16,7 +16,7 @@ from . import losses as L
 from ._fused import FusedLogitsPass, plan_groups
 from ._rowops import make_rows, resolve_backend
 from ._validate import autocast_aware, check_tensor
-from .logprobs import _per_elem_bytes, prepare, scored_logprobs, sequence_logprobs
+from .logprobs import _per_elem_bytes, prepare, scored_logprobs, segment_sum, sequence_logprobs
 
 
 class KTOLoss(nn.Module):
@@ -108,7 +108,7 @@ class KTOLoss(nn.Module):
         if groups is None:  # two-pass route
             self.last_route = "two_pass"
             logp = scored_logprobs(sc, weight, bias, temperature=self.temperature, softcap=self.softcap, backend=be)
-            seq = torch.zeros(S, dtype=logp.dtype, device=dev).index_add(0, sc.seq, logp)
+            seq = segment_sum(logp, sc.seq, S)
             return loss(seq, self.compute_metrics)
         self.last_route = "fused"
         base = (torch.zeros(S, dtype=acc, device=dev) if ref_logps is None
@@ -117,7 +117,7 @@ class KTOLoss(nn.Module):
 
         def group_grad(g, res):
             seqs = g["units"]  # (G,) sequence ids, = the group's local order
-            lp = torch.zeros(seqs.numel(), dtype=acc, device=dev).index_add_(0, g["local"], res[0].to(acc))
+            lp = segment_sum(res[0].to(acc), g["local"], seqs.numel())
             final[seqs] = lp
             with torch.enable_grad():
                 cur = base.clone()

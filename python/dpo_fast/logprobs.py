@@ -35,6 +35,19 @@ from ._validate import (autocast_aware, check_cu_seqlens, check_engine_inputs, c
 # preparation: which positions are scored, and to which sequence each belongs
 
 
+def segment_sum(values: torch.Tensor, seg: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """Deterministic per-segment sums of ``values`` (n,) whose segment ids ``seg`` (n,) are non-decreasing.
+
+    A float64 prefix sum differenced at the segment ends: no atomics (``index_add`` on CUDA adds in a
+    run-dependent order), bit-identical from run to run, exact to ~1e-16 relative of the running total, and
+    differentiable. Returns (num_segments,) in ``values``' dtype; empty segments give 0.
+    """
+    counts = torch.bincount(seg, minlength=num_segments)[:num_segments]  # integer: order-independent
+    ends = torch.cumsum(counts, 0)
+    prefix = torch.cat([values.new_zeros(1, dtype=torch.float64), torch.cumsum(values.to(torch.float64), 0)])
+    return (prefix[ends] - prefix[ends - counts]).to(values.dtype)
+
+
 @dataclass
 class Scored:
     """Scored positions of a batch, flattened.
@@ -55,8 +68,7 @@ class Scored:
 
     def counts(self) -> torch.Tensor:
         """(S,) float32 number of scored tokens per sequence."""
-        ones = torch.ones_like(self.seq, dtype=torch.float32)
-        return torch.zeros(self.num_seqs, dtype=torch.float32, device=self.seq.device).index_add_(0, self.seq, ones)
+        return torch.bincount(self.seq, minlength=self.num_seqs)[: self.num_seqs].to(torch.float32)
 
 
 def prepare(hidden, weight, labels, *, bias=None, cu_seqlens=None, ignore_index=-100, temperature=1.0,
@@ -336,7 +348,7 @@ def sequence_logprobs(hidden, weight, labels, *, bias=None, cu_seqlens=None, ign
     sc = prepare(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, ignore_index=ignore_index,
                  temperature=temperature, softcap=softcap)
     logp = scored_logprobs(sc, weight, bias, temperature=temperature, softcap=softcap, backend=backend)
-    out = torch.zeros(sc.num_seqs, dtype=logp.dtype, device=logp.device).index_add(0, sc.seq, logp)
+    out = segment_sum(logp, sc.seq, sc.num_seqs)
     if average:
         out = out / sc.counts().to(logp.dtype).clamp_min(1.0)
     return out
@@ -477,9 +489,8 @@ def logprobs_from_logits(logits, labels, *, ignore_index=-100, temperature=1.0, 
         seq = torch.searchsorted(cu_seqlens[1:].to(torch.int64).contiguous(), idx, right=True)
     else:
         seq = torch.div(idx, logits.shape[1], rounding_mode="floor")
-    out = torch.zeros(S, dtype=logp.dtype, device=logp.device).index_add(0, seq, logp)
+    out = segment_sum(logp, seq, S)
     if reduction == "mean":
-        cnt = torch.zeros(S, dtype=logp.dtype, device=logp.device).index_add_(
-            0, seq, torch.ones_like(logp))
+        cnt = torch.bincount(seq, minlength=S)[:S].to(logp.dtype)
         out = out / cnt.clamp_min(1.0)
     return out
