@@ -297,3 +297,15 @@ def test_wpo_same_pass_both_routes_no_extra_gemm(backend):
         assert m.last_route == ("fused" if fused else "two_pass")
         assert c.calls == gemms
         assert_close(out.loss, ref.loss, torch.float32, f"WPO loss fused={fused}")
+
+
+def test_pair_logprobs_reference_matches_policy_sums_exactly():
+    """Reference log-probs from pair_logprobs equal the policy sums DPOLoss forms: rewards are exactly 0."""
+    h, w, b, labels, _, _ = _batch(seed=16)
+    for ld in (None, 0.4):
+        with torch.no_grad():
+            rc, rr = dpo_fast.pair_logprobs(h, w, labels, bias=b, ld_alpha=ld)
+        for fused in (True, False):
+            out = dpo_fast.DPOLoss(ld_alpha=ld, fused=fused)(h.clone().requires_grad_(), w, labels, rc, rr, bias=b)
+            assert torch.equal(out.chosen_rewards, torch.zeros_like(out.chosen_rewards)), (ld, fused)
+            assert torch.equal(out.rejected_rewards, torch.zeros_like(out.rejected_rewards)), (ld, fused)

@@ -38,6 +38,7 @@ _LAZY = {
     "bco_loss": "dpo_fast.losses",
     "grpo_loss": "dpo_fast.losses",
     "DPOLoss": "dpo_fast.fused_dpo",
+    "pair_logprobs": "dpo_fast.fused_dpo",
     "CPOLoss": "dpo_fast.fused_dpo",
     "ORPOLoss": "dpo_fast.fused_dpo",
     "GRPOLoss": "dpo_fast.fused_grpo",
@@ -52,7 +53,13 @@ _LAZY = {
 __all__ = sorted(_LAZY) + ["__version__"]
 
 
+_SUBMODULES = ("bench", "cli", "collate", "fused_dpo", "fused_grpo", "fused_kto", "hf", "integrations", "kernels",
+               "logprobs", "losses", "packing", "reference")
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:  # `dpo_fast.hf` etc. without an explicit import
+        return importlib.import_module(f"dpo_fast.{name}")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'dpo_fast' has no attribute {name!r}")

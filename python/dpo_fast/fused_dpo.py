@@ -526,3 +526,28 @@ class ORPOLoss(_ReferenceFreePairLoss):
     def _loss(self, lw, ll, len_w, len_l, logit_c, logit_r, compute_metrics):
         return L.orpo_loss(lw, ll, chosen_lengths=len_w, rejected_lengths=len_l, beta=self.beta,
                            chosen_logits_mean=logit_c, rejected_logits_mean=logit_r, compute_metrics=compute_metrics)
+
+
+@torch.compiler.disable
+@autocast_aware("hidden", "weight", "bias")
+def pair_logprobs(hidden, weight, labels, *, bias=None, cu_seqlens=None, pairs=None, ld_alpha=None,
+                  ignore_index=-100, temperature=1.0, softcap=None, backend="auto"):
+    r"""(chosen, rejected) sequence log-probs of preference pairs, as :class:`DPOLoss` sums them.
+
+    The same layouts as :meth:`DPOLoss.forward`, and the same LD-DPO weighting (``ld_alpha``), so reference
+    log-probs computed here match the policy's summation bit for bit — use it to precompute reference
+    log-probs for :class:`DPOLoss`. Differentiable (through :func:`dpo_fast.sequence_logprobs`'s engine).
+
+    Returns:
+        ``(chosen, rejected)``: two (P,) float32 tensors.
+    """
+    sc = prepare(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, ignore_index=ignore_index,
+                 temperature=temperature, softcap=softcap)
+    c_seq, r_seq = _pair_layout(pairs, sc.num_seqs, cu_seqlens is not None, sc.idx.device)
+    logp = scored_logprobs(sc, weight, bias, temperature=temperature, softcap=softcap, backend=backend)
+    if ld_alpha is not None:
+        if not (isinstance(ld_alpha, (int, float)) and 0.0 <= ld_alpha <= 1.0):
+            raise ValueError(f"ld_alpha: expected None or a float in [0, 1], got {ld_alpha!r}")
+        logp = logp * _ld_token_weights(sc, sc.counts(), c_seq, r_seq, ld_alpha)
+    seq = segment_sum(logp, sc.seq, sc.num_seqs)
+    return seq[c_seq], seq[r_seq]

@@ -34,10 +34,8 @@ from typing import Any
 
 import torch
 
-from ..fused_dpo import DPOLoss
+from ..fused_dpo import DPOLoss, pair_logprobs
 from ..hf import call_with_hidden_states, install_fused_forward
-from ..logprobs import sequence_logprobs, token_logprobs
-from ..losses import ld_dpo_logps
 
 try:
     import trl
@@ -141,13 +139,8 @@ class _FastDPOMixin:
 
         def fn(hidden, head):
             h, w, b = head.operands(hidden)
-            with head.no_autocast(h.device):
-                if ld_alpha is None:
-                    return sequence_logprobs(h, w, labels, bias=b, **head.engine_kwargs()).chunk(2)
-                tok = token_logprobs(h, w, labels, bias=b, **head.engine_kwargs())  # (2P, T)
-                tc, tr = tok.chunk(2)
-                mc, mr = (labels != -100).chunk(2)
-                return ld_dpo_logps(tc, tr, mc, mr, ld_alpha)
+            with head.no_autocast(h.device):  # summed exactly as DPOLoss sums the policy (LD-DPO included)
+                return pair_logprobs(h, w, labels, bias=b, ld_alpha=ld_alpha, **head.engine_kwargs())
 
         with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
               adapter, self.accelerator.autocast()):
