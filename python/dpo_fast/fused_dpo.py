@@ -1,4 +1,5 @@
-"""``DPOLoss``: from last hidden states to the DPO-family loss in one pass over the logits.
+"""``DPOLoss``, ``CPOLoss`` (CPO / SimPO / AlphaPO), ``ORPOLoss``: from last hidden states to a pairwise
+preference loss in one pass over the logits (the pass itself: :class:`dpo_fast._fused.FusedLogitsPass`).
 
 Why one pass is enough. Every pairwise loss except aot decomposes per pair: once a pair's two sequence
 sums ℓ_w, ℓ_l are known, dL/dℓ_w and dL/dℓ_l are scalars (:func:`dpo_fast.losses.pair_loss_and_grads`),
@@ -16,7 +17,8 @@ recompute z). The gradients are produced in forward and merely scaled by grad_ou
 Memory: the group tile (bounded by ``workspace_bytes``) plus the gradients themselves. If one pair's
 logits do not fit, for aot / aot_unpaired (which couple the batch through a sort), or when no gradient is
 needed, the module falls back to the generic two-pass engine + :func:`dpo_fast.dpo_loss` through autograd.
-Both routes give the same numbers (tests prove it).
+Both routes give the same numbers (tests prove it). CPO and ORPO are a mean over pairs plus a chosen-token
+NLL with a batch-constant denominator: per-pair decomposable too, with dL/dℓ from autograd on (P,) vectors.
 """
 
 from __future__ import annotations
