@@ -199,8 +199,6 @@ def test_logprobs_from_logits(backend, dtype, monkeypatch):
         # logprobs_from_logits picks its backend from the device; force the kernels on CPU tensors
         import dpo_fast._rowops as ro
         monkeypatch.setattr(ro, "resolve_backend", lambda b, d: "triton")
-        import dpo_fast.logprobs as lp
-        monkeypatch.setattr(lp, "resolve_backend", lambda b, d: "triton")
     gen = torch.Generator().manual_seed(5)
     logits = (torch.randn(3, 5, 77, generator=gen) * 3).to(dtype)
     labels = random_labels((3, 5), 77, 0.3, gen)

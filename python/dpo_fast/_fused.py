@@ -18,8 +18,11 @@ gradient; callers add it to the (detached) loss value they compute from the sums
 from __future__ import annotations
 
 import torch
+from torch import nn
 
-from .logprobs import STAT_KEYS, Scored, _linear_into, _tile
+from . import _config
+from ._rowops import acc_dtype, make_rows
+from .logprobs import STAT_KEYS, Scored, _linear_into, _per_elem_bytes, _tile, prepare
 
 
 class FusedLogitsPass(torch.autograd.Function):
@@ -42,7 +45,7 @@ class FusedLogitsPass(torch.autograd.Function):
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
         V = weight.shape[0]
         dev, dt = hidden2.device, hidden2.dtype
-        acc = torch.float64 if dt == torch.float64 else torch.float32
+        acc = acc_dtype(dt)
         dh = torch.zeros_like(hidden2, memory_format=torch.contiguous_format) if need_dh else None
         dw = torch.zeros_like(weight, memory_format=torch.contiguous_format) if need_dw else None
         db = torch.zeros(V, dtype=acc, device=dev) if need_db else None
@@ -137,3 +140,72 @@ def plan_groups(sc: Scored, counts: torch.Tensor, units: torch.Tensor, V: int, p
         tok = start[seqs][local] + (torch.arange(total) - offs[local])  # (n,) index into scored arrays
         out.append({"tok": tok.to(dev), "local": local.to(dev), "units": uid.to(dev)})
     return out
+
+
+def grads_at(total_fn, base: torch.Tensor, pos: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """d total_fn(x) / dx[pos], where x = ``base`` with ``x[pos] = values`` (no grad into ``values``).
+
+    The fused modules' ``group_grad``: the group's log-probs go into a full-batch vector whose other entries
+    are placeholders (``base``), and autograd gives dL/d(the group's entries). Exact whenever the loss
+    decomposes over units given batch constants (counts, normalisers): the placeholders do not enter these
+    derivatives. ``pos`` indexes ``base``'s first dimension; the result has ``values``' shape.
+    """
+    with torch.enable_grad():
+        x = base.clone()
+        x[pos] = values.detach().to(base.dtype)
+        x.requires_grad_(True)
+        (g,) = torch.autograd.grad(total_fn(x), x, allow_unused=True)
+    return torch.zeros_like(values, dtype=base.dtype) if g is None else g[pos]
+
+
+class FusedLossModule(nn.Module):
+    """Configuration and route selection shared by the fused loss modules.
+
+    Subclasses call :meth:`_prepare` (validation, scored positions, row ops), :meth:`_plan` (the groups of
+    the one-pass route, or None for the two-pass route) and :meth:`_fused_pass`.
+    """
+
+    def __init__(self, *, ignore_index: int, temperature: float, softcap: float | None, backend: str, fused: bool,
+                 workspace_bytes: int | None, compute_metrics: bool):
+        super().__init__()
+        if workspace_bytes is not None and (not isinstance(workspace_bytes, int) or workspace_bytes < 1024):
+            raise ValueError(f"workspace_bytes: expected None or an int >= 1024, got {workspace_bytes!r}")
+        self.ignore_index, self.temperature, self.softcap = ignore_index, temperature, softcap
+        self.backend, self.fused, self.workspace_bytes = backend, bool(fused), workspace_bytes
+        self.compute_metrics = compute_metrics
+        #: which route the last forward took: "fused" or "two_pass" (for tests and logging)
+        self.last_route: str | None = None
+
+    def _prepare(self, hidden, weight, labels, bias, cu_seqlens=None):
+        """(Scored batch, row ops) for this module's options."""
+        sc = prepare(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, ignore_index=self.ignore_index,
+                     temperature=self.temperature, softcap=self.softcap)
+        rows = make_rows(self.backend, sc.hidden2.device, sc.hidden2.dtype, self.temperature, self.softcap)
+        return sc, rows
+
+    def _plan(self, sc: Scored, rows, weight, units, counts, params, decomposable: bool = True):
+        """Groups of whole ``units`` for the one-pass route, or None: the two-pass route then runs.
+
+        None when the module is not ``fused``, the loss does not decompose, nothing in ``params`` needs a
+        gradient, or one unit's logits exceed the workspace (default 8 x the engine workspace).
+        """
+        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
+        self.last_route = "two_pass"
+        if not (self.fused and decomposable and needs_grad):
+            return None
+        budget = self.workspace_bytes or 8 * _config.get_workspace_bytes(sc.idx.device)
+        groups = plan_groups(sc, counts, units, weight.shape[0], _per_elem_bytes(rows, sc.hidden2.dtype), budget)
+        if groups is not None:
+            self.last_route = "fused"
+        return groups
+
+    @staticmethod
+    def _fused_pass(sc: Scored, weight, bias, groups, rows, group_grad, want_stats: bool, aux: dict):
+        """Run :class:`FusedLogitsPass`; returns the 0-valued gradient carrier to add to the loss value."""
+        return FusedLogitsPass.apply(sc.hidden2, weight, bias, sc, groups, rows, group_grad, want_stats, aux)
+
+    @staticmethod
+    def _with_gradient(out, carrier):
+        """The detached loss value plus the carrier: same value, and the fused pass's gradient path."""
+        out.loss = out.loss.detach() + carrier.to(out.loss.dtype)
+        return out

@@ -19,11 +19,16 @@ import os
 import torch
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation/output dtype: float32, or float64 for float64 inputs (gradcheck and references)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 class TorchRows:
     """Chunked PyTorch row ops.
 
-    Tiles handed to these ops are the engine's scratch buffers, so the backward works in place when the
-    tile is already in the accumulation dtype (float32/float64); 16-bit tiles get one float32 copy.
+    Tiles handed to these ops are the engine's scratch buffers, so they work in place when the tile is
+    already in the accumulation dtype (float32/float64); 16-bit tiles get one float32 copy.
     """
 
     name = "torch"
@@ -35,45 +40,45 @@ class TorchRows:
         #: tempered/capped tiles, plus the softcap chain factor in backward
         self.bytes_per_elem = 8 if self.softcap is not None else 4
 
-    @staticmethod
-    def _acc(dtype: torch.dtype) -> torch.dtype:
-        return torch.float64 if dtype == torch.float64 else torch.float32
-
-    def _cap_(self, zc: torch.Tensor) -> torch.Tensor:
-        """Apply temperature and softcap in place on an accumulation-dtype tensor."""
+    def _tempered(self, z: torch.Tensor, in_place: bool) -> torch.Tensor:
+        """Accumulation-dtype tile with temperature and softcap applied: ``z`` itself when allowed, else a copy."""
+        zc = z if (in_place and z.dtype == acc_dtype(z.dtype)) else z.to(acc_dtype(z.dtype), copy=True)
         if self.temperature != 1.0:
             zc.mul_(1.0 / self.temperature)
         if self.softcap is not None:
             zc.mul_(1.0 / self.softcap).tanh_().mul_(self.softcap)
         return zc
 
+    @staticmethod
+    def _exp_rows_(zc: torch.Tensor, labels: torch.Tensor):
+        """In place zc -> exp(zc - m) (3 passes). Returns (label logits, lse, row sums s), each (n,)."""
+        zy = zc.gather(1, labels[:, None]).squeeze(1)  # read before zc is overwritten
+        m = zc.amax(dim=1)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # no inf - inf = nan
+        s = zc.sub_(m[:, None]).exp_().sum(dim=1)
+        return zy, m + torch.log(s), s
+
     def fwd(self, z: torch.Tensor, labels: torch.Tensor, scratch: bool = True, stats: bool = False):
-        """scratch=True: ``z`` may be overwritten (the engine's tiles); False keeps it (fused DPO reuses it).
+        """scratch=True: ``z`` may be overwritten (the engine's tiles); False keeps it.
 
         Returns (logp, lse), or with ``stats`` (logp, lse, entropy, hit, zmean, lse2), each (n,), where
         lse2 = logsumexp(2 zc) (WPO's weights).
         """
-        acc = self._acc(z.dtype)
-        plain = self.temperature == 1.0 and self.softcap is None
-        if z.dtype == acc and plain and scratch and not stats:
-            zc = z  # work in place on the scratch tile: no temporaries at all
-        else:
-            zc = self._cap_(z.to(acc, copy=True))  # (n, V)
-        zy = zc.gather(1, labels[:, None]).squeeze(1)  # (n,) label logits, read before zc is overwritten
-        m_raw = zc.amax(dim=1)  # (n,)
-        m = torch.where(torch.isfinite(m_raw), m_raw, torch.zeros_like(m_raw))  # no inf - inf = nan
+        zc = self._tempered(z, in_place=scratch)  # (n, V)
         if stats:
-            e = torch.exp(zc - m[:, None])  # (n, V)
+            zy = zc.gather(1, labels[:, None]).squeeze(1)
+            m_raw = zc.amax(dim=1)
+            m = torch.where(torch.isfinite(m_raw), m_raw, torch.zeros_like(m_raw))
+            e = torch.exp(zc - m[:, None])  # (n, V); zc is still needed for the entropy and the mean
             s = e.sum(dim=1)
-            t = (e * zc).sum(dim=1)
             lse = m + torch.log(s)
             lse2 = 2 * m + torch.log(e.square().sum(dim=1))
-            return zy - lse, lse, lse - t / s, (zy >= m_raw).to(acc), zc.mean(dim=1), lse2
-        s = zc.sub_(m[:, None]).exp_().sum(dim=1)  # 3 passes over the tile, in place
-        lse = m + torch.log(s)
+            ent = lse - (e * zc).sum(dim=1) / s
+            return zy - lse, lse, ent, (zy >= m_raw).to(zc.dtype), zc.mean(dim=1), lse2
+        zy, lse, _ = self._exp_rows_(zc, labels)
         return zy - lse, lse
 
-    # -- fused DPO route: forward, then the gradient of the very same full-vocabulary tile -----------------
+    # -- fused route: forward, then the gradient of the very same full-vocabulary tile ---------------------
     def fwd_for_grad(self, z: torch.Tensor, labels: torch.Tensor, stats: bool = False):
         """Forward that leaves what :meth:`grad_after_fwd` needs. Returns (logp, lse, *stats, state).
 
@@ -83,14 +88,8 @@ class TorchRows:
         """
         if self.softcap is not None or stats:
             return (*self.fwd(z, labels, scratch=False, stats=stats), None)
-        acc = self._acc(z.dtype)
-        zc = self._cap_(z if z.dtype == acc else z.to(acc, copy=True))  # (n, V)
-        zy = zc.gather(1, labels[:, None]).squeeze(1)
-        m = zc.amax(dim=1)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        e = zc.sub_(m[:, None]).exp_()  # (n, V) = exp(zc - m)
-        s = e.sum(dim=1)
-        lse = m + torch.log(s)
+        e = self._tempered(z, in_place=True)
+        zy, lse, s = self._exp_rows_(e, labels)
         return zy - lse, lse, (e, s)
 
     def grad_after_fwd(self, z, labels, lse, g, state):
@@ -109,10 +108,8 @@ class TorchRows:
 
     def bwd(self, z, out, labels, lse, g, v_offset: int):
         n, Vs = z.shape
-        acc = self._acc(z.dtype)
         # in place on the scratch tile when it is already float32/float64 and is the destination
-        zc = z if (z.dtype == acc and out.data_ptr() == z.data_ptr()) else z.to(acc, copy=True)
-        self._cap_(zc)
+        zc = self._tempered(z, in_place=out.data_ptr() == z.data_ptr())
         chain = None
         if self.softcap is not None:  # dzc/dz = (1 - (zc/cap)^2) / T
             chain = torch.square(zc * (1.0 / self.softcap)).neg_().add_(1.0).mul_(1.0 / self.temperature)
@@ -135,7 +132,7 @@ class TritonRows:
 
     name = "triton"
     #: the kernels read the tile and write the gradient in place: no temporaries beyond the tile itself
-    bytes_per_elem = 0  # the kernels need nothing beyond the tile itself
+    bytes_per_elem = 0
 
     def __init__(self, temperature: float, softcap: float | None):
         from .kernels import logprob as _k  # imports triton; deferred so `import dpo_fast` stays light
@@ -165,24 +162,16 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     """Map ``backend`` to a concrete one for ``device``, or raise a clear error."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        if device.type == "cuda" and _triton_available():
-            return "triton"
+    if backend == "torch" or (backend == "auto" and not (device.type == "cuda" and _triton_available())):
         return "torch"
-    if backend == "triton":
-        if device.type == "cuda":
-            if not _triton_available():
-                raise RuntimeError("backend='triton': Triton is not installed (pip install triton)")
-            return "triton"
-        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1":
-            if not _triton_available():
-                raise RuntimeError("backend='triton': Triton is not installed (pip install triton)")
-            return "triton"
+    if not (device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1")):
         raise ValueError(
             f"backend='triton' needs CUDA tensors (got device {device}); on CPU it runs only under "
             "TRITON_INTERPRET=1 (tests). Use backend='torch' or 'auto'."
         )
-    return "torch"
+    if not _triton_available():
+        raise RuntimeError("backend='triton': Triton is not installed (pip install triton)")
+    return "triton"
 
 
 def _triton_available() -> bool:
@@ -193,5 +182,11 @@ def _triton_available() -> bool:
     return True
 
 
-def make_rows(backend: str, temperature: float, softcap: float | None):
-    return TritonRows(temperature, softcap) if backend == "triton" else TorchRows(temperature, softcap)
+def make_rows(backend: str, device: torch.device, dtype: torch.dtype, temperature: float, softcap: float | None):
+    """Row ops for ``backend`` (resolved for ``device``) on tiles of ``dtype``.
+
+    float64 always runs on the torch backend: the Triton kernels take 16/32-bit tiles, and float64 is for
+    gradcheck and references.
+    """
+    be = "torch" if dtype == torch.float64 else resolve_backend(backend, device)
+    return TritonRows(temperature, softcap) if be == "triton" else TorchRows(temperature, softcap)

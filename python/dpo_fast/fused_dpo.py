@@ -24,37 +24,36 @@ NLL with a batch-constant denominator: per-pair decomposable too, with dL/dℓ f
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from . import _config
 from . import losses as L
-from ._rowops import make_rows, resolve_backend
-from ._validate import autocast_aware, check_tensor
-from ._fused import FusedLogitsPass, plan_groups
-from .logprobs import Scored, _per_elem_bytes, forward_tokens, prepare, scored_logprobs, segment_sum
-
-_LOSS_OPTIONS = ("label_smoothing", "loss_weights", "f_divergence_type", "f_alpha_divergence_coef",
-                 "discopop_tau")
+from ._fused import FusedLossModule, grads_at
+from ._rowops import acc_dtype, make_rows
+from ._validate import autocast_aware, check_engine_inputs, check_tensor
+from .logprobs import Scored, forward_tokens, prepare, scored_logprobs, segment_sum
 
 
-def _pair_group_grad(P: int, dtype, tokw, grad_fn, wpo: bool, aux: dict):
+def _seq_sums(sc: Scored, logp: torch.Tensor, tokw: torch.Tensor | None) -> torch.Tensor:
+    """(S,) per-sequence sums of the scored log-probs (N,), LD-DPO token weights applied when given."""
+    return segment_sum(logp if tokw is None else logp * tokw, sc.seq, sc.num_seqs)
+
+
+def _pair_group_grad(P: int, dtype, device, tokw, grad_fn, wpo: bool, aux: dict):
     """``group_grad`` for :class:`FusedLogitsPass` over groups of whole pairs.
 
     Per group: the pair sums (LD-DPO token weights applied), WPO log-weights from the same pass, then
     ``grad_fn(pair_ids, lw, ll, wpo)`` -> (dL/dlw, dL/dll), spread to the tokens. Fills ``aux`` with the
     (P,) ``chosen`` / ``rejected`` sums and, with WPO, ``wpo_c`` / ``wpo_r``.
     """
-    dev = aux["device"]
-    aux["chosen"], aux["rejected"] = torch.zeros(P, dtype=dtype, device=dev), torch.zeros(P, dtype=dtype, device=dev)
-    if wpo:
-        aux["wpo_c"], aux["wpo_r"] = torch.zeros(P, dtype=dtype, device=dev), torch.zeros(P, dtype=dtype, device=dev)
+    for k in ("chosen", "rejected") + (("wpo_c", "wpo_r") if wpo else ()):
+        aux[k] = torch.zeros(P, dtype=dtype, device=device)
 
     def group_grad(g, res):
         tok, local, pair_ids = g["tok"], g["local"], g["units"]
         logp, lse = res[0].to(dtype), res[1]
         Pg = pair_ids.numel()
         w_t = None if tokw is None else tokw.index_select(0, tok)
-        sums = segment_sum(logp if w_t is None else logp * w_t, local, 2 * Pg)  # (2Pg,): [c0, r0, c1, r1, ...]
+        sums = segment_sum(logp if w_t is None else logp * w_t, local, 2 * Pg)  # (2Pg,): [c0, r0, c1, ...]
         lw, ll = sums[0::2], sums[1::2]
         aux["chosen"][pair_ids], aux["rejected"][pair_ids] = lw, ll
         wpo_g = None
@@ -70,7 +69,7 @@ def _pair_group_grad(P: int, dtype, tokw, grad_fn, wpo: bool, aux: dict):
     return group_grad
 
 
-class DPOLoss(nn.Module):
+class DPOLoss(FusedLossModule):
     r"""DPO-family loss straight from last hidden states and the lm_head weight, logits never materialised.
 
     Args:
@@ -99,8 +98,9 @@ class DPOLoss(nn.Module):
             sequence indices (each sequence in at most one pair).
         weight: (V, H); labels: (2P, T) or (N,), already shifted, ``ignore_index`` on prompt/padding.
         ref_chosen_logps, ref_rejected_logps: (P,) precomputed reference log-probs; or pass
-            ``ref_hidden`` (same shape as hidden) with optional ``ref_weight``/``ref_bias`` (default: the
-            policy head) to compute them here with the no-grad forward (1 GEMM). Neither = reference-free.
+            ``ref_hidden`` (hidden's leading dims; its last dim matching ``ref_weight``) with optional
+            ``ref_weight``/``ref_bias`` (default: the policy head) to compute them here with the no-grad
+            forward (1 GEMM). Neither = reference-free.
         bias: optional (V,) lm_head bias.
 
     Returns:
@@ -120,25 +120,18 @@ class DPOLoss(nn.Module):
                  ignore_index: int = -100, temperature: float = 1.0, softcap: float | None = None,
                  backend: str = "auto", fused: bool = True, workspace_bytes: int | None = None,
                  compute_metrics: bool = True, token_metrics: bool = False):
-        super().__init__()
+        super().__init__(ignore_index=ignore_index, temperature=temperature, softcap=softcap, backend=backend,
+                         fused=fused, workspace_bytes=workspace_bytes, compute_metrics=compute_metrics)
         # validate loss options now, so a bad config fails at construction and not mid-training
         L._make_spec(beta, loss_type, loss_weights, label_smoothing, f_divergence_type, f_alpha_divergence_coef,
                      discopop_tau, "mean", use_weighting)
-        if ld_alpha is not None and not (isinstance(ld_alpha, (int, float)) and 0.0 <= ld_alpha <= 1.0):
-            raise ValueError(f"ld_alpha: expected None or a float in [0, 1], got {ld_alpha!r}")
-        if workspace_bytes is not None and (not isinstance(workspace_bytes, int) or workspace_bytes < 1024):
-            raise ValueError(f"workspace_bytes: expected None or an int >= 1024, got {workspace_bytes!r}")
+        _check_ld_alpha(ld_alpha)
         self.beta, self.loss_type = beta, loss_type
         self.loss_options = dict(label_smoothing=label_smoothing, loss_weights=loss_weights,
                                  f_divergence_type=f_divergence_type,
                                  f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau)
         self.use_weighting, self.ld_alpha = bool(use_weighting), ld_alpha
-        self.ignore_index, self.temperature, self.softcap = ignore_index, temperature, softcap
-        self.backend, self.fused, self.workspace_bytes = backend, bool(fused), workspace_bytes
-        self.compute_metrics = compute_metrics
         self.token_metrics = bool(token_metrics)
-        #: which route the last forward took: "fused" or "two_pass" (for tests and logging)
-        self.last_route: str | None = None
         #: with token_metrics: entropy_sum, tokens, chosen_hits, chosen_tokens, chosen_logits_sum,
         #: rejected_logits_sum, rejected_tokens of the last forward (0-d tensors, for distributed gathering)
         self.last_token_sums: dict[str, torch.Tensor] | None = None
@@ -151,26 +144,21 @@ class DPOLoss(nn.Module):
     @autocast_aware("hidden", "weight", "bias", "ref_hidden", "ref_weight", "ref_bias")
     def forward(self, hidden, weight, labels, ref_chosen_logps=None, ref_rejected_logps=None, *, bias=None,
                 cu_seqlens=None, pairs=None, ref_hidden=None, ref_weight=None, ref_bias=None) -> L.DPOOutput:
-        sc = prepare(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, ignore_index=self.ignore_index,
-                     temperature=self.temperature, softcap=self.softcap)
+        sc, rows = self._prepare(hidden, weight, labels, bias, cu_seqlens)
         dev = sc.idx.device
-        c_seq, r_seq = _pair_layout(pairs, sc.num_seqs, cu_seqlens is not None, dev)
+        c_seq, r_seq = _pair_layout(pairs, sc.num_seqs, dev)
         P = c_seq.numel()
         counts = sc.counts()  # (S,) float32
         len_w, len_l = counts[c_seq], counts[r_seq]
         tokw = _ld_token_weights(sc, counts, c_seq, r_seq, self.ld_alpha) if self.ld_alpha is not None else None
-        be = resolve_backend(self.backend, dev)
-        if sc.hidden2.dtype == torch.float64:
-            be = "torch"
-        rows = make_rows(be, self.temperature, self.softcap)
-        budget = _config.get_workspace_bytes(dev)
 
         # reference log-probs: given, computed here with the no-grad forward, or none
         if ref_hidden is not None:
             if ref_chosen_logps is not None or ref_rejected_logps is not None:
                 raise ValueError("ref_hidden: pass either ref_hidden or ref_chosen/rejected_logps, not both")
-            ref_chosen_logps, ref_rejected_logps = self._reference(sc, hidden, ref_hidden, ref_weight, ref_bias,
-                                                                   weight, bias, tokw, c_seq, r_seq, rows, budget)
+            ref_chosen_logps, ref_rejected_logps = self._reference(sc, hidden, labels, cu_seqlens, ref_hidden,
+                                                                   ref_weight, ref_bias, weight, bias, tokw, c_seq,
+                                                                   r_seq)
         elif (ref_chosen_logps is None) != (ref_rejected_logps is None):
             raise ValueError("ref_chosen_logps, ref_rejected_logps: pass both or neither (reference-free)")
         for name, t in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
@@ -179,88 +167,68 @@ class DPOLoss(nn.Module):
                 if t.shape[0] != P:
                     raise ValueError(f"{name}: expected shape ({P},) (one per pair), got {tuple(t.shape)}")
 
-        logit_c, logit_r = _logits_means(sc, weight, bias, counts, c_seq, r_seq, self.temperature)
+        logit_c, logit_r = _logits_means(sc, weight, bias, counts, c_seq, r_seq, self.temperature) \
+            if self.compute_metrics and not self.token_metrics else (None, None)  # else from the pass, or unused
         common = dict(beta=self.beta, loss_type=self.loss_type, **self.loss_options, chosen_lengths=len_w,
-                      rejected_lengths=len_l, use_weighting=self.use_weighting)
+                      rejected_lengths=len_l, use_weighting=self.use_weighting, chosen_logits_mean=logit_c,
+                      rejected_logits_mean=logit_r, compute_metrics=self.compute_metrics)
+        groups = self._plan(sc, rows, weight, torch.stack([c_seq, r_seq], 1), counts, (hidden, weight, bias),
+                            decomposable=L.is_pair_decomposable(self.loss_type))
+        want_stats = self.token_metrics or self.use_weighting
 
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (hidden, weight, bias))
-        groups = None
-        if self.fused and needs_grad and L.is_pair_decomposable(self.loss_type):
-            group_budget = self.workspace_bytes or 8 * budget
-            groups = plan_groups(sc, counts, torch.stack([c_seq, r_seq], 1), weight.shape[0],
-                                 _per_elem_bytes(rows, sc.hidden2.dtype), group_budget)
-
-        stats = {} if (self.token_metrics or self.use_weighting) else None
         if groups is None:  # two-pass route: generic engine + autograd through dpo_loss
-            self.last_route = "two_pass"
+            stats = {} if want_stats else None
             logp = scored_logprobs(sc, weight, bias, temperature=self.temperature, softcap=self.softcap,
-                                   backend=be, stats_out=stats)
+                                   backend=self.backend, stats_out=stats)
             if self.use_weighting:  # from the same forward pass: lse(2z) came with the stats
                 wpo = _wpo_means(logp.detach(), stats["lse"], stats["lse2"], sc.seq, sc.num_seqs)
                 common["chosen_wpo_logweights"], common["rejected_wpo_logweights"] = wpo[c_seq], wpo[r_seq]
-            if tokw is not None:
-                logp = logp * tokw
-            seq = segment_sum(logp, sc.seq, sc.num_seqs)
-            out = L.dpo_loss(seq[c_seq], seq[r_seq], ref_chosen_logps, ref_rejected_logps, **common,
-                             chosen_logits_mean=logit_c, rejected_logits_mean=logit_r,
-                             compute_metrics=self.compute_metrics)
-            self.last_token_sums = _add_token_metrics(out, stats if self.token_metrics else None, sc, c_seq, r_seq,
-                                                      self.compute_metrics)
-            return out
+            seq = _seq_sums(sc, logp, tokw)
+            out = L.dpo_loss(seq[c_seq], seq[r_seq], ref_chosen_logps, ref_rejected_logps, **common)
+        else:
+            ref_c = None if ref_chosen_logps is None else ref_chosen_logps.detach()
+            ref_r = None if ref_rejected_logps is None else ref_rejected_logps.detach()
+            n_chosen_tokens = len_w.clamp_min(1.0).sum()  # dpo_loss counts |y| = 0 as 1
 
-        self.last_route = "fused"
-        ref_c = None if ref_chosen_logps is None else ref_chosen_logps.detach()
-        ref_r = None if ref_rejected_logps is None else ref_rejected_logps.detach()
-        n_chosen_tokens = len_w.clamp_min(1.0).sum()  # dpo_loss counts |y| = 0 as 1
+            def grad_fn(pair_ids, lw, ll, wpo_g):
+                return L.pair_loss_and_grads(
+                    lw, ll, None if ref_c is None else ref_c[pair_ids], None if ref_r is None else ref_r[pair_ids],
+                    num_pairs=P, num_chosen_tokens=n_chosen_tokens, beta=self.beta, loss_type=self.loss_type,
+                    **self.loss_options, chosen_lengths=len_w[pair_ids], rejected_lengths=len_l[pair_ids],
+                    use_weighting=self.use_weighting,
+                    chosen_wpo_logweights=None if wpo_g is None else wpo_g[0],
+                    rejected_wpo_logweights=None if wpo_g is None else wpo_g[1])[1:]
 
-        def grad_fn(pair_ids, lw, ll, wpo_g):
-            return L.pair_loss_and_grads(
-                lw, ll, None if ref_c is None else ref_c[pair_ids], None if ref_r is None else ref_r[pair_ids],
-                num_pairs=P, num_chosen_tokens=n_chosen_tokens, beta=self.beta, loss_type=self.loss_type,
-                **self.loss_options, chosen_lengths=len_w[pair_ids], rejected_lengths=len_l[pair_ids],
-                use_weighting=self.use_weighting,
-                chosen_wpo_logweights=None if wpo_g is None else wpo_g[0],
-                rejected_wpo_logweights=None if wpo_g is None else wpo_g[1])[1:]
-
-        acc = torch.float64 if sc.hidden2.dtype == torch.float64 else torch.float32
-        aux = {"device": dev}
-        group_grad = _pair_group_grad(P, acc, tokw, grad_fn, self.use_weighting, aux)
-        carrier = FusedLogitsPass.apply(sc.hidden2, weight, bias, sc, groups, rows, group_grad,
-                                        self.token_metrics or self.use_weighting, aux)
-        chosen, rejected = aux["chosen"], aux["rejected"]
-        if self.use_weighting:
-            common["chosen_wpo_logweights"], common["rejected_wpo_logweights"] = aux["wpo_c"], aux["wpo_r"]
-        with torch.no_grad():
-            out = L.dpo_loss(chosen, rejected, ref_c, ref_r, **common, chosen_logits_mean=logit_c,
-                             rejected_logits_mean=logit_r, compute_metrics=self.compute_metrics)
-        out.loss = out.loss.detach() + carrier.to(out.loss.dtype)  # the value, and the gradient's path
-        self.last_token_sums = _add_token_metrics(out, aux if self.token_metrics else None, sc, c_seq, r_seq,
+            stats = {}
+            group_grad = _pair_group_grad(P, acc_dtype(sc.hidden2.dtype), dev, tokw, grad_fn, self.use_weighting,
+                                          stats)
+            carrier = self._fused_pass(sc, weight, bias, groups, rows, group_grad, want_stats, stats)
+            if self.use_weighting:
+                common["chosen_wpo_logweights"], common["rejected_wpo_logweights"] = stats["wpo_c"], stats["wpo_r"]
+            with torch.no_grad():
+                out = L.dpo_loss(stats["chosen"], stats["rejected"], ref_c, ref_r, **common)
+            out = self._with_gradient(out, carrier)
+        self.last_token_sums = _add_token_metrics(out, stats if self.token_metrics else None, sc, c_seq, r_seq,
                                                   self.compute_metrics)
         return out
 
-    def _reference(self, sc, hidden, ref_hidden, ref_weight, ref_bias, weight, bias, tokw, c_seq, r_seq, rows,
-                   budget):
+    def _reference(self, sc, hidden, labels, cu_seqlens, ref_hidden, ref_weight, ref_bias, weight, bias, tokw,
+                   c_seq, r_seq):
+        """(P,) reference chosen / rejected log-probs of the same scored tokens: the no-grad forward."""
         check_tensor("ref_hidden", ref_hidden, dims=(2, 3), floating=True)
-        if ref_hidden.shape != hidden.shape:
-            raise ValueError(f"ref_hidden: expected shape {tuple(hidden.shape)} (like hidden), got "
-                             f"{tuple(ref_hidden.shape)}")
+        if ref_hidden.shape[:-1] != hidden.shape[:-1]:
+            raise ValueError(f"ref_hidden: expected shape {tuple(hidden.shape[:-1])} + (H,) (hidden's leading "
+                             f"dims), got {tuple(ref_hidden.shape)}")
         rw = weight if ref_weight is None else ref_weight
         rb = (bias if ref_weight is None else None) if ref_bias is None else ref_bias
-        # validates dtype/device/shape of the reference head against ref_hidden
-        from ._validate import check_engine_inputs
-
-        check_engine_inputs(ref_hidden, rw, torch.zeros(ref_hidden.shape[:-1], dtype=torch.long,
-                                                        device=ref_hidden.device),
-                            rb, None if hidden.dim() == 3 else torch.tensor([0, hidden.shape[0]], device=hidden.device),
-                            self.ignore_index, self.temperature, self.softcap)
+        check_engine_inputs(ref_hidden, rw, labels, rb, cu_seqlens, self.ignore_index, self.temperature,
+                            self.softcap)
+        rows = make_rows(self.backend, ref_hidden.device, ref_hidden.dtype, self.temperature, self.softcap)
         with torch.no_grad():
-            h2 = ref_hidden.reshape(-1, ref_hidden.shape[-1])
-            logp, _ = forward_tokens(h2, rw.detach(), None if rb is None else rb.detach(), sc.idx, sc.labels,
-                                     rows, budget)
-            if tokw is not None:
-                logp = logp * tokw
-            seq = segment_sum(logp, sc.seq, sc.num_seqs)
+            logp, _ = forward_tokens(ref_hidden.reshape(-1, ref_hidden.shape[-1]), rw.detach(),
+                                     None if rb is None else rb.detach(), sc.idx, sc.labels, rows,
+                                     _config.get_workspace_bytes(ref_hidden.device))
+            seq = _seq_sums(sc, logp, tokw)
         return seq[c_seq], seq[r_seq]
 
 
@@ -296,7 +264,12 @@ def _add_token_metrics(out, stats, sc: Scored, c_seq, r_seq, compute_metrics: bo
     return sums
 
 
-def _pair_layout(pairs, S: int, packed: bool, device):
+def _check_ld_alpha(ld_alpha) -> None:
+    if ld_alpha is not None and not (isinstance(ld_alpha, (int, float)) and 0.0 <= ld_alpha <= 1.0):
+        raise ValueError(f"ld_alpha: expected None or a float in [0, 1], got {ld_alpha!r}")
+
+
+def _pair_layout(pairs, S: int, device):
     """(chosen_seq (P,), rejected_seq (P,)) int64 sequence indices."""
     if pairs is None:
         if S % 2:
@@ -328,7 +301,7 @@ def _ld_token_weights(sc: Scored, counts, c_seq, r_seq, alpha: float) -> torch.T
     start = torch.cumsum(counts, 0) - counts  # (S,) first scored token of each sequence
     rank = torch.arange(sc.idx.numel(), device=counts.device, dtype=torch.float32) - start[sc.seq]
     w = torch.where(rank < shared[sc.seq], 1.0, float(alpha))
-    return w.to(torch.float64 if sc.hidden2.dtype == torch.float64 else torch.float32)
+    return w.to(acc_dtype(sc.hidden2.dtype))
 
 
 def _logits_means(sc: Scored, weight, bias, counts, c_seq, r_seq, temperature):
@@ -363,43 +336,18 @@ def _wpo_means(logp, lse, lse2, seq, num_seqs):
 # the reference-free family: CPO / SimPO / AlphaPO and ORPO through the same fused pass
 
 
-def _autograd_pair_grads(total_fn, len_w, len_l, dtype):
-    """grad_fn for :func:`_pair_group_grad` from any per-pair-decomposable batch loss.
+class _ReferenceFreePairLoss(FusedLossModule):
+    """Shared forward of the fused reference-free pairwise losses (subclasses define ``_loss``).
 
-    ``total_fn(lw (P,), ll (P,)) -> scalar``. For a group, the group's sums are placed into full-batch
-    vectors whose other entries are harmless placeholders (ℓ = −|y|, i.e. a mean log-prob of −1), and autograd
-    gives dL/dℓ of the group's entries. That is exact when the loss decomposes per pair given batch constants
-    (P, Σ|y_w|, …), as every loss of this family does: the other entries do not enter these derivatives.
+    dL/dℓ for a group comes from autograd of ``_loss`` with the other pairs at placeholders ℓ = −|y| (see
+    :func:`dpo_fast._fused.grads_at`): exact, since these losses decompose per pair given P and Σ|y_w|.
     """
-    base_w = -len_w.clamp_min(1.0).to(dtype)
-    base_l = -len_l.clamp_min(1.0).to(dtype)
-
-    def grad_fn(pair_ids, lw_g, ll_g, wpo_g):
-        with torch.enable_grad():
-            lw, ll = base_w.clone(), base_l.clone()
-            lw[pair_ids], ll[pair_ids] = lw_g.detach().to(dtype), ll_g.detach().to(dtype)
-            lw.requires_grad_(True)
-            ll.requires_grad_(True)
-            gw, gl = torch.autograd.grad(total_fn(lw, ll), (lw, ll), allow_unused=True)
-        gw = torch.zeros_like(lw) if gw is None else gw
-        gl = torch.zeros_like(ll) if gl is None else gl
-        return gw[pair_ids], gl[pair_ids]
-
-    return grad_fn
-
-
-class _ReferenceFreePairLoss(nn.Module):
-    """Shared forward of the fused reference-free pairwise losses (subclasses define ``_loss``)."""
 
     def __init__(self, *, ignore_index, temperature, softcap, backend, fused, workspace_bytes, compute_metrics,
                  token_metrics):
-        super().__init__()
-        if workspace_bytes is not None and (not isinstance(workspace_bytes, int) or workspace_bytes < 1024):
-            raise ValueError(f"workspace_bytes: expected None or an int >= 1024, got {workspace_bytes!r}")
-        self.ignore_index, self.temperature, self.softcap = ignore_index, temperature, softcap
-        self.backend, self.fused, self.workspace_bytes = backend, bool(fused), workspace_bytes
-        self.compute_metrics, self.token_metrics = compute_metrics, bool(token_metrics)
-        self.last_route: str | None = None
+        super().__init__(ignore_index=ignore_index, temperature=temperature, softcap=softcap, backend=backend,
+                         fused=fused, workspace_bytes=workspace_bytes, compute_metrics=compute_metrics)
+        self.token_metrics = bool(token_metrics)
         self.last_token_sums: dict[str, torch.Tensor] | None = None
 
     def _loss(self, lw, ll, len_w, len_l, logit_c, logit_r, compute_metrics) -> L.DPOOutput:
@@ -414,42 +362,37 @@ class _ReferenceFreePairLoss(nn.Module):
     @autocast_aware("hidden", "weight", "bias")
     def forward(self, hidden, weight, labels, *, bias=None, cu_seqlens=None, pairs=None) -> L.DPOOutput:
         """Same layouts as :meth:`DPOLoss.forward` (no reference model). Returns a :class:`DPOOutput`."""
-        sc = prepare(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, ignore_index=self.ignore_index,
-                     temperature=self.temperature, softcap=self.softcap)
+        sc, rows = self._prepare(hidden, weight, labels, bias, cu_seqlens)
         dev = sc.idx.device
-        c_seq, r_seq = _pair_layout(pairs, sc.num_seqs, cu_seqlens is not None, dev)
+        c_seq, r_seq = _pair_layout(pairs, sc.num_seqs, dev)
         P = c_seq.numel()
         counts = sc.counts()
         len_w, len_l = counts[c_seq], counts[r_seq]
-        be = "torch" if sc.hidden2.dtype == torch.float64 else resolve_backend(self.backend, dev)
-        rows = make_rows(be, self.temperature, self.softcap)
-        budget = _config.get_workspace_bytes(dev)
-        logit_c, logit_r = _logits_means(sc, weight, bias, counts, c_seq, r_seq, self.temperature)
-        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-        groups = None
-        if self.fused and needs_grad:
-            groups = plan_groups(sc, counts, torch.stack([c_seq, r_seq], 1), weight.shape[0],
-                                 _per_elem_bytes(rows, sc.hidden2.dtype), self.workspace_bytes or 8 * budget)
+        logit_c, logit_r = _logits_means(sc, weight, bias, counts, c_seq, r_seq, self.temperature) \
+            if self.compute_metrics and not self.token_metrics else (None, None)
+        groups = self._plan(sc, rows, weight, torch.stack([c_seq, r_seq], 1), counts, (hidden, weight, bias))
         if groups is None:  # two-pass route: generic engine + autograd through the loss
-            self.last_route = "two_pass"
             stats = {} if self.token_metrics else None
-            logp = scored_logprobs(sc, weight, bias, temperature=self.temperature, softcap=self.softcap, backend=be,
-                                   stats_out=stats)
-            seq = segment_sum(logp, sc.seq, sc.num_seqs)
+            logp = scored_logprobs(sc, weight, bias, temperature=self.temperature, softcap=self.softcap,
+                                   backend=self.backend, stats_out=stats)
+            seq = _seq_sums(sc, logp, None)
             out = self._loss(seq[c_seq], seq[r_seq], len_w, len_l, logit_c, logit_r, self.compute_metrics)
         else:
-            self.last_route = "fused"
-            acc = torch.float64 if sc.hidden2.dtype == torch.float64 else torch.float32
-            grad_fn = _autograd_pair_grads(
-                lambda lw, ll: self._loss(lw, ll, len_w, len_l, None, None, False).loss, len_w, len_l, acc)
-            stats = {"device": dev}
-            group_grad = _pair_group_grad(P, acc, None, grad_fn, False, stats)
-            carrier = FusedLogitsPass.apply(sc.hidden2, weight, bias, sc, groups, rows, group_grad,
-                                            self.token_metrics, stats)
+            acc = acc_dtype(sc.hidden2.dtype)
+            base = -torch.stack([len_w, len_l], 1).clamp_min(1.0).to(acc)  # (P, 2) placeholders: mean logp -1
+
+            def grad_fn(pair_ids, lw, ll, wpo_g):
+                g = grads_at(lambda x: self._loss(x[:, 0], x[:, 1], len_w, len_l, None, None, False).loss,
+                             base, pair_ids, torch.stack([lw, ll], 1))
+                return g[:, 0], g[:, 1]
+
+            stats = {}
+            group_grad = _pair_group_grad(P, acc, dev, None, grad_fn, False, stats)
+            carrier = self._fused_pass(sc, weight, bias, groups, rows, group_grad, self.token_metrics, stats)
             with torch.no_grad():
                 out = self._loss(stats["chosen"], stats["rejected"], len_w, len_l, logit_c, logit_r,
                                  self.compute_metrics)
-            out.loss = out.loss.detach() + carrier.to(out.loss.dtype)
+            out = self._with_gradient(out, carrier)
         self.last_token_sums = _add_token_metrics(out, stats if self.token_metrics else None, sc, c_seq, r_seq,
                                                   self.compute_metrics)
         return out
@@ -543,13 +486,11 @@ def pair_logprobs(hidden, weight, labels, *, bias=None, cu_seqlens=None, pairs=N
     Returns:
         ``(chosen, rejected)``: two (P,) float32 tensors.
     """
+    _check_ld_alpha(ld_alpha)
     sc = prepare(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, ignore_index=ignore_index,
                  temperature=temperature, softcap=softcap)
-    c_seq, r_seq = _pair_layout(pairs, sc.num_seqs, cu_seqlens is not None, sc.idx.device)
+    c_seq, r_seq = _pair_layout(pairs, sc.num_seqs, sc.idx.device)
     logp = scored_logprobs(sc, weight, bias, temperature=temperature, softcap=softcap, backend=backend)
-    if ld_alpha is not None:
-        if not (isinstance(ld_alpha, (int, float)) and 0.0 <= ld_alpha <= 1.0):
-            raise ValueError(f"ld_alpha: expected None or a float in [0, 1], got {ld_alpha!r}")
-        logp = logp * _ld_token_weights(sc, sc.counts(), c_seq, r_seq, ld_alpha)
-    seq = segment_sum(logp, sc.seq, sc.num_seqs)
+    tokw = None if ld_alpha is None else _ld_token_weights(sc, sc.counts(), c_seq, r_seq, ld_alpha)
+    seq = _seq_sums(sc, logp, tokw)
     return seq[c_seq], seq[r_seq]

@@ -12,17 +12,15 @@ that do not enter them.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from . import _config
 from . import losses as L
-from ._fused import FusedLogitsPass, plan_groups
-from ._rowops import make_rows, resolve_backend
+from ._fused import FusedLossModule, grads_at
+from ._rowops import acc_dtype
 from ._validate import autocast_aware
-from .logprobs import _per_elem_bytes, prepare, scored_logprobs
+from .logprobs import scored_logprobs
 
 
-class GRPOLoss(nn.Module):
+class GRPOLoss(FusedLossModule):
     r"""GRPO / DAPO / Dr. GRPO / GSPO loss from last hidden states and the lm_head weight.
 
     Args:
@@ -58,16 +56,12 @@ class GRPOLoss(nn.Module):
                  max_completion_length: int | None = None, ignore_index: int = -100, temperature: float = 1.0,
                  softcap: float | None = None, backend: str = "auto", fused: bool = True,
                  workspace_bytes: int | None = None, compute_metrics: bool = True, token_metrics: bool = False):
-        super().__init__()
-        if workspace_bytes is not None and (not isinstance(workspace_bytes, int) or workspace_bytes < 1024):
-            raise ValueError(f"workspace_bytes: expected None or an int >= 1024, got {workspace_bytes!r}")
+        super().__init__(ignore_index=ignore_index, temperature=temperature, softcap=softcap, backend=backend,
+                         fused=fused, workspace_bytes=workspace_bytes, compute_metrics=compute_metrics)
         self.options = dict(beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
                             importance_sampling_level=importance_sampling_level, loss_type=loss_type,
                             max_completion_length=max_completion_length)
-        self.ignore_index, self.temperature, self.softcap = ignore_index, temperature, softcap
-        self.backend, self.fused, self.workspace_bytes = backend, bool(fused), workspace_bytes
-        self.compute_metrics, self.token_metrics = compute_metrics, bool(token_metrics)
-        self.last_route: str | None = None
+        self.token_metrics = bool(token_metrics)
         # validate the options now: a bad config fails at construction, not at the first step
         one = torch.zeros(1, 2)
         L.grpo_loss(one, torch.zeros(1), torch.ones(1, 2), None, None if beta == 0 else one,
@@ -87,8 +81,7 @@ class GRPOLoss(nn.Module):
         if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
             raise ValueError(f"hidden: expected a padded (B, T, H) tensor, got "
                              f"{getattr(hidden, 'shape', type(hidden).__name__)}")
-        sc = prepare(hidden, weight, labels, bias=bias, ignore_index=self.ignore_index,
-                     temperature=self.temperature, softcap=self.softcap)
+        sc, rows = self._prepare(hidden, weight, labels, bias)
         B, T = labels.shape
         dev = sc.idx.device
         mask = labels != self.ignore_index
@@ -96,52 +89,36 @@ class GRPOLoss(nn.Module):
             if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != (B, T)):
                 raise ValueError(f"{name}: expected shape ({B}, {T}) like labels, got "
                                  f"{tuple(getattr(t, 'shape', ()))}")
-        be = "torch" if sc.hidden2.dtype == torch.float64 else resolve_backend(self.backend, dev)
-        rows = make_rows(be, self.temperature, self.softcap)
-        acc = torch.float64 if sc.hidden2.dtype == torch.float64 else torch.float32
-        budget = _config.get_workspace_bytes(dev)
-        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-        groups = None
-        if self.fused and needs_grad:
-            counts = sc.counts()
-            groups = plan_groups(sc, counts, torch.arange(B, device=dev)[:, None], weight.shape[0],
-                                 _per_elem_bytes(rows, sc.hidden2.dtype), self.workspace_bytes or 8 * budget)
-        stats = {} if self.token_metrics else None
+        acc = acc_dtype(sc.hidden2.dtype)
+        groups = self._plan(sc, rows, weight, torch.arange(B, device=dev)[:, None], sc.counts(),
+                            (hidden, weight, bias))
         if groups is None:  # two-pass route: generic engine + autograd through grpo_loss
-            self.last_route = "two_pass"
+            stats = {} if self.token_metrics else None
             logp = scored_logprobs(sc, weight, bias, temperature=self.temperature, softcap=self.softcap,
-                                   backend=be, stats_out=stats)
+                                   backend=self.backend, stats_out=stats)
             tok = torch.zeros(B * T, dtype=logp.dtype, device=dev).index_copy(0, sc.idx, logp).view(B, T)
             out = self._loss(tok, advantages, mask, old_logps, ref_logps, num_items_in_batch, self.compute_metrics)
         else:
-            self.last_route = "fused"
             # placeholders for tokens outside a group: any finite value (they do not enter its derivatives)
             base = (torch.zeros(B * T, dtype=acc, device=dev) if old_logps is None
-                    else old_logps.detach().reshape(-1).to(acc).clone())
+                    else old_logps.detach().reshape(-1).to(acc))
             final = torch.zeros(B * T, dtype=acc, device=dev)
+
+            def total(x):
+                return self._loss(x.view(B, T), advantages, mask, old_logps, ref_logps, num_items_in_batch,
+                                  False).loss
 
             def group_grad(g, res):
                 pos = sc.idx.index_select(0, g["tok"])  # (n,) flat (B*T) positions
-                lp = res[0].detach().to(acc)
-                final[pos] = lp
-                with torch.enable_grad():
-                    cur = base.clone()
-                    cur[pos] = lp
-                    cur.requires_grad_(True)
-                    total = self._loss(cur.view(B, T), advantages, mask, old_logps, ref_logps, num_items_in_batch,
-                                       False).loss
-                    (grad,) = torch.autograd.grad(total, cur)
-                return grad.index_select(0, pos)
+                final[pos] = res[0].detach().to(acc)
+                return grads_at(total, base, pos, res[0])
 
-            aux = {}
-            carrier = FusedLogitsPass.apply(sc.hidden2, weight, bias, sc, groups, rows, group_grad,
-                                            self.token_metrics, aux)
+            stats = {}
+            carrier = self._fused_pass(sc, weight, bias, groups, rows, group_grad, self.token_metrics, stats)
             with torch.no_grad():
                 out = self._loss(final.view(B, T), advantages, mask, old_logps, ref_logps, num_items_in_batch,
                                  self.compute_metrics)
-            out.loss = out.loss.detach() + carrier.to(out.loss.dtype)
-            stats = aux if self.token_metrics else None
-        if stats is not None and self.compute_metrics:
-            n = max(sc.idx.numel(), 1)
-            out.metrics["entropy"] = float(stats["entropy"].sum()) / n
+            out = self._with_gradient(out, carrier)
+        if self.token_metrics and self.compute_metrics:
+            out.metrics["entropy"] = float(stats["entropy"].sum()) / max(sc.idx.numel(), 1)
         return out

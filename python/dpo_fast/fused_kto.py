@@ -9,17 +9,15 @@ whole sequences take the one-pass fused route of :mod:`dpo_fast._fused` (3 GEMMs
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from . import _config
 from . import losses as L
-from ._fused import FusedLogitsPass, plan_groups
-from ._rowops import make_rows, resolve_backend
+from ._fused import FusedLossModule, grads_at
+from ._rowops import acc_dtype
 from ._validate import autocast_aware, check_tensor
-from .logprobs import _per_elem_bytes, prepare, scored_logprobs, segment_sum, sequence_logprobs
+from .logprobs import scored_logprobs, segment_sum, sequence_logprobs
 
 
-class KTOLoss(nn.Module):
+class KTOLoss(FusedLossModule):
     r"""KTO (Ethayarajh et al. 2024) from last hidden states and the lm_head weight; see :func:`dpo_fast.kto_loss`.
 
     Args:
@@ -47,14 +45,9 @@ class KTOLoss(nn.Module):
                  ignore_index: int = -100, temperature: float = 1.0, softcap: float | None = None,
                  backend: str = "auto", fused: bool = True, workspace_bytes: int | None = None,
                  compute_metrics: bool = True):
-        super().__init__()
-        if workspace_bytes is not None and (not isinstance(workspace_bytes, int) or workspace_bytes < 1024):
-            raise ValueError(f"workspace_bytes: expected None or an int >= 1024, got {workspace_bytes!r}")
+        super().__init__(ignore_index=ignore_index, temperature=temperature, softcap=softcap, backend=backend,
+                         fused=fused, workspace_bytes=workspace_bytes, compute_metrics=compute_metrics)
         self.options = dict(beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
-        self.ignore_index, self.temperature, self.softcap = ignore_index, temperature, softcap
-        self.backend, self.fused, self.workspace_bytes = backend, bool(fused), workspace_bytes
-        self.compute_metrics = compute_metrics
-        self.last_route: str | None = None
         L.kto_loss(torch.tensor([-1.0]), None, torch.tensor([True]), **self.options, compute_metrics=False)
 
     def extra_repr(self) -> str:
@@ -64,8 +57,7 @@ class KTOLoss(nn.Module):
     @autocast_aware("hidden", "weight", "bias", "kl_hidden")
     def forward(self, hidden, weight, labels, desirable, ref_logps=None, *, bias=None, cu_seqlens=None, kl=None,
                 kl_hidden=None, kl_labels=None, kl_cu_seqlens=None, ref_kl_logps=None) -> L.UnpairedOutput:
-        sc = prepare(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, ignore_index=self.ignore_index,
-                     temperature=self.temperature, softcap=self.softcap)
+        sc, rows = self._prepare(hidden, weight, labels, bias, cu_seqlens)
         S, dev = sc.num_seqs, sc.idx.device
         check_tensor("desirable", desirable, dims=(1,))
         if desirable.shape[0] != S:
@@ -96,38 +88,24 @@ class KTOLoss(nn.Module):
         def loss(lp, compute_metrics):
             return L.kto_loss(lp, ref_logps, desirable, **self.options, kl=kl, compute_metrics=compute_metrics)
 
-        be = "torch" if sc.hidden2.dtype == torch.float64 else resolve_backend(self.backend, dev)
-        rows = make_rows(be, self.temperature, self.softcap)
-        acc = torch.float64 if sc.hidden2.dtype == torch.float64 else torch.float32
-        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-        groups = None
-        if self.fused and needs_grad:
-            groups = plan_groups(sc, sc.counts(), torch.arange(S, device=dev)[:, None], weight.shape[0],
-                                 _per_elem_bytes(rows, sc.hidden2.dtype),
-                                 self.workspace_bytes or 8 * _config.get_workspace_bytes(dev))
+        groups = self._plan(sc, rows, weight, torch.arange(S, device=dev)[:, None], sc.counts(),
+                            (hidden, weight, bias))
         if groups is None:  # two-pass route
-            self.last_route = "two_pass"
-            logp = scored_logprobs(sc, weight, bias, temperature=self.temperature, softcap=self.softcap, backend=be)
-            seq = segment_sum(logp, sc.seq, S)
-            return loss(seq, self.compute_metrics)
-        self.last_route = "fused"
-        base = (torch.zeros(S, dtype=acc, device=dev) if ref_logps is None
-                else ref_logps.detach().to(acc).clone())  # placeholders: log-ratio 0
+            logp = scored_logprobs(sc, weight, bias, temperature=self.temperature, softcap=self.softcap,
+                                   backend=self.backend)
+            return loss(segment_sum(logp, sc.seq, S), self.compute_metrics)
+        acc = acc_dtype(sc.hidden2.dtype)
+        # placeholders: log-ratio 0 (they do not enter the group's derivatives)
+        base = torch.zeros(S, dtype=acc, device=dev) if ref_logps is None else ref_logps.detach().to(acc)
         final = torch.zeros(S, dtype=acc, device=dev)
 
         def group_grad(g, res):
-            seqs = g["units"]  # (G,) sequence ids, = the group's local order
+            seqs = g["units"]  # (G,) sequence ids, in the group's local order
             lp = segment_sum(res[0].to(acc), g["local"], seqs.numel())
             final[seqs] = lp
-            with torch.enable_grad():
-                cur = base.clone()
-                cur[seqs] = lp
-                cur.requires_grad_(True)
-                (grad,) = torch.autograd.grad(loss(cur, False).loss, cur)
-            return grad[seqs].index_select(0, g["local"])
+            return grads_at(lambda x: loss(x, False).loss, base, seqs, lp).index_select(0, g["local"])
 
-        carrier = FusedLogitsPass.apply(sc.hidden2, weight, bias, sc, groups, rows, group_grad, False, {})
+        carrier = self._fused_pass(sc, weight, bias, groups, rows, group_grad, False, {})
         with torch.no_grad():
             out = loss(final, self.compute_metrics)
-        out.loss = out.loss.detach() + carrier.to(out.loss.dtype)
-        return out
+        return self._with_gradient(out, carrier)

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import torch
 
 from . import _config
-from ._rowops import make_rows, resolve_backend
+from ._rowops import acc_dtype, make_rows
 from ._validate import (autocast_aware, check_cu_seqlens, check_engine_inputs, check_labels_range, check_same_device,
-                        check_tensor)
+                        check_scalars, check_tensor)
 
 # ----------------------------------------------------------------------------------------------------------
 # preparation: which positions are scored, and to which sequence each belongs
@@ -71,21 +71,32 @@ class Scored:
         return torch.bincount(self.seq, minlength=self.num_seqs)[: self.num_seqs].to(torch.float32)
 
 
+def scored_positions(labels, vocab: int, ignore_index: int, row_len: int | None, cu_seqlens=None):
+    """The scored positions of (already validated) labels: one host sync, their count.
+
+    Args:
+        labels: (B, T) or (N,) integer labels. row_len: T for padded rows, None with ``cu_seqlens`` (S+1,).
+    Returns:
+        (idx (N,) sorted flat positions, labels there (N,) int64 checked to lie in [0, vocab),
+        seq (N,) non-decreasing sequence index of each).
+    """
+    labels1 = labels.reshape(-1)  # (M,)
+    idx = torch.nonzero(labels1 != ignore_index).squeeze(1)  # (N,) sorted
+    labels_s = labels1.index_select(0, idx).to(torch.int64)
+    check_labels_range(labels_s, vocab, ignore_index)
+    if row_len is not None:
+        seq = torch.div(idx, row_len, rounding_mode="floor")
+    else:
+        seq = torch.searchsorted(cu_seqlens[1:].to(torch.int64).contiguous(), idx, right=True)
+    return idx, labels_s, seq
+
+
 def prepare(hidden, weight, labels, *, bias=None, cu_seqlens=None, ignore_index=-100, temperature=1.0,
             softcap=None) -> Scored:
     """Validate inputs and gather the scored positions (one host sync: their count)."""
     S, T = check_engine_inputs(hidden, weight, labels, bias, cu_seqlens, ignore_index, temperature, softcap)
-    H = hidden.shape[-1]
-    hidden2 = hidden.reshape(-1, H)  # (M, H)
-    labels1 = labels.reshape(-1)  # (M,)
-    idx = torch.nonzero(labels1 != ignore_index).squeeze(1)  # (N,) sorted
-    labels_s = labels1.index_select(0, idx).to(torch.int64)
-    check_labels_range(labels_s, weight.shape[0], ignore_index)
-    if T is not None:
-        seq = torch.div(idx, T, rounding_mode="floor")
-    else:
-        seq = torch.searchsorted(cu_seqlens[1:].to(torch.int64).contiguous(), idx, right=True)
-    return Scored(hidden2, idx, labels_s, seq, S, tuple(labels.shape))
+    idx, labels_s, seq = scored_positions(labels, weight.shape[0], ignore_index, T, cu_seqlens)
+    return Scored(hidden.reshape(-1, hidden.shape[-1]), idx, labels_s, seq, S, tuple(labels.shape))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -106,11 +117,6 @@ def _tile(buf: torch.Tensor, n: int, v: int) -> torch.Tensor:
 
 #: per-token statistics a stats-enabled forward produces, in the order the row ops return them
 STAT_KEYS = ("entropy", "hit", "zmean", "lse2")
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation/output dtype: float32, or float64 for float64 inputs (used by gradcheck)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 _EPILOGUE_OK: dict[tuple, bool] = {}
@@ -150,8 +156,8 @@ def _probe_epilogue(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def _per_elem_bytes(rows, dtype: torch.dtype) -> int:
-    elt = torch.empty((), dtype=dtype).element_size()
-    return elt + rows.bytes_per_elem
+    """Workspace bytes per logits-tile element: the tile itself plus the backend's temporaries."""
+    return dtype.itemsize + rows.bytes_per_elem
 
 
 def forward_tokens(hidden2, weight, bias, idx, labels_s, rows, budget: int, stats_out: dict | None = None):
@@ -159,7 +165,8 @@ def forward_tokens(hidden2, weight, bias, idx, labels_s, rows, budget: int, stat
 
     Returns (logp, lse): (N,) float32 each. With a ``stats_out`` dict, also fills it with per-token
     ``entropy``, ``hit`` (label is the arg-max), ``zmean`` (vocab-mean of the tempered/capped logits) and
-    ``lse2`` (logsumexp of twice the logits, for WPO), (N,) float32 each, computed in the same pass.
+    ``lse2`` (logsumexp of twice the logits, for WPO), (N,) float32 each, computed in the same pass, and
+    ``lse`` (the returned one).
     """
     N = idx.numel()
     V = weight.shape[0]
@@ -287,12 +294,9 @@ def scored_logprobs(sc: Scored, weight, bias, *, temperature=1.0, softcap=None, 
                     stats_out: dict | None = None) -> torch.Tensor:
     """(N,) float32 log-probs of the scored tokens of a prepared batch, differentiable.
 
-    ``stats_out``: optional dict filled with per-token ``entropy`` and ``hit`` (see :func:`forward_tokens`).
+    ``stats_out``: optional dict filled with the per-token stats of the forward (see :func:`forward_tokens`).
     """
-    be = resolve_backend(backend, sc.hidden2.device)
-    if sc.hidden2.dtype == torch.float64:
-        be = "torch"  # the Triton kernels take 16/32-bit tiles; float64 is for gradcheck and references
-    rows = make_rows(be, temperature, softcap)
+    rows = make_rows(backend, sc.hidden2.device, sc.hidden2.dtype, temperature, softcap)
     budget = _config.get_workspace_bytes(sc.hidden2.device)
     return LinearLabelLogprobs.apply(sc.hidden2, weight, bias, sc.idx, sc.labels, rows, budget, stats_out)
 
@@ -450,8 +454,6 @@ def logprobs_from_logits(logits, labels, *, ignore_index=-100, temperature=1.0, 
     check_tensor("labels", labels, floating=False)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
-    from ._validate import check_scalars
-
     check_scalars(temperature, None)
     check_same_device(logits=logits, labels=labels, cu_seqlens=cu_seqlens)
     if tuple(labels.shape) != tuple(logits.shape[:-1]):
@@ -472,23 +474,14 @@ def logprobs_from_logits(logits, labels, *, ignore_index=-100, temperature=1.0, 
     else:
         S = logits.shape[0]
     logits2 = logits.reshape(-1, V)  # (M, V)
-    labels1 = labels.reshape(-1)
-    idx = torch.nonzero(labels1 != ignore_index).squeeze(1)
-    labels_s = labels1.index_select(0, idx).to(torch.int64)
-    check_labels_range(labels_s, V, ignore_index)
-    backend = resolve_backend("auto", logits.device)
-    if logits.dtype == torch.float64:
-        backend = "torch"  # the kernels are written for 16/32-bit tiles
-    rows = make_rows(backend, temperature, None)
+    row_len = None if cu_seqlens is not None else (logits.shape[1] if logits.dim() == 3 else logits.shape[0])
+    idx, labels_s, seq = scored_positions(labels, V, ignore_index, row_len, cu_seqlens)
+    rows = make_rows("auto", logits.device, logits.dtype, temperature, None)
     budget = _config.get_workspace_bytes(logits.device)
     logp = LogitsLabelLogprobs.apply(logits2, idx, labels_s, rows, budget)
     if reduction == "none":
         out = torch.zeros(logits2.shape[0], dtype=logp.dtype, device=logp.device).index_copy(0, idx, logp)
         return out.view(labels.shape)
-    if cu_seqlens is not None:
-        seq = torch.searchsorted(cu_seqlens[1:].to(torch.int64).contiguous(), idx, right=True)
-    else:
-        seq = torch.div(idx, logits.shape[1], rounding_mode="floor")
     out = segment_sum(logp, seq, S)
     if reduction == "mean":
         cnt = torch.bincount(seq, minlength=S)[:S].to(logp.dtype)
