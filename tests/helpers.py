@@ -86,3 +86,16 @@ def random_labels(shape, V, frac_ignored=0.3, generator=None):
     labels = torch.randint(0, V, shape, generator=generator)
     drop = torch.rand(shape, generator=generator) < frac_ignored
     return labels.masked_fill(drop, -100)
+
+
+def assert_output_matches(out, expect, fields, grads, ref_grads, metrics_abs: float):
+    """A fused module's output against its composition: the named tensor fields, the gradients (hidden,
+    weight, bias) at float32 tolerance, and every metric of ``expect`` (rel 1e-5, abs ``metrics_abs``)."""
+    import pytest
+
+    for f in fields:
+        assert_close(getattr(out, f), getattr(expect, f), torch.float32, f)
+    for g, r, n in zip(grads, ref_grads, "hwb"):
+        assert_close(g, r, torch.float32, f"d{n}")
+    for k, v in expect.metrics.items():
+        assert out.metrics[k] == pytest.approx(v, rel=1e-5, abs=metrics_abs), k

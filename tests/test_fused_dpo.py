@@ -7,7 +7,7 @@ import torch
 
 import dpo_fast
 from dpo_fast import losses as L
-from helpers import assert_close, random_labels, ref_token_logprobs, seed_of
+from helpers import assert_close, assert_output_matches, random_labels, ref_token_logprobs, seed_of
 from test_logprobs import _CountMM
 
 DECOMPOSABLE = [lt for lt in L.LOSS_TYPES if lt not in ("aot", "aot_unpaired")]
@@ -56,14 +56,8 @@ def test_fused_equals_composition(lt, backend):
     out = m(hh, ww, labels, rc, rr, bias=bb)
     assert m.last_route == "fused"
     out.loss.backward()
-    assert_close(out.loss, ref.loss, torch.float32, "loss")
-    for a, r in ((out.losses, ref.losses), (out.chosen_logps, ref.chosen_logps),
-                 (out.rejected_logps, ref.rejected_logps), (out.chosen_rewards, ref.chosen_rewards)):
-        assert_close(a, r, torch.float32, "per-pair")
-    for g, r, name in zip((hh.grad, ww.grad, bb.grad), ref_grads, "hwb"):
-        assert_close(g, r, torch.float32, f"d{name}")
-    for k, v in ref.metrics.items():
-        assert out.metrics[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+    assert_output_matches(out, ref, ("loss", "losses", "chosen_logps", "rejected_logps", "chosen_rewards"),
+                          (hh.grad, ww.grad, bb.grad), ref_grads, metrics_abs=1e-6)
 
 
 def test_fused_many_groups_packed_layout_and_bf16():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dpo_fast
-from helpers import assert_close, random_labels
+from helpers import assert_close, assert_output_matches, random_labels
 from test_logprobs import _CountMM
 
 CONFIGS = [
@@ -50,12 +50,8 @@ def test_fused_grpo_equals_composition(cfg, use_old, backend):
     out = m(hh, ww, labels, adv, old_, ref_, bias=bb)
     assert m.last_route == "fused"
     out.loss.backward()
-    assert_close(out.loss, expect.loss, torch.float32, "loss")
-    assert_close(out.per_token_loss, expect.per_token_loss, torch.float32, "per-token loss")
-    for g, r, n in zip((hh.grad, ww.grad, bb.grad), ref_grads, "hwb"):
-        assert_close(g, r, torch.float32, f"d{n}")
-    for k, v in expect.metrics.items():
-        assert out.metrics[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
+    assert_output_matches(out, expect, ("loss", "per_token_loss"), (hh.grad, ww.grad, bb.grad), ref_grads,
+                          metrics_abs=1e-7)
 
 
 def test_grpo_gemm_counts_and_fallbacks():

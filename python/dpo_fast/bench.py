@@ -151,16 +151,16 @@ def _dpo_twopass(h, w, labels, ref):
     return dpo_fast.dpo_loss(*_ours(h, w, labels).chunk(2), *ref, beta=0.1, compute_metrics=False).loss
 
 
-_DPO_MODULES: dict = {}
+_MODULES: dict = {}  # loss modules built once per process, keyed by method
 
 
 def _dpo_fused(h, w, labels, ref):
     import dpo_fast
 
     key = "fused"
-    if key not in _DPO_MODULES:
-        _DPO_MODULES[key] = dpo_fast.DPOLoss(beta=0.1, compute_metrics=False)
-    return _DPO_MODULES[key](h, w, labels, *ref).loss
+    if key not in _MODULES:
+        _MODULES[key] = dpo_fast.DPOLoss(beta=0.1, compute_metrics=False)
+    return _MODULES[key](h, w, labels, *ref).loss
 
 
 def _dpo_liger(h, w, labels, ref):
@@ -168,12 +168,12 @@ def _dpo_liger(h, w, labels, ref):
 
     from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
 
-    if "liger" not in _DPO_MODULES:
+    if "liger" not in _MODULES:
         kw = dict(beta=0.1, compute_nll_loss=False)
         if "use_ref_model" in inspect.signature(LigerFusedLinearDPOLoss.__init__).parameters:
             kw["use_ref_model"] = False
-        _DPO_MODULES["liger"] = LigerFusedLinearDPOLoss(**kw)
-    mod = _DPO_MODULES["liger"]
+        _MODULES["liger"] = LigerFusedLinearDPOLoss(**kw)
+    mod = _MODULES["liger"]
     params = inspect.signature(mod.forward).parameters
     extra = {"ref_chosen_logps": ref[0], "ref_rejected_logps": ref[1]} if "ref_chosen_logps" in params else {}
     out = mod(w, h, labels, **extra)
@@ -200,9 +200,9 @@ def _grpo_naive(h, w, labels, ref):
 def _grpo_fused(h, w, labels, ref):
     import dpo_fast
 
-    if "grpo" not in _DPO_MODULES:
-        _DPO_MODULES["grpo"] = dpo_fast.GRPOLoss(loss_type="dapo", compute_metrics=False)
-    return _DPO_MODULES["grpo"](h, w, labels, _advantages(labels)).loss
+    if "grpo" not in _MODULES:
+        _MODULES["grpo"] = dpo_fast.GRPOLoss(loss_type="dapo", compute_metrics=False)
+    return _MODULES["grpo"](h, w, labels, _advantages(labels)).loss
 
 
 def _simpo_from_logps(logps, labels):
@@ -221,9 +221,9 @@ def _simpo_naive(h, w, labels, ref):
 def _simpo_fused(h, w, labels, ref):
     import dpo_fast
 
-    if "simpo" not in _DPO_MODULES:
-        _DPO_MODULES["simpo"] = dpo_fast.CPOLoss(beta=2.0, loss_type="simpo", cpo_alpha=0.0, compute_metrics=False)
-    return _DPO_MODULES["simpo"](h, w, labels).loss
+    if "simpo" not in _MODULES:
+        _MODULES["simpo"] = dpo_fast.CPOLoss(beta=2.0, loss_type="simpo", cpo_alpha=0.0, compute_metrics=False)
+    return _MODULES["simpo"](h, w, labels).loss
 
 
 METHODS = {
