@@ -88,27 +88,19 @@ class OutputHead:
         """
         return {"temperature": self.temperature * float(temperature), "softcap": self.softcap}
 
-    @staticmethod
-    def no_autocast(device: torch.device):
-        """Context that turns autocast off: the engine runs on operands already cast by :meth:`operands`."""
-        return torch.autocast(device.type, enabled=False)
-
     def operands(self, hidden: torch.Tensor):
-        """(hidden, weight, bias) in one dtype, as the model's head would compute them.
+        """(hidden, weight, bias) for the engine, as the model's head would combine them.
 
-        Under autocast, all three are cast to the autocast dtype (what ``nn.Linear`` does); otherwise
-        ``hidden`` is cast to the weight's dtype when they differ.
+        Under autocast they are returned as they are: the engine's entry points cast them to the autocast
+        dtype themselves, as ``nn.Linear`` does. Otherwise ``hidden`` and ``bias`` are cast to the weight's
+        dtype when they differ.
         """
         w, b = self.weight, self.bias
-        dev = hidden.device.type
-        if torch.is_autocast_enabled(dev):
-            dt = torch.get_autocast_dtype(dev)
-            hidden, w = hidden.to(dt), w.to(dt)
-            b = None if b is None else b.to(dt)
-        elif hidden.dtype != w.dtype:
-            hidden = hidden.to(w.dtype)
-        if b is not None and b.dtype != w.dtype:
-            b = b.to(w.dtype)
+        if not torch.is_autocast_enabled(hidden.device.type):
+            if hidden.dtype != w.dtype:
+                hidden = hidden.to(w.dtype)
+            if b is not None and b.dtype != w.dtype:
+                b = b.to(w.dtype)
         return hidden, w, b
 
 
@@ -363,11 +355,9 @@ def sequence_logprobs_from_model(model: nn.Module, input_ids: torch.Tensor, labe
         lab = labels.to(h.device)
         if cu_seqlens is not None:
             h, lab = h.reshape(-1, h.shape[-1]), lab.reshape(-1)  # (N, H), (N,)
-        with head.no_autocast(h.device):
-            return sequence_logprobs(h, w, lab, bias=b,
-                                     cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(h.device),
-                                     ignore_index=ignore_index, average=average, backend=backend,
-                                     **head.engine_kwargs(temperature))
+        return sequence_logprobs(h, w, lab, bias=b, cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(h.device),
+                                 ignore_index=ignore_index, average=average, backend=backend,
+                                 **head.engine_kwargs(temperature))
 
     return call_with_hidden_states(model, fn, input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, **model_kwargs)

@@ -138,9 +138,8 @@ class _FastDPOMixin:
         ld_alpha = self.ld_alpha
 
         def fn(hidden, head):
-            h, w, b = head.operands(hidden)
-            with head.no_autocast(h.device):  # summed exactly as DPOLoss sums the policy (LD-DPO included)
-                return pair_logprobs(h, w, labels, bias=b, ld_alpha=ld_alpha, **head.engine_kwargs())
+            h, w, b = head.operands(hidden)  # summed exactly as DPOLoss sums the policy (LD-DPO included)
+            return pair_logprobs(h, w, labels, bias=b, ld_alpha=ld_alpha, **head.engine_kwargs())
 
         with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
               adapter, self.accelerator.autocast()):
@@ -171,9 +170,8 @@ class _FastDPOMixin:
         def fn(hidden, head):
             h, w, b = head.operands(hidden)
             kw = head.engine_kwargs()
-            with head.no_autocast(h.device):  # operands are already in the autocast dtype
-                loss_fn = DPOLoss(**opts, **kw, token_metrics=want_stats)  # token stats from the same pass
-                out = loss_fn(h, w, labels, ref_c.float(), ref_r.float(), bias=b)
+            loss_fn = DPOLoss(**opts, **kw, token_metrics=want_stats)  # token stats from the same pass
+            out = loss_fn(h, w, labels, ref_c.float(), ref_r.float(), bias=b)
             return out, loss_fn.last_token_sums
 
         out, stats = call_with_hidden_states(model, fn, input_ids, attention_mask=inputs.get("attention_mask"),
