@@ -64,7 +64,6 @@ class Scored:
     labels: torch.Tensor
     seq: torch.Tensor
     num_seqs: int
-    labels_shape: tuple
 
     def counts(self) -> torch.Tensor:
         """(S,) float32 number of scored tokens per sequence."""
@@ -96,7 +95,7 @@ def prepare(hidden, weight, labels, *, bias=None, cu_seqlens=None, ignore_index=
     """Validate inputs and gather the scored positions (one host sync: their count)."""
     S, T = check_engine_inputs(hidden, weight, labels, bias, cu_seqlens, ignore_index, temperature, softcap)
     idx, labels_s, seq = scored_positions(labels, weight.shape[0], ignore_index, T, cu_seqlens)
-    return Scored(hidden.reshape(-1, hidden.shape[-1]), idx, labels_s, seq, S, tuple(labels.shape))
+    return Scored(hidden.reshape(-1, hidden.shape[-1]), idx, labels_s, seq, S)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -375,17 +374,15 @@ def token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, temp
         Differentiable w.r.t. hidden, weight and bias.
     """
     check_tensor("hidden", hidden, dims=(2, 3), floating=True)
-    if hidden.dim() == 2:
-        N = hidden.shape[0]
-        cu = torch.tensor([0, N], dtype=torch.int64, device=hidden.device)
-    else:
-        cu = None
-    sc = prepare(hidden, weight, labels, bias=bias, cu_seqlens=cu, ignore_index=ignore_index,
-                 temperature=temperature, softcap=softcap)
+    check_tensor("labels", labels, floating=False)
+    shape = tuple(labels.shape)
+    if hidden.dim() == 2 and labels.dim() == 1:  # packed tokens: one row (no boundaries needed per token)
+        hidden, labels = hidden.unsqueeze(0), labels.unsqueeze(0)
+    sc = prepare(hidden, weight, labels, bias=bias, ignore_index=ignore_index, temperature=temperature,
+                 softcap=softcap)
     logp = scored_logprobs(sc, weight, bias, temperature=temperature, softcap=softcap, backend=backend)
-    M = sc.hidden2.shape[0]
-    out = torch.zeros(M, dtype=logp.dtype, device=logp.device).index_copy(0, sc.idx, logp)
-    return out.view(sc.labels_shape)
+    out = torch.zeros(sc.hidden2.shape[0], dtype=logp.dtype, device=logp.device).index_copy(0, sc.idx, logp)
+    return out.view(shape)
 
 
 # ----------------------------------------------------------------------------------------------------------
