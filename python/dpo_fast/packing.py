@@ -295,37 +295,17 @@ def pack_pairs(
     _ref.validate_options(max_tokens, pad_token_id, pad_to_multiple_of, vocab_size)
     args = (("prompt_ids", prompt_ids), ("chosen_ids", chosen_ids), ("rejected_ids", rejected_ids))
 
+    opts = dict(max_tokens=max_tokens, mode=mode, pad_token_id=pad_token_id, truncation=truncation,
+                pad_to_multiple_of=pad_to_multiple_of, vocab_size=vocab_size)
     if backend == "python":
-        lists = [_to_lists(name, x) for name, x in args]
-        out = _ref.pack_reference(
-            *lists,
-            max_tokens=max_tokens,
-            mode=mode,
-            pad_token_id=pad_token_id,
-            truncation=truncation,
-            pad_to_multiple_of=pad_to_multiple_of,
-            vocab_size=vocab_size,
-        )
+        out = _ref.pack_reference(*[_to_lists(name, x) for name, x in args], **opts)
     else:
         from dpo_fast import _native
 
         flat = [_to_flat(name, x) for name, x in args]
         values = _common_dtype([v for v, _ in flat])
         offsets = [np.ascontiguousarray(o, dtype=np.int64) for _, o in flat]
-        out = _native.pack_flat(
-            values[0],
-            offsets[0],
-            values[1],
-            offsets[1],
-            values[2],
-            offsets[2],
-            max_tokens=max_tokens,
-            mode=mode,
-            pad_token_id=pad_token_id,
-            truncation=truncation,
-            pad_to_multiple_of=pad_to_multiple_of,
-            vocab_size=vocab_size,
-        )
+        out = _native.pack_flat(values[0], offsets[0], values[1], offsets[1], values[2], offsets[2], **opts)
     return PackedBatch(mode=mode, **out)
 
 
