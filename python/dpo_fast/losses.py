@@ -38,6 +38,8 @@ __all__ = [
     "UnpairedOutput",
     "GRPOOutput",
     "dpo_loss",
+    "PairwiseConfig",
+    "make_pairwise_config",
     "pair_loss_and_grads",
     "is_pair_decomposable",
     "ld_dpo_token_weights",
@@ -167,6 +169,26 @@ def _make_spec(
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {list(_REDUCTIONS)}, got {reduction!r}")
     return _DPOSpec(types, weights, beta, eps, f_divergence_type, alpha, tau, reduction, bool(use_weighting))
+
+
+PairwiseConfig = _DPOSpec
+
+
+def make_pairwise_config(
+    *,
+    beta: float = 0.1,
+    loss_type: str | Sequence[str] = "sigmoid",
+    loss_weights: Sequence[float] | None = None,
+    label_smoothing: float = 0.0,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    discopop_tau: float = 0.05,
+    reduction: str = "mean",
+    use_weighting: bool = False,
+) -> PairwiseConfig:
+    """Validate the pairwise-loss options of :func:`dpo_loss` once; raises as dpo_loss would."""
+    return _make_spec(beta, loss_type, loss_weights, label_smoothing, f_divergence_type, f_alpha_divergence_coef,
+                      discopop_tau, reduction, use_weighting)
 
 
 @dataclass
