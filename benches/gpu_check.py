@@ -154,10 +154,10 @@ def main() -> int:
     os.makedirs(a.out, exist_ok=True)
     backend = "triton" if a.device == "cuda" else "torch"
     checks = correctness(a.device, backend)
-    from dpo_fast import logprobs as _lp
+    from dpo_fast.engine import epilogue_probe_results
 
     checks.append({"check": "cuBLAS fp32-epilogue accumulation used", "ok": True,
-                   "used": {f"{d}/{t}": v for (d, t), v in _lp._EPILOGUE_OK.items()}})
+                   "used": epilogue_probe_results()})
     with open(os.path.join(a.out, "check.json"), "w") as f:
         json.dump(checks, f, indent=1)
     ok = all(c["ok"] for c in checks)

@@ -197,7 +197,7 @@ def test_gradcheck_float64_torch_backend():
 def test_logprobs_from_logits(backend, dtype, monkeypatch):
     if backend == "triton":
         # logprobs_from_logits picks its backend from the device; force the kernels on CPU tensors
-        import dpo_fast._rowops as ro
+        import dpo_fast.engine.rows as ro
         monkeypatch.setattr(ro, "resolve_backend", lambda b, d: "triton")
     gen = torch.Generator().manual_seed(5)
     logits = (torch.randn(3, 5, 77, generator=gen) * 3).to(dtype)
@@ -292,7 +292,7 @@ def test_inside_torch_compile_runs_eagerly_and_matches():
 
 
 def test_segment_sum_matches_index_add_with_empty_segments():
-    from dpo_fast.logprobs import segment_sum
+    from dpo_fast.engine import segment_sum
 
     gen = torch.Generator().manual_seed(31)
     seg = torch.sort(torch.randint(0, 9, (200,), generator=gen)).values

@@ -26,8 +26,8 @@ _LAZY = {
     "sequence_logprobs": "dpo_fast.logprobs",
     "token_logprobs": "dpo_fast.logprobs",
     "logprobs_from_logits": "dpo_fast.logprobs",
-    "set_workspace_bytes": "dpo_fast._config",
-    "get_workspace_bytes": "dpo_fast._config",
+    "set_workspace_bytes": "dpo_fast.engine.workspace",
+    "get_workspace_bytes": "dpo_fast.engine.workspace",
     # losses
     "dpo_loss": "dpo_fast.losses",
     "DPOOutput": "dpo_fast.losses",
@@ -53,8 +53,8 @@ _LAZY = {
 __all__ = sorted(_LAZY) + ["__version__"]
 
 
-_SUBMODULES = ("bench", "cli", "collate", "fused_dpo", "fused_grpo", "fused_kto", "hf", "integrations", "kernels",
-               "logprobs", "losses", "packing", "reference")
+_SUBMODULES = ("bench", "cli", "collate", "engine", "fused_dpo", "fused_grpo", "fused_kto", "hf", "integrations",
+               "kernels", "logprobs", "losses", "packing", "reference")
 
 
 def __getattr__(name: str) -> Any:

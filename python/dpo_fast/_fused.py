@@ -20,9 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import _config
-from ._rowops import acc_dtype, make_rows
-from .logprobs import STAT_KEYS, Scored, _linear_into, _per_elem_bytes, _tile, prepare
+from .engine import (STAT_KEYS, RowResult, Scored, TokenStats, acc_dtype, get_workspace_bytes, linear_into,
+                     make_rows, per_elem_bytes, prepare, tile)
 
 
 class FusedLogitsPass(torch.autograd.Function):
@@ -30,10 +29,10 @@ class FusedLogitsPass(torch.autograd.Function):
 
     Args (forward):
         hidden2 (M, H), weight (V, H), bias (V,) | None: the head's operands (one dtype).
-        sc: the prepared batch (:class:`dpo_fast.logprobs.Scored`).
+        sc: the prepared batch (:class:`dpo_fast.engine.Scored`).
         groups: list of dicts with at least ``tok`` (n,) int64 indices into the scored arrays.
         rows: backend row ops (``fwd_for_grad`` / ``grad_after_fwd``).
-        group_grad: ``(group, res) -> g_tok (n,)``, with ``res = (logp, lse, *stats)`` of the group's tokens.
+        group_grad: ``(group, res) -> g_tok (n,)``, with ``res`` the group's :class:`dpo_fast.engine.RowResult`.
         want_stats: also compute per-token stats (:data:`STAT_KEYS`) into ``aux``.
         aux: dict the pass fills with the per-token stats, (N,) each.
     Returns:
@@ -59,21 +58,21 @@ class FusedLogitsPass(torch.autograd.Function):
             tok = g["tok"]
             n = tok.numel()
             if n == 0:
-                group_grad(g, (torch.zeros(0, dtype=acc, device=dev),) * (6 if want_stats else 2))
+                empty = torch.zeros(0, dtype=acc, device=dev)
+                group_grad(g, RowResult(empty, empty, TokenStats(*(empty,) * 4) if want_stats else None))
                 continue
             rows_idx = sc.idx.index_select(0, tok)  # (n,) flat positions
             lab = sc.labels.index_select(0, tok)
             hc = hidden2.index_select(0, rows_idx)  # (n, H)
-            z = _linear_into(_tile(buf, n, V), hc, weight, bias)  # (n, V), GEMM 1
-            res = rows.fwd_for_grad(z, lab, stats=want_stats)  # keeps what the gradient needs
-            state = res[-1]
+            z = linear_into(tile(buf, n, V), hc, weight, bias)  # (n, V), GEMM 1
+            res, state = rows.fwd_for_grad(z, lab, stats=want_stats)  # keeps what the gradient needs
             if want_stats:
-                for k, v in zip(STAT_KEYS, res[2:6]):
+                for k, v in zip(STAT_KEYS, res.stats):
                     aux[k][tok] = v
-            g_tok = group_grad(g, res[:-1]).to(acc).contiguous()  # (n,)
+            g_tok = group_grad(g, res).to(acc).contiguous()  # (n,)
             if not (need_dh or need_dw or need_db):
                 continue
-            dz = rows.grad_after_fwd(z, lab, res[1], g_tok, state)  # (n, V), in place in the tile
+            dz = rows.grad_after_fwd(z, lab, res.lse, g_tok, state)  # (n, V), in place in the tile
             if need_dh:
                 dh.index_copy_(0, rows_idx, torch.mm(dz, weight))  # GEMM 2
             if need_dw:  # GEMM 3; later groups add into the weight-dtype gradient (one rounding each)
@@ -193,8 +192,8 @@ class FusedLossModule(nn.Module):
         self.last_route = "two_pass"
         if not (self.fused and decomposable and needs_grad):
             return None
-        budget = self.workspace_bytes or 8 * _config.get_workspace_bytes(sc.idx.device)
-        groups = plan_groups(sc, counts, units, weight.shape[0], _per_elem_bytes(rows, sc.hidden2.dtype), budget)
+        budget = self.workspace_bytes or 8 * get_workspace_bytes(sc.idx.device)
+        groups = plan_groups(sc, counts, units, weight.shape[0], per_elem_bytes(rows, sc.hidden2.dtype), budget)
         if groups is not None:
             self.last_route = "fused"
         return groups

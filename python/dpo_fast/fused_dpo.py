@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import torch
 
-from . import _config
 from . import losses as L
 from ._fused import FusedLossModule, grads_at
-from ._rowops import acc_dtype, make_rows
 from ._validate import autocast_aware, check_engine_inputs, check_tensor
-from .logprobs import Scored, forward_tokens, prepare, scored_logprobs, segment_sum
+from .engine import (Scored, acc_dtype, forward_tokens, get_workspace_bytes, make_rows, prepare, scored_logprobs,
+                     segment_sum)
 
 
 def _seq_sums(sc: Scored, logp: torch.Tensor, tokw: torch.Tensor | None) -> torch.Tensor:
@@ -50,7 +49,7 @@ def _pair_group_grad(P: int, dtype, device, tokw, grad_fn, wpo: bool, aux: dict)
 
     def group_grad(g, res):
         tok, local, pair_ids = g["tok"], g["local"], g["units"]
-        logp, lse = res[0].to(dtype), res[1]
+        logp, lse = res.logp.to(dtype), res.lse
         Pg = pair_ids.numel()
         w_t = None if tokw is None else tokw.index_select(0, tok)
         sums = segment_sum(logp if w_t is None else logp * w_t, local, 2 * Pg)  # (2Pg,): [c0, r0, c1, ...]
@@ -58,7 +57,7 @@ def _pair_group_grad(P: int, dtype, device, tokw, grad_fn, wpo: bool, aux: dict)
         aux["chosen"][pair_ids], aux["rejected"][pair_ids] = lw, ll
         wpo_g = None
         if wpo:  # WPO log-weights of the group's pairs, from this same pass (lse(2z) included)
-            m = _wpo_means(logp, lse, res[5], local, 2 * Pg)
+            m = _wpo_means(logp, lse, res.stats.lse2, local, 2 * Pg)
             aux["wpo_c"][pair_ids], aux["wpo_r"][pair_ids] = m[0::2], m[1::2]
             wpo_g = (m[0::2], m[1::2])
         d_c, d_r = grad_fn(pair_ids, lw, ll, wpo_g)
@@ -227,9 +226,9 @@ class DPOLoss(FusedLossModule):
                             self.softcap)
         rows = make_rows(self.backend, ref_hidden.device, ref_hidden.dtype, self.temperature, self.softcap)
         with torch.no_grad():
-            logp, _ = forward_tokens(ref_hidden.reshape(-1, ref_hidden.shape[-1]), rw.detach(),
-                                     None if rb is None else rb.detach(), sc.idx, sc.labels, rows,
-                                     _config.get_workspace_bytes(ref_hidden.device))
+            logp = forward_tokens(ref_hidden.reshape(-1, ref_hidden.shape[-1]), rw.detach(),
+                                  None if rb is None else rb.detach(), sc.idx, sc.labels, rows,
+                                  get_workspace_bytes(ref_hidden.device)).logp
             seq = _seq_sums(sc, logp, tokw)
         return seq[c_seq], seq[r_seq]
 

@@ -15,9 +15,8 @@ import torch
 
 from . import losses as L
 from ._fused import FusedLossModule, grads_at
-from ._rowops import acc_dtype
 from ._validate import autocast_aware
-from .logprobs import scored_logprobs
+from .engine import acc_dtype, scored_logprobs
 
 
 class GRPOLoss(FusedLossModule):
@@ -110,8 +109,8 @@ class GRPOLoss(FusedLossModule):
 
             def group_grad(g, res):
                 pos = sc.idx.index_select(0, g["tok"])  # (n,) flat (B*T) positions
-                final[pos] = res[0].detach().to(acc)
-                return grads_at(total, base, pos, res[0])
+                final[pos] = res.logp.detach().to(acc)
+                return grads_at(total, base, pos, res.logp)
 
             stats = {}
             carrier = self._fused_pass(sc, weight, bias, groups, rows, group_grad, self.token_metrics, stats)

@@ -12,9 +12,9 @@ import torch
 
 from . import losses as L
 from ._fused import FusedLossModule, grads_at
-from ._rowops import acc_dtype
 from ._validate import autocast_aware, check_tensor
-from .logprobs import scored_logprobs, segment_sum, sequence_logprobs
+from .engine import acc_dtype, scored_logprobs, segment_sum
+from .logprobs import sequence_logprobs
 
 
 class KTOLoss(FusedLossModule):
@@ -101,7 +101,7 @@ class KTOLoss(FusedLossModule):
 
         def group_grad(g, res):
             seqs = g["units"]  # (G,) sequence ids, in the group's local order
-            lp = segment_sum(res[0].to(acc), g["local"], seqs.numel())
+            lp = segment_sum(res.logp.to(acc), g["local"], seqs.numel())
             final[seqs] = lp
             return grads_at(lambda x: loss(x, False).loss, base, seqs, lp).index_select(0, g["local"])
 

@@ -4,6 +4,6 @@
   backward in-place logits gradient).
 """
 
-from .logprob import _logprob_bwd, _logprob_fwd
+from .logprob import logprob_bwd, logprob_fwd
 
-__all__ = ["_logprob_fwd", "_logprob_bwd"]
+__all__ = ["logprob_fwd", "logprob_bwd"]

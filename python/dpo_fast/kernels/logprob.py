@@ -165,7 +165,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _logprob_fwd(z: torch.Tensor, labels: torch.Tensor, temperature: float, softcap: float | None,
+def logprob_fwd(z: torch.Tensor, labels: torch.Tensor, temperature: float, softcap: float | None,
                  stats: bool = False):
     """Row log-probs of a full-vocabulary logits tile.
 
@@ -198,7 +198,7 @@ def _logprob_fwd(z: torch.Tensor, labels: torch.Tensor, temperature: float, soft
     return (logp, lse, ent, hit, zmean, lse2) if stats else (logp, lse)
 
 
-def _logprob_bwd(
+def logprob_bwd(
     z: torch.Tensor,
     out: torch.Tensor,
     labels: torch.Tensor,

@@ -4,7 +4,7 @@ Every pass of the engine works on a bounded tile of logits (tokens x vocabulary 
 derived from a single number, the *workspace budget in bytes*: the most memory the engine's temporaries
 (the logits tile, its float32 copies on the torch backend) may take at once. It never allocates (B, T, V).
 
-Set it with :func:`set_workspace_bytes` or the environment variable ``DPO_FAST_WORKSPACE_BYTES`` (read
+Set it with :func:`dpo_fast.set_workspace_bytes` or the environment variable ``DPO_FAST_WORKSPACE_BYTES`` (read
 when the engine first runs, not at import). Defaults: 96 MiB on CUDA, 32 MiB on CPU. Larger tiles mean
 bigger GEMMs; at 96 MiB and an 8B model's head (H 4096, V 128256, bf16) the forward tile is ~390 tokens x
 the full vocabulary and the backward slices are ~4k vocabulary columns x all scored tokens — GEMMs of

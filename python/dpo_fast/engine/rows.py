@@ -1,11 +1,8 @@
-"""Per-row operations on a logits tile, one implementation per backend.
+"""Per-row operations on a logits tile: the interface (:class:`RowOps`) and one implementation per backend.
 
-The engine (``logprobs.py``) does the GEMMs with torch (cuBLAS / CPU BLAS) and hands each logits tile
-to a backend's two row operations:
-
-* ``fwd(z, labels)`` -> (logp, lse): z (n, V) full-vocabulary tile; logp, lse (n,) float32.
-* ``bwd(z, out, labels, lse, g, v_offset)`` -> out: gradient of the raw logits of the (n, Vs) tile whose
-  columns start at ``v_offset``, written into ``out`` (which may alias z).
+The engine's passes (:mod:`dpo_fast.engine.passes`) run the GEMMs with torch (cuBLAS / CPU BLAS) and hand
+each logits tile to a backend's row operations, declared by :class:`RowOps`. Results are named records:
+:class:`RowResult` (log-probs, lse, optional :class:`TokenStats`).
 
 ``TorchRows`` is the CPU path users get (and the CUDA fallback); ``TritonRows`` launches the kernels in
 :mod:`dpo_fast.kernels.logprob`. Both apply ``temperature`` and ``softcap`` identically:
@@ -15,8 +12,94 @@ zc = softcap * tanh(z / (temperature * softcap)), or z / temperature without a c
 from __future__ import annotations
 
 import os
+from typing import Any, NamedTuple, Protocol
 
 import torch
+
+
+class TokenStats(NamedTuple):
+    """Per-token statistics of a stats-enabled row pass; each (n,) in the accumulation dtype.
+
+    entropy: entropy of the row's softmax.  hit: 1.0 where the label's logit is the row maximum, else 0.0.
+    zmean: vocabulary mean of the tempered/capped logits.  lse2: logsumexp(2 zc) (WPO's weights).
+    """
+
+    entropy: torch.Tensor
+    hit: torch.Tensor
+    zmean: torch.Tensor
+    lse2: torch.Tensor
+
+
+#: the names of :class:`TokenStats`' fields, in order
+STAT_KEYS = TokenStats._fields
+
+
+class RowResult(NamedTuple):
+    """Output of a row forward over n rows.
+
+    logp: (n,) log-prob of each row's label, zc[y] - lse.  lse: (n,) logsumexp of the tempered/capped row.
+    Both in the accumulation dtype (:func:`acc_dtype`, float32 for 16/32-bit tiles).
+    stats: :class:`TokenStats` when requested, else None.
+    """
+
+    logp: torch.Tensor
+    lse: torch.Tensor
+    stats: TokenStats | None = None
+
+
+class RowOps(Protocol):
+    """What a backend does with one logits tile. Tiles are (n, Vs) with unit column stride, any row stride.
+
+    Attributes:
+        name: "torch" or "triton".
+        temperature, softcap: the logit transform, zc = softcap * tanh(z / (T * softcap)) (or z / T).
+        bytes_per_elem: workspace bytes per tile element that the ops need beyond the tile itself
+            (the engine sizes tiles with :func:`dpo_fast.engine.tiles.per_elem_bytes`).
+    """
+
+    name: str
+    temperature: float
+    softcap: float | None
+    bytes_per_elem: int
+
+    def fwd(self, z: torch.Tensor, labels: torch.Tensor, *, scratch: bool = True,
+            stats: bool = False) -> RowResult:
+        """Log-probs of a full-vocabulary tile.
+
+        Args:
+            z: (n, V) raw logits (h W^T + b), float16/bfloat16/float32 (float64: torch only).
+            labels: (n,) int64 in [0, V).
+            scratch: ``z`` may be overwritten (the engine's own tiles); False leaves it untouched.
+            stats: also compute :class:`TokenStats`.
+        """
+        ...
+
+    def bwd(self, z: torch.Tensor, out: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
+            g: torch.Tensor, v_offset: int) -> torch.Tensor:
+        """Gradient of sum_t g_t log p_t w.r.t. the raw logits of a vocabulary-slice tile.
+
+        Args:
+            z: (n, Vs) raw logits of columns [v_offset, v_offset + Vs). out: (n, Vs) destination, may alias z.
+            labels: (n,) int64 in [0, V) (labels outside the slice get no one-hot term).
+            lse: (n,) the rows' full-vocabulary logsumexp from :meth:`fwd`. g: (n,) upstream gradient.
+            Both in the accumulation dtype.
+        Returns:
+            ``out``, in its dtype.
+        """
+        ...
+
+    def fwd_for_grad(self, z: torch.Tensor, labels: torch.Tensor, *,
+                     stats: bool = False) -> tuple[RowResult, Any]:
+        """Forward of a full-vocabulary tile that keeps what :meth:`grad_after_fwd` needs.
+
+        Returns (result, state): ``state`` is opaque (None when nothing is kept); ``z`` may be overwritten.
+        """
+        ...
+
+    def grad_after_fwd(self, z: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
+                       state: Any) -> torch.Tensor:
+        """Gradient of the raw logits of the tile given to :meth:`fwd_for_grad`, written into ``z``; returns z."""
+        ...
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -58,12 +141,8 @@ class TorchRows:
         s = zc.sub_(m[:, None]).exp_().sum(dim=1)
         return zy, m + torch.log(s), s
 
-    def fwd(self, z: torch.Tensor, labels: torch.Tensor, scratch: bool = True, stats: bool = False):
-        """scratch=True: ``z`` may be overwritten (the engine's tiles); False keeps it.
-
-        Returns (logp, lse), or with ``stats`` (logp, lse, entropy, hit, zmean, lse2), each (n,), where
-        lse2 = logsumexp(2 zc) (WPO's weights).
-        """
+    def fwd(self, z: torch.Tensor, labels: torch.Tensor, *, scratch: bool = True, stats: bool = False) -> RowResult:
+        """See :meth:`RowOps.fwd`."""
         zc = self._tempered(z, in_place=scratch)  # (n, V)
         if stats:
             zy = zc.gather(1, labels[:, None]).squeeze(1)
@@ -74,26 +153,26 @@ class TorchRows:
             lse = m + torch.log(s)
             lse2 = 2 * m + torch.log(e.square().sum(dim=1))
             ent = lse - (e * zc).sum(dim=1) / s
-            return zy - lse, lse, ent, (zy >= m_raw).to(zc.dtype), zc.mean(dim=1), lse2
+            return RowResult(zy - lse, lse, TokenStats(ent, (zy >= m_raw).to(zc.dtype), zc.mean(dim=1), lse2))
         zy, lse, _ = self._exp_rows_(zc, labels)
-        return zy - lse, lse
+        return RowResult(zy - lse, lse)
 
     # -- fused route: forward, then the gradient of the very same full-vocabulary tile ---------------------
-    def fwd_for_grad(self, z: torch.Tensor, labels: torch.Tensor, stats: bool = False):
-        """Forward that leaves what :meth:`grad_after_fwd` needs. Returns (logp, lse, *stats, state).
+    def fwd_for_grad(self, z: torch.Tensor, labels: torch.Tensor, *, stats: bool = False):
+        """See :meth:`RowOps.fwd_for_grad`.
 
         Without softcap, the float32 tile (``z`` itself, or one float32 copy of a 16-bit tile) is turned into
         e = exp(zc - m) in place; the gradient is then one pass, dz = g (onehot - e / s), instead of
         recomputing the softmax (3 passes) from a kept copy of the logits.
         """
         if self.softcap is not None or stats:
-            return (*self.fwd(z, labels, scratch=False, stats=stats), None)
+            return self.fwd(z, labels, scratch=False, stats=stats), None
         e = self._tempered(z, in_place=True)
         zy, lse, s = self._exp_rows_(e, labels)
-        return zy - lse, lse, (e, s)
+        return RowResult(zy - lse, lse), (e, s)
 
     def grad_after_fwd(self, z, labels, lse, g, state):
-        """Gradient of the raw logits of the tile passed to :meth:`fwd_for_grad`, written into ``z``."""
+        """See :meth:`RowOps.grad_after_fwd`."""
         if state is None:
             return self.bwd(z, z, labels, lse, g, 0)
         e, s = state
@@ -107,6 +186,7 @@ class TorchRows:
         return z
 
     def bwd(self, z, out, labels, lse, g, v_offset: int):
+        """See :meth:`RowOps.bwd`."""
         n, Vs = z.shape
         # in place on the scratch tile when it is already float32/float64 and is the destination
         zc = self._tempered(z, in_place=out.data_ptr() == z.data_ptr())
@@ -135,21 +215,24 @@ class TritonRows:
     bytes_per_elem = 0
 
     def __init__(self, temperature: float, softcap: float | None):
-        from .kernels import logprob as _k  # imports triton; deferred so `import dpo_fast` stays light
+        from ..kernels import logprob as _k  # imports triton; deferred so `import dpo_fast` stays light
 
         self._k = _k
         self.temperature = float(temperature)
         self.softcap = None if softcap is None else float(softcap)
 
-    def fwd(self, z, labels, scratch: bool = True, stats: bool = False):
-        return self._k._logprob_fwd(z, labels, self.temperature, self.softcap, stats)  # never writes z
+    def fwd(self, z, labels, *, scratch: bool = True, stats: bool = False) -> RowResult:
+        """See :meth:`RowOps.fwd`; the kernel never writes ``z``."""
+        res = self._k.logprob_fwd(z, labels, self.temperature, self.softcap, stats)
+        return RowResult(res[0], res[1], TokenStats(*res[2:6]) if stats else None)
 
     def bwd(self, z, out, labels, lse, g, v_offset: int):
-        return self._k._logprob_bwd(z, out, labels, lse, g, v_offset, self.temperature, self.softcap)
+        """See :meth:`RowOps.bwd`."""
+        return self._k.logprob_bwd(z, out, labels, lse, g, v_offset, self.temperature, self.softcap)
 
-    def fwd_for_grad(self, z, labels, stats: bool = False):
-        """Fused DPO route: the kernels read the tile without writing it; the gradient pass re-reads it."""
-        return (*self.fwd(z, labels, stats=stats), None)
+    def fwd_for_grad(self, z, labels, *, stats: bool = False):
+        """Fused route: the kernels read the tile without writing it; the gradient pass re-reads it."""
+        return self.fwd(z, labels, stats=stats), None
 
     def grad_after_fwd(self, z, labels, lse, g, state):
         return self.bwd(z, z, labels, lse, g, 0)
@@ -182,7 +265,8 @@ def _triton_available() -> bool:
     return True
 
 
-def make_rows(backend: str, device: torch.device, dtype: torch.dtype, temperature: float, softcap: float | None):
+def make_rows(backend: str, device: torch.device, dtype: torch.dtype, temperature: float,
+              softcap: float | None) -> RowOps:
     """Row ops for ``backend`` (resolved for ``device``) on tiles of ``dtype``.
 
     float64 always runs on the torch backend: the Triton kernels take 16/32-bit tiles, and float64 is for

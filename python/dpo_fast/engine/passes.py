@@ -1,0 +1,205 @@
+"""The engine's passes over scored tokens, and the autograd Functions that wrap them.
+
+Math (per scored token t, raw logits z_t = W h_t + b, tempered/capped zc_t, see :mod:`.rows`):
+
+    log p_t = zc_t[y_t] - lse(zc_t)
+    d/dz_t  = g_t * (onehot(y_t) - softmax(zc_t)) * dzc/dz        (g_t: upstream gradient of log p_t)
+    dh_t    = sum_v (d/dz_tv) W_v,      dW = sum_t (d/dz_t) (x) h_t,      db = sum_t d/dz_t
+
+Costs, with N scored tokens, H hidden, V vocab (2NHV FLOPs per GEMM): a no-grad forward is 1 GEMM and
+saves the per-token lse (float32, 4 bytes/token) for backward; forward + backward is 4 GEMMs (forward z;
+backward recomputes z, then dh and dW), 3 with a frozen weight (dW skipped entirely).
+
+Tiling (workspace budget from :mod:`.workspace`): the forward walks token chunks with the full vocabulary
+(the lse needs whole rows); the backward walks *vocabulary slices* over all scored tokens, so each dW slice
+is produced by one GEMM, written once, reduced in fp32 inside BLAS, with no atomics and a deterministic
+result. Only when the scored tokens are so many that even a 1024-column slice over all of them exceeds the
+budget does the backward also split tokens; dW is then accumulated in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import workspace
+from .rows import RowOps, RowResult, TokenStats, acc_dtype, make_rows
+from .scored import Scored
+from .tiles import addmm_fp32_, linear_into, per_elem_bytes, tile
+
+
+def forward_tokens(hidden2, weight, bias, idx, labels_s, rows: RowOps, budget: int,
+                   stats: bool = False) -> RowResult:
+    """No-grad forward over scored tokens: token chunks x full vocabulary.
+
+    Args:
+        hidden2: (M, H); weight: (V, H); bias: (V,) or None; idx: (N,) rows of hidden2 to score;
+        labels_s: (N,) int64 labels; rows: the backend's row ops; budget: workspace bytes.
+        stats: also compute :class:`TokenStats` in the same pass.
+    Returns:
+        :class:`RowResult` of (N,) tensors in the accumulation dtype (float32 for 16/32-bit inputs).
+    """
+    N = idx.numel()
+    V = weight.shape[0]
+    dev = hidden2.device
+    acc = acc_dtype(hidden2.dtype)
+    logp = torch.empty(N, dtype=acc, device=dev)
+    lse = torch.empty(N, dtype=acc, device=dev)
+    st = TokenStats(*(torch.empty(N, dtype=acc, device=dev) for _ in TokenStats._fields)) if stats else None
+    if N == 0:
+        return RowResult(logp, lse, st)
+    chunk = max(1, min(N, budget // (V * per_elem_bytes(rows, hidden2.dtype))))
+    buf = torch.empty(chunk * V, dtype=hidden2.dtype, device=dev)
+    for s in range(0, N, chunk):
+        e = min(N, s + chunk)
+        hc = hidden2.index_select(0, idx[s:e])  # (n, H)
+        z = linear_into(tile(buf, e - s, V), hc, weight, bias)  # (n, V)
+        res = rows.fwd(z, labels_s[s:e], stats=stats)
+        logp[s:e], lse[s:e] = res.logp, res.lse
+        if stats:
+            for dst, src in zip(st, res.stats):
+                dst[s:e] = src
+    return RowResult(logp, lse, st)
+
+
+def backward_tokens(g, hidden2, weight, bias, idx, labels_s, lse, rows: RowOps, budget: int,
+                    need_dh: bool, need_dw: bool, need_db: bool):
+    """Gradients of sum_t g_t log p_t. g, lse: (N,) float32 (the lse from :func:`forward_tokens`).
+
+    Returns (dhidden2 (M, H) | None, dweight (V, H) | None, dbias (V,) | None) in the input dtypes.
+    """
+    N = idx.numel()
+    V, H = weight.shape
+    dt, dev = hidden2.dtype, hidden2.device
+    dh_out = torch.zeros_like(hidden2, memory_format=torch.contiguous_format) if need_dh else None
+    acc = acc_dtype(dt)
+    db_acc = torch.zeros(V, dtype=acc, device=dev) if need_db else None
+    per = per_elem_bytes(rows, dt)
+    min_cols = min(V, 1024)
+    tok_chunk = min(N, max(1, budget // (min_cols * per)))
+    # every dW row is written by exactly one GEMM when all tokens fit one chunk: no zero-fill needed
+    if need_dw:
+        dw_out = (torch.empty_like if 0 < N == tok_chunk else torch.zeros_like)(
+            weight, memory_format=torch.contiguous_format)
+    else:
+        dw_out = None
+    if N == 0 or not (need_dh or need_dw or need_db):
+        return dh_out, dw_out, None if db_acc is None else db_acc.to(bias.dtype)
+    cols = min(V, max(1, budget // (tok_chunk * per)))
+    if cols < V and cols >= 256:
+        cols -= cols % 128  # BLAS-friendly slice widths
+    n_slices = -(-V // cols)
+    split_tokens = tok_chunk < N
+    # dW is written once per slice when all tokens are in one chunk; otherwise accumulate in fp32.
+    dw_acc = None
+    if need_dw and split_tokens:
+        dw_acc = dw_out if dt == acc else torch.zeros(V, H, dtype=acc, device=dev)
+    buf = torch.empty(tok_chunk * cols, dtype=dt, device=dev)
+    g = g.to(acc).contiguous()
+    for s in range(0, N, tok_chunk):
+        e = min(N, s + tok_chunk)
+        n = e - s
+        rows_idx = idx[s:e]
+        hc = hidden2.index_select(0, rows_idx)  # (n, H)
+        lab, ls, gg = labels_s[s:e], lse[s:e], g[s:e]
+        dh_acc = None
+        if need_dh and n_slices > 1:
+            dh_acc = torch.zeros(n, H, dtype=acc, device=dev)
+        dh_chunk = None
+        for v0 in range(0, V, cols):
+            v1 = min(V, v0 + cols)
+            w_s = weight[v0:v1]  # (vs, H)
+            z = linear_into(tile(buf, n, v1 - v0), hc, w_s, None if bias is None else bias[v0:v1])
+            dz = rows.bwd(z, z, lab, ls, gg, v0)  # (n, vs), in place, input dtype
+            if need_dh:
+                if dh_acc is None:
+                    dh_chunk = torch.mm(dz, w_s)  # (n, H): the only slice
+                elif dt == acc:
+                    dh_acc.addmm_(dz, w_s)
+                else:
+                    addmm_fp32_(dh_acc, dz, w_s)
+            if need_dw:
+                if dw_acc is None:
+                    torch.mm(dz.t(), hc, out=dw_out[v0:v1])  # (vs, H), written once
+                elif dw_acc.dtype == dt:
+                    dw_acc[v0:v1].addmm_(dz.t(), hc)
+                else:
+                    addmm_fp32_(dw_acc[v0:v1], dz.t(), hc)
+            if need_db:
+                db_acc[v0:v1] += dz.to(acc).sum(0)
+        if need_dh:
+            dh_out.index_copy_(0, rows_idx, dh_chunk if dh_acc is None else dh_acc.to(dt))
+    if dw_acc is not None and dw_acc is not dw_out:
+        dw_out.copy_(dw_acc)
+    return dh_out, dw_out, None if db_acc is None else db_acc.to(bias.dtype)
+
+
+class LinearLabelLogprobs(torch.autograd.Function):
+    """(hidden2 (M, H), weight (V, H), bias (V,)|None) -> log p of the label at each scored position (N,) fp32.
+
+    ``stats_out``: optional dict, filled with the forward's :class:`TokenStats` fields and ``lse`` ((N,) each).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden2, weight, bias, idx, labels_s, rows, budget, stats_out=None):
+        res = forward_tokens(hidden2, weight, bias, idx, labels_s, rows, budget, stats=stats_out is not None)
+        if stats_out is not None:
+            stats_out.update(res.stats._asdict(), lse=res.lse)
+        if any(ctx.needs_input_grad[:3]):
+            ctx.save_for_backward(hidden2, weight, bias, idx, labels_s, res.lse)
+            ctx.rows, ctx.budget = rows, budget
+        return res.logp
+
+    @staticmethod
+    def backward(ctx, g):
+        hidden2, weight, bias, idx, labels_s, lse = ctx.saved_tensors
+        need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
+        dh, dw, db = backward_tokens(g, hidden2, weight, bias, idx, labels_s, lse, ctx.rows, ctx.budget,
+                                     need_dh, need_dw, need_db)
+        return dh, dw, db, None, None, None, None, None
+
+
+def scored_logprobs(sc: Scored, weight, bias, *, temperature=1.0, softcap=None, backend="auto",
+                    stats_out: dict | None = None) -> torch.Tensor:
+    """(N,) float32 log-probs of the scored tokens of a prepared batch, differentiable.
+
+    ``stats_out``: optional dict filled with the forward's per-token stats, keys :data:`.rows.STAT_KEYS`
+    and ``"lse"``, (N,) each (no gradient).
+    """
+    rows = make_rows(backend, sc.hidden2.device, sc.hidden2.dtype, temperature, softcap)
+    budget = workspace.get_workspace_bytes(sc.hidden2.device)
+    return LinearLabelLogprobs.apply(sc.hidden2, weight, bias, sc.idx, sc.labels, rows, budget, stats_out)
+
+
+class LogitsLabelLogprobs(torch.autograd.Function):
+    """(logits2 (M, V)) -> log p of the label at each scored position (N,) fp32, in workspace-sized chunks."""
+
+    @staticmethod
+    def forward(ctx, logits2, idx, labels_s, rows, budget):
+        N = idx.numel()
+        M, V = logits2.shape
+        acc = acc_dtype(logits2.dtype)
+        logp = torch.empty(N, dtype=acc, device=logits2.device)
+        lse = torch.empty(N, dtype=acc, device=logits2.device)
+        chunk = max(1, min(max(N, 1), budget // (V * per_elem_bytes(rows, logits2.dtype))))
+        for s in range(0, N, chunk):
+            e = min(N, s + chunk)
+            z = logits2.index_select(0, idx[s:e])  # (n, V) contiguous copy of the scored rows
+            res = rows.fwd(z, labels_s[s:e])
+            logp[s:e], lse[s:e] = res.logp, res.lse
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(logits2, idx, labels_s, lse)
+            ctx.rows, ctx.chunk = rows, chunk
+        return logp
+
+    @staticmethod
+    def backward(ctx, g):
+        logits2, idx, labels_s, lse = ctx.saved_tensors
+        g = g.to(lse.dtype).contiguous()
+        dlogits = torch.zeros_like(logits2, memory_format=torch.contiguous_format)  # (M, V)
+        N = idx.numel()
+        for s in range(0, N, ctx.chunk):
+            e = min(N, s + ctx.chunk)
+            z = logits2.index_select(0, idx[s:e])
+            ctx.rows.bwd(z, z, labels_s[s:e], lse[s:e], g[s:e], 0)
+            dlogits.index_copy_(0, idx[s:e], z)
+        return dlogits, None, None, None, None
