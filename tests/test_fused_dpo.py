@@ -7,8 +7,7 @@ import torch
 
 import dpo_fast
 from dpo_fast import losses as L
-from helpers import assert_close, assert_output_matches, random_labels, ref_token_logprobs, seed_of
-from test_logprobs import _CountMM
+from support import CountMM, assert_close, assert_output_matches, random_labels, ref_token_logprobs, seed_of
 
 DECOMPOSABLE = [lt for lt in L.LOSS_TYPES if lt not in ("aot", "aot_unpaired")]
 
@@ -92,14 +91,14 @@ def test_gemm_count_fused_three_two_pass_four():
     h, w, b, labels, rc, rr = _batch()
     for fused, expected in ((True, 3), (False, 4)):
         hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
-        with _CountMM() as c:
+        with CountMM() as c:
             m = dpo_fast.DPOLoss(fused=fused, compute_metrics=False)
             m(hh, ww, labels, rc, rr).loss.backward()
         # the logits/* metric's GEMV is an mv, not an mm; WPO is off
         assert c.calls == expected, (fused, c.calls)
     # frozen weight on the fused route: dW skipped => 2 GEMMs
     hh = h.clone().requires_grad_()
-    with _CountMM() as c:
+    with CountMM() as c:
         dpo_fast.DPOLoss(compute_metrics=False)(hh, w, labels, rc, rr).loss.backward()
     assert c.calls == 2
 
@@ -284,7 +283,7 @@ def test_wpo_same_pass_both_routes_no_extra_gemm(backend):
                             rejected_wpo_logweights=lw_all[P:])
     for fused, gemms in ((True, 3), (False, 4)):
         hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
-        with _CountMM() as c:
+        with CountMM() as c:
             m = dpo_fast.DPOLoss(use_weighting=True, fused=fused, backend=backend, compute_metrics=False)
             out = m(hh, ww, labels, rc, rr, bias=b)
             out.loss.backward()

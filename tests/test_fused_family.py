@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import dpo_fast
-from helpers import assert_close, assert_output_matches, random_labels, seed_of
-from test_logprobs import _CountMM
+from support import CountMM, assert_close, assert_output_matches, random_labels, seed_of
 
 CONFIGS = {
     "cpo_sigmoid": lambda **kw: (dpo_fast.CPOLoss(beta=0.1, **kw), dict(beta=0.1)),
@@ -72,7 +71,7 @@ def test_family_packed_two_pass_and_gemm_counts(name):
         module, _ = CONFIGS[name](fused=fused, compute_metrics=False)
         hh = hp.clone().requires_grad_()
         ww = w.clone().requires_grad_()
-        with _CountMM() as c:
+        with CountMM() as c:
             out = module(hh, ww, lp, bias=b, cu_seqlens=cu, pairs=pairs)
             out.loss.backward()
         assert c.calls == gemms and module.last_route == ("fused" if fused else "two_pass")

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import dpo_fast
-from helpers import assert_close, assert_output_matches, random_labels
-from test_logprobs import _CountMM
+from support import CountMM, assert_close, assert_output_matches, random_labels
 
 CONFIGS = [
     dict(),
@@ -61,7 +60,7 @@ def test_grpo_gemm_counts_and_fallbacks():
         hh = h.clone().requires_grad_()
         ww = w.clone().requires_grad_()
         m = dpo_fast.GRPOLoss(fused=fused, loss_type="dapo", compute_metrics=False)
-        with _CountMM() as c:
+        with CountMM() as c:
             out = m(hh, ww, labels, adv, old)
             out.loss.backward()
         assert c.calls == gemms and m.last_route == ("fused" if fused else "two_pass")

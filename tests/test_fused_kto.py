@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import dpo_fast
-from helpers import assert_close, assert_output_matches, random_labels
-from test_logprobs import _CountMM
+from support import CountMM, assert_close, assert_output_matches, random_labels
 
 
 def _batch(seed, B=6, T=9, H=12, V=61):
@@ -58,7 +57,7 @@ def test_kto_gemm_counts_packed_and_errors():
     for fused, gemms in ((True, 3), (False, 4)):
         m = dpo_fast.KTOLoss(fused=fused, compute_metrics=False)
         hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
-        with _CountMM() as c:
+        with CountMM() as c:
             m(hh, ww, labels, des, ref).loss.backward()
         assert c.calls == gemms
     # packed layout gives the same loss

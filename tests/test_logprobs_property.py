@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dpo_fast
-from helpers import rel_err, ref_sequence_logprobs
+from support import rel_err, ref_sequence_logprobs
 
 
 @st.composite

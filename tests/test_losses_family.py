@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import pathlib
 
 import pytest
 import torch
 
 from dpo_fast import losses as L
+from support import TOL
 
-
-def _load_tolerances() -> dict:
-    # the one tolerance table lives in test_losses.py; load it by path (works in any pytest import mode)
-    path = pathlib.Path(__file__).with_name("test_losses.py")
-    spec = importlib.util.spec_from_file_location("_dpo_fast_test_losses", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.TOL
-
-
-TOL = _load_tolerances()
 D64 = torch.float64
 
 

@@ -14,28 +14,7 @@ transformers = pytest.importorskip("transformers")
 import dpo_fast  # noqa: E402
 from dpo_fast import hf, reference  # noqa: E402
 from dpo_fast.reference import precompute_reference_logps  # noqa: E402
-
-V = 61
-
-
-def tiny_model(seed=0):
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(cfg)
-
-
-def examples(n=11, seed=0, keys=("prompt_ids", "chosen_ids", "rejected_ids")):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ex = {}
-        for k, (lo, hi) in zip(keys, ((1, 6), (1, 7), (1, 9))):
-            ex[k] = torch.randint(1, V, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
-        out.append(ex)
-    return out
-
+from support.models import V, examples, tiny_model  # noqa: E402
 
 def expected(model, exs):
     """One padded batch per example through the logits of the model's own forward."""
@@ -208,7 +187,7 @@ def test_killed_process_mid_write(tmp_path, exs):
     code = textwrap.dedent(f"""
         import os, signal, sys, torch
         sys.path.insert(0, {os.path.dirname(__file__)!r})
-        from test_reference import tiny_model, examples
+        from support.models import tiny_model, examples
         from dpo_fast.reference import precompute_reference_logps
         def dying_save(obj, f, *a, **k):
             f.write(b"x" * 1000); f.flush()

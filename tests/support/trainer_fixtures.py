@@ -1,0 +1,86 @@
+"""Fixtures for the GRPO / KTO / CPO / ORPO trainer tests: a tiny Llama saved to a directory (so TRL can load
+its own reference copy from the path), a character tokenizer, small datasets and a deterministic reward.
+Needs trl, datasets, tokenizers and transformers."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from .trl_fixtures import char_tokenizer, logged, sums_dataset, tiny_llama
+
+__all__ = ["char_tokenizer", "logged", "saved_tiny_llama", "prompts_dataset", "unpaired_dataset", "digit_reward",
+           "assert_same_logs", "rss_growth_script"]
+
+
+def saved_tiny_llama(path, vocab=64, seed=0) -> str:
+    """Save :func:`tiny_llama` (vocab ``vocab``) and the character tokenizer to ``path``; return it as str."""
+    model, _ = tiny_llama(vocab, seed)
+    model.save_pretrained(str(path))
+    char_tokenizer().save_pretrained(str(path))
+    return str(path)
+
+
+def prompts_dataset(n=16, seed=0):
+    """``n`` rows {"prompt": "a+b="} (a datasets.Dataset)."""
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    return Dataset.from_list([{"prompt": f"{rng.randrange(50)}+{rng.randrange(50)}="} for _ in range(n)])
+
+
+def digit_reward(completions, **kwargs):
+    """A deterministic reward: the fraction of digit characters in each completion, minus 0.3 per '+'."""
+    return [sum(c.isdigit() for c in s) / max(len(s), 1) - 0.3 * s.count("+") for s in completions]
+
+
+def unpaired_dataset(n=32, seed=0):
+    """KTO rows {"prompt", "completion", "label"}: the right sum (True) or a wrong one (False), mixed."""
+    from datasets import Dataset
+
+    rows = []
+    for i, r in enumerate(sums_dataset(n, seed)):
+        good = (i % 3) != 0
+        rows.append({"prompt": r["prompt"], "completion": r["chosen"] if good else r["rejected"], "label": good})
+    return Dataset.from_list(rows)
+
+
+def assert_same_logs(a, b, keys=None, rtol=1e-4, atol=1e-5):
+    """Every logged step of ``a`` and ``b`` has the same metric names and values within fp32 tolerance."""
+    import pytest
+
+    assert len(a) == len(b) > 0
+    for step, (x, y) in enumerate(zip(a, b)):
+        names = sorted(set(x) | set(y)) if keys is None else keys
+        for k in names:
+            if k in ("step_time", "epoch", "learning_rate") or k.startswith("train_"):
+                continue  # wall-clock / schedule bookkeeping, not a computed metric
+            assert k in x and k in y, (step, k, sorted(x), sorted(y))
+            if x[k] is None or y[k] is None:
+                assert x[k] is None and y[k] is None, (step, k, x[k], y[k])
+                continue
+            assert x[k] == pytest.approx(y[k], rel=rtol, abs=atol), (step, k, x[k], y[k])
+
+
+# Run one trainer factory in a fresh process and record the growth of its peak RSS during train() (VmHWM reset via
+# /proc/self/clear_refs right before), as tests/test_trl.py does. Format with tests, module, fn, kwargs, res.
+rss_growth_script = r"""
+import json, os, re, sys, time
+os.environ["TQDM_DISABLE"] = "1"
+sys.path.insert(0, {tests!r})
+import torch
+torch.set_num_threads(1)
+import importlib
+mod = importlib.import_module({module!r})
+def status(k):
+    return int(re.search(k + r":\s+(\d+)", open("/proc/self/status").read()).group(1)) * 1024
+tr = getattr(mod, {fn!r})(**{kwargs!r})
+open("/proc/self/clear_refs", "w").write("5")
+before = status("VmRSS")
+t0 = time.perf_counter()
+tr.train()
+dt = time.perf_counter() - t0
+logs = [h for h in tr.state.log_history if "loss" in h and "train_runtime" not in h]
+json.dump({{"logs": logs, "peak_bytes": status("VmHWM") - before, "seconds": dt}}, open({res!r}, "w"))
+"""
