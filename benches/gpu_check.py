@@ -62,9 +62,9 @@ def correctness(device: str, backend: str) -> list[dict]:
                 z = h64[i] @ w64.t()
                 if b is not None:
                     z = z + b.double()
-                z = z / kw.get("temperature", 1.0)
-                if "softcap" in kw:
+                if "softcap" in kw:  # the cap first, then the temperature
                     z = kw["softcap"] * torch.tanh(z / kw["softcap"])
+                z = z / kw.get("temperature", 1.0)
                 m = labels[i] != -100
                 tok = torch.log_softmax(z, -1).gather(-1, labels[i].clamp_min(0)[:, None]).squeeze(-1)
                 refs.append((tok * m).sum())
@@ -78,9 +78,10 @@ def correctness(device: str, backend: str) -> list[dict]:
                 z = hb[i] @ wb.t()
                 if b is not None:
                     z = z + b
-                z = z.float() / kw.get("temperature", 1.0)
+                z = z.float()
                 if "softcap" in kw:
                     z = kw["softcap"] * torch.tanh(z / kw["softcap"])
+                z = z / kw.get("temperature", 1.0)
                 m = labels[i] != -100
                 base.append((torch.log_softmax(z, -1).gather(-1, labels[i].clamp_min(0)[:, None]).squeeze(-1)
                              * m).sum())

@@ -65,8 +65,8 @@ class UnsupportedHeadError(ValueError):
 class OutputHead:
     """The model's output head, in the engine's terms.
 
-    Logits of the model == ``softcap * tanh(z / softcap)`` (if ``softcap``) with
-    ``z = (h @ weight.T + bias) / temperature``.
+    Logits of the model == ``softcap * tanh(z / softcap) / temperature`` (without ``softcap``:
+    ``z / temperature``) with ``z = h @ weight.T + bias`` — the engine's order: the cap first, then the divisor.
 
     Attributes:
         weight: (V, H) head weight (the input embedding matrix when tied).
@@ -84,7 +84,8 @@ class OutputHead:
         """``temperature``/``softcap`` for :func:`dpo_fast.sequence_logprobs` / :class:`dpo_fast.DPOLoss`.
 
         Args:
-            temperature: your sampling temperature on top of the model's own scaling (default 1).
+            temperature: your sampling temperature on top of the model's own scaling (default 1), applied
+                after the model's softcap, as samplers do.
         """
         return {"temperature": self.temperature * float(temperature), "softcap": self.softcap}
 
@@ -204,6 +205,12 @@ def output_head(model: nn.Module) -> OutputHead:
     if not (math.isfinite(scale) and scale > 0):
         raise UnsupportedHeadError(f"model: logit scale {scale} from the config is not a finite positive number")
     temperature = 1.0 / scale if how == "multiply" else scale
+    if softcap is not None and temperature != 1.0:
+        # the engine applies its divisor after the cap; a model scale would act before it
+        raise UnsupportedHeadError(
+            f"model: the config sets both final_logit_softcapping ({softcap}) and a logit scale ({scale}); the "
+            "fused engine supports one of them. Compute log-probs from the model's logits with "
+            "dpo_fast.logprobs_from_logits instead.")
     return OutputHead(w, head.bias, temperature, None if softcap is None else float(softcap))
 
 
@@ -382,9 +389,10 @@ def check_output_head(model: nn.Module, input_ids: torch.Tensor | None = None, *
     ref = hf(input_ids=input_ids, use_cache=False).logits.float()  # (B, T, V)
     hidden, _ = hidden_states_from_model(hf, input_ids)
     h, w, b = head.operands(hidden)
-    z = torch.nn.functional.linear(h.float(), w.float(), None if b is None else b.float()) / head.temperature
+    z = torch.nn.functional.linear(h.float(), w.float(), None if b is None else b.float())
     if head.softcap is not None:
         z = head.softcap * torch.tanh(z / head.softcap)
+    z = z / head.temperature
     err = (z - ref).abs().max().item()
     if not torch.allclose(z, ref, atol=atol, rtol=rtol):
         raise UnsupportedHeadError(

@@ -23,8 +23,9 @@ def sequence_logprobs(hidden, weight, labels, *, bias=None, cu_seqlens=None, ign
                       temperature=1.0, softcap=None, average=False, backend="auto") -> torch.Tensor:
     r"""Per-sequence sum (or mean) of the log-probs of the label tokens, without materialising logits.
 
-    For every scored position t (``labels[t] != ignore_index``), with z = (h_t W^T + b) / temperature and,
-    if ``softcap`` is set, z <- softcap * tanh(z / softcap):  log p_t = z[labels[t]] - logsumexp(z).
+    For every scored position t (``labels[t] != ignore_index``), with z = h_t W^T + b, then the model's cap
+    z <- softcap * tanh(z / softcap) if ``softcap`` is set, then the sampling temperature z <- z / temperature
+    (the order of samplers such as HF generate and vLLM, and of TRL):  log p_t = z[labels[t]] - logsumexp(z).
     Sequence s gets  sum_{t in s} log p_t  (divided by its scored-token count if ``average``). A sequence
     with no scored token gives 0 and zero gradient.
 
@@ -36,8 +37,8 @@ def sequence_logprobs(hidden, weight, labels, *, bias=None, cu_seqlens=None, ign
         bias: optional (V,) lm_head bias.
         cu_seqlens: (S+1,) int32/int64 boundaries of the packed sequences: 0 = cu[0] <= ... <= cu[S] = N.
         ignore_index: label value of positions that are not scored (default -100).
-        temperature: logits are divided by it (> 0).
-        softcap: optional Gemma-2 style cap (> 0).
+        temperature: sampling temperature (> 0): the (capped) logits are divided by it.
+        softcap: optional Gemma-2/3 style final-logit cap (> 0), applied before the temperature.
         average: return the mean instead of the sum of each sequence's log-probs.
         backend: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"torch"`` or ``"triton"``.
 

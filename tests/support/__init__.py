@@ -87,9 +87,9 @@ def ref_token_logprobs(hidden, weight, labels, bias=None, ignore_index=-100, tem
     z = h @ weight.double().t()
     if bias is not None:
         z = z + bias.double()
-    z = z / temperature
-    if softcap is not None:
+    if softcap is not None:  # the model's cap first, then the sampling temperature
         z = softcap * torch.tanh(z / softcap)
+    z = z / temperature
     lp = torch.log_softmax(z, dim=-1)
     mask = labels != ignore_index
     safe = torch.where(mask, labels, torch.zeros_like(labels)).long()
@@ -117,9 +117,10 @@ def naive_sequence_logprobs(hidden, weight, labels, bias=None, ignore_index=-100
     z = hidden @ weight.t()
     if bias is not None:
         z = z + bias
-    z = z.float() / temperature
+    z = z.float()
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
+    z = z / temperature
     mask = labels != ignore_index
     tok = torch.log_softmax(z, -1).gather(-1, labels.clamp_min(0).long().unsqueeze(-1)).squeeze(-1) * mask
     s = tok.sum(-1)

@@ -6,7 +6,8 @@ each logits tile to a backend's row operations, declared by :class:`RowOps`. Res
 
 ``TorchRows`` is the CPU path users get (and the CUDA fallback); ``TritonRows`` launches the kernels in
 :mod:`dpo_fast.kernels.logprob`. Both apply ``temperature`` and ``softcap`` identically:
-zc = softcap * tanh(z / (temperature * softcap)), or z / temperature without a cap.
+zc = softcap * tanh(z / softcap) / temperature (without a cap: z / temperature) — the model's cap first, then
+the sampling temperature, the order of samplers (HF generate, vLLM) and TRL.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class RowOps(Protocol):
 
     Attributes:
         name: "torch" or "triton".
-        temperature, softcap: the logit transform, zc = softcap * tanh(z / (T * softcap)) (or z / T).
+        temperature, softcap: the logit transform, zc = softcap * tanh(z / softcap) / T (or z / T).
         bytes_per_elem: workspace bytes per tile element that the ops need beyond the tile itself
             (the engine sizes tiles with :func:`dpo_fast.engine.tiles.per_elem_bytes`).
     """
@@ -126,10 +127,10 @@ class TorchRows:
     def _tempered(self, z: torch.Tensor, in_place: bool) -> torch.Tensor:
         """Accumulation-dtype tile with temperature and softcap applied: ``z`` itself when allowed, else a copy."""
         zc = z if (in_place and z.dtype == acc_dtype(z.dtype)) else z.to(acc_dtype(z.dtype), copy=True)
+        if self.softcap is not None:  # the model's cap first, then the sampling temperature
+            zc.mul_(1.0 / self.softcap).tanh_().mul_(self.softcap)
         if self.temperature != 1.0:
             zc.mul_(1.0 / self.temperature)
-        if self.softcap is not None:
-            zc.mul_(1.0 / self.softcap).tanh_().mul_(self.softcap)
         return zc
 
     @staticmethod
@@ -191,8 +192,8 @@ class TorchRows:
         # in place on the scratch tile when it is already float32/float64 and is the destination
         zc = self._tempered(z, in_place=out.data_ptr() == z.data_ptr())
         chain = None
-        if self.softcap is not None:  # dzc/dz = (1 - (zc/cap)^2) / T
-            chain = torch.square(zc * (1.0 / self.softcap)).neg_().add_(1.0).mul_(1.0 / self.temperature)
+        if self.softcap is not None:  # zc = cap tanh(z/cap) / T: dzc/dz = (1 - tanh^2) / T, tanh = zc T / cap
+            chain = torch.square(zc * (self.temperature / self.softcap)).neg_().add_(1.0).mul_(1.0 / self.temperature)
         # p = softmax(zc) restricted to this slice; dz = g * (onehot - p) * chain
         dz = zc.sub_(lse[:, None]).exp_().mul_(-g[:, None])
         local = labels - v_offset

@@ -12,7 +12,9 @@ kernels do everything per row that would otherwise need a full-vocabulary float3
   recomputed logits into the gradient of the logits *in place*:
 
       dz_v = g * (onehot(y)_v - softmax(zc)_v) * dzc/dz,   softmax(zc)_v = exp(zc_v - lse)
-      zc = cap * tanh(z / (T * cap))  ->  dzc/dz = (1 - (zc / cap)^2) / T     (zc = z / T without cap)
+      zc = cap * tanh(z / cap) / T  ->  dzc/dz = (1 - tanh(z / cap)^2) / T     (zc = z / T without cap)
+
+  (the model's cap first, then the sampling temperature: the order of samplers and TRL)
 
   Reads and writes n*Vs*elt bytes; the caller then runs cuBLAS for dh = dz @ W_s and dW_s = dz^T @ h.
 
@@ -74,9 +76,10 @@ def _logprob_fwd_kernel(
     for v0 in range(0, V, BLOCK_V):
         idx = v0 + cols
         mask = idx < V
-        z = tl.load(z_row + idx, mask=mask, other=0.0).to(tl.float32) * inv_temp
+        z = tl.load(z_row + idx, mask=mask, other=0.0).to(tl.float32)
         if HAS_SOFTCAP:
             z = softcap * _tanh(z / softcap)
+        z = z * inv_temp
         z = tl.where(mask, z, float("-inf"))
         m_new = tl.maximum(m, z)
         # lanes still at -inf (only masked columns so far) must not produce exp(-inf - -inf) = nan
@@ -95,9 +98,10 @@ def _logprob_fwd_kernel(
     s_all = tl.sum(s * lane_scale, axis=0)
     lse = m_all + tl.log(s_all)
     y = tl.load(labels_ptr + row)
-    zy = tl.load(z_row + y).to(tl.float32) * inv_temp
+    zy = tl.load(z_row + y).to(tl.float32)
     if HAS_SOFTCAP:
         zy = softcap * _tanh(zy / softcap)
+    zy = zy * inv_temp
     tl.store(logp_ptr + row, zy - lse)
     tl.store(lse_ptr + row, lse)
     if WITH_STATS:
@@ -134,13 +138,13 @@ def _logprob_bwd_kernel(
     blk = tl.program_id(1).to(tl.int64)
     idx = blk * BLOCK_V + tl.arange(0, BLOCK_V)
     mask = idx < n_cols
-    z = tl.load(z_ptr + row * stride_z_row + idx, mask=mask, other=0.0).to(tl.float32) * inv_temp
+    z = tl.load(z_ptr + row * stride_z_row + idx, mask=mask, other=0.0).to(tl.float32)
     if HAS_SOFTCAP:
-        zc = softcap * _tanh(z / softcap)
-        # d zc / d z_raw = (1 - tanh^2) / T
-        chain = (1.0 - (zc / softcap) * (zc / softcap)) * inv_temp
+        t = _tanh(z / softcap)
+        zc = softcap * t * inv_temp
+        chain = (1.0 - t * t) * inv_temp  # d zc / d z_raw
     else:
-        zc = z
+        zc = z * inv_temp
         chain = inv_temp
     lse = tl.load(lse_ptr + row)
     g = tl.load(g_ptr + row)
