@@ -61,6 +61,9 @@ class GRPOLoss(FusedLossModule):
                             importance_sampling_level=importance_sampling_level, loss_type=loss_type,
                             max_completion_length=max_completion_length)
         self.token_metrics = bool(token_metrics)
+        #: (B, T) detached per-token policy log-probs of the last forward (0 at unscored positions), for
+        #: callers that log ratio-based metrics (the TRL integration)
+        self.last_logps: torch.Tensor | None = None
         # validate the options now: a bad config fails at construction, not at the first step
         one = torch.zeros(1, 2)
         L.grpo_loss(one, torch.zeros(1), torch.ones(1, 2), None, None if beta == 0 else one,
@@ -97,6 +100,7 @@ class GRPOLoss(FusedLossModule):
                                    backend=self.backend, stats_out=stats)
             tok = torch.zeros(B * T, dtype=logp.dtype, device=dev).index_copy(0, sc.idx, logp).view(B, T)
             out = self._loss(tok, advantages, mask, old_logps, ref_logps, num_items_in_batch, self.compute_metrics)
+            self.last_logps = tok.detach()
         else:
             # placeholders for tokens outside a group: any finite value (they do not enter its derivatives)
             base = (torch.zeros(B * T, dtype=acc, device=dev) if old_logps is None
@@ -117,6 +121,7 @@ class GRPOLoss(FusedLossModule):
             with torch.no_grad():
                 out = self._loss(final.view(B, T), advantages, mask, old_logps, ref_logps, num_items_in_batch,
                                  self.compute_metrics)
+            self.last_logps = final.view(B, T)
             out = self._with_gradient(out, carrier)
         if self.token_metrics and self.compute_metrics:
             out.metrics["entropy"] = float(stats["entropy"].sum()) / max(sc.idx.numel(), 1)

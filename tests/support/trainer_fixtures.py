@@ -84,3 +84,38 @@ dt = time.perf_counter() - t0
 logs = [h for h in tr.state.log_history if "loss" in h and "train_runtime" not in h]
 json.dump({{"logs": logs, "peak_bytes": status("VmHWM") - before, "seconds": dt}}, open({res!r}, "w"))
 """
+
+
+GRPO_DEFAULTS = dict(per_device_train_batch_size=4, num_generations=4, max_completion_length=8, max_steps=3,
+                     logging_steps=1, learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True, seed=0,
+                     bf16=False, disable_tqdm=True, dataloader_num_workers=0)
+
+
+def make_grpo_trainer(kind, out_dir, model_path, *, reward=digit_reward, n_prompts=16, **cfg):
+    """A GRPO trainer on the saved tiny Llama at ``model_path``: ``kind`` "trl" (stock GRPOTrainer), "fast"
+    (FastGRPOTrainer) or "patched" (patch_grpo_trainer on a stock one); ``cfg`` overrides GRPOConfig fields.
+    The model is passed as a path, so with ``beta > 0`` TRL loads its own reference copy from it."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    from dpo_fast.integrations import trl_grpo
+
+    opts = dict(GRPO_DEFAULTS, model_init_kwargs={"dtype": torch.float32})
+    opts.update(cfg)
+    args = GRPOConfig(output_dir=str(out_dir), **opts)
+    cls = trl_grpo.FastGRPOTrainer if kind == "fast" else GRPOTrainer
+    tr = cls(model=str(model_path), reward_funcs=reward, args=args, train_dataset=prompts_dataset(n_prompts),
+             processing_class=char_tokenizer())
+    if kind == "patched":
+        tr = trl_grpo.patch_grpo_trainer(tr)
+    return tr
+
+
+def grpo_for_memory(kind, out_dir, vocab=8192, **cfg):
+    """For the peak-memory comparison: save a tiny Llama with ``vocab`` under ``out_dir`` and build a GRPO
+    trainer of ``kind`` on it (beta > 0 and num_iterations 2: reference and old log-probs are computed)."""
+    from pathlib import Path
+
+    path = saved_tiny_llama(Path(out_dir) / "model", vocab=vocab)
+    opts = dict(beta=0.1, use_bias_correction_kl=False, num_iterations=2, max_completion_length=32, max_steps=4)
+    opts.update(cfg)
+    return make_grpo_trainer(kind, Path(out_dir) / "run", path, **opts)

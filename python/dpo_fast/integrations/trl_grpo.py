@@ -1,0 +1,264 @@
+"""TRL: ``FastGRPOTrainer`` and ``patch_grpo_trainer`` — TRL's GRPOTrainer with the policy head and loss fused.
+
+One-line change::
+
+    from dpo_fast.integrations.trl_grpo import FastGRPOTrainer as GRPOTrainer   # instead of trl's
+    # or, for a trainer you already built:
+    trainer = patch_grpo_trainer(trainer)
+
+What changes, per optimisation step:
+
+* **Policy log-probs and loss** (``_compute_loss``): TRL runs the decoder, then its chunked LM head over the
+  batch (every prompt and completion position on CPU, the completion tokens on CUDA), keeps per-token
+  log-probs and entropies, and builds the loss through autograd, whose backward runs the head again. Here
+  the decoder's last hidden states at the completion positions go to the fused :class:`dpo_fast.GRPOLoss`:
+  per-token log-probs, the clipped-ratio loss and its gradient in one pass over the logits (3 GEMMs over
+  completion tokens), the entropy metric from the same pass.
+* **Old-policy and reference log-probs** (``num_iterations > 1``, ``beta > 0``): the 1-GEMM no-grad forward
+  over the completion tokens (:func:`dpo_fast.integrations._trainer_common.no_grad_token_logprobs`).
+* **Generation** (HF ``generate`` or vLLM), rewards, advantages, datasets, PEFT, checkpoints: TRL's, untouched.
+  A reward function returning the wrong number of rewards raises TRL's own error.
+
+Every metric TRL's ``_compute_loss`` logs is logged under TRL's name with TRL's definition (``kl``,
+``entropy``, ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean``,
+``clip_ratio/low_min``, ``clip_ratio/high_max``); the rest (``reward``, ``completions/*``, ``num_tokens`` ...)
+come from TRL's generation step.
+
+Routes. The fused route covers what :class:`dpo_fast.GRPOLoss` computes: ``loss_type`` in
+:data:`FUSED_LOSS_TYPES` (those GRPOLoss accepts), token- or sequence-level importance sampling,
+``num_iterations``, ``beta``, ``epsilon``/``epsilon_high``, ``max_completion_length``. Any other active
+option (``delta``, ``top_entropy_quantile < 1``, the entropy bonus, vLLM importance-sampling correction,
+``off_policy_mask_threshold``, ``use_bias_correction_kl``, a loss type GRPOLoss lacks, per-token advantages)
+runs TRL's own ``_compute_loss`` (route ``"trl"``: TRL's head), with a warning naming the options — never
+silently ignored. The route of the last step is ``trainer.dpo_fast_route`` and the count of steps per
+route ``trainer.dpo_fast_routes``. A loss type TRL does not have raises ``ValueError`` at construction.
+
+Not supported (clear errors): vision-language models, the MoE router aux loss, ``cast_lm_head_to_fp32``.
+Supported TRL releases: :data:`SUPPORTED_TRL`.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+
+import torch
+
+from ..hf import call_with_hidden_states, install_fused_forward
+from ._trainer_common import (SUPPORTED_TRL, UnsupportedTRLVersion, check_trl_version, no_grad_token_logprobs,
+                              patch_instance, reduced_mean, reject_multimodal)
+
+try:
+    from trl import GRPOTrainer
+    from trl.trainer.utils import nanmax, nanmin
+except ImportError as e:  # pragma: no cover - exercised only without trl
+    raise ImportError("dpo_fast.integrations.trl_grpo needs TRL: pip install 'trl>=1.16,<1.17'") from e
+
+__all__ = ["FastGRPOTrainer", "patch_grpo_trainer", "FUSED_LOSS_TYPES", "TRL_LOSS_TYPES", "SUPPORTED_TRL",
+           "UnsupportedTRLVersion"]
+
+logger = logging.getLogger(__name__)
+
+#: TRL 1.16's GRPO loss types.
+TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
+# loss types whose metrics (clip ratios) this module logs with TRL's definitions
+_CLIPPED_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+def _grpo_loss_accepts(loss_type: str) -> bool:
+    from .. import GRPOLoss
+
+    try:
+        GRPOLoss(loss_type=loss_type)
+    except ValueError:
+        return False
+    return True
+
+
+#: loss types that take the fused route (TRL's clipped family that :class:`dpo_fast.GRPOLoss` computes).
+FUSED_LOSS_TYPES = tuple(t for t in _CLIPPED_TYPES if _grpo_loss_accepts(t))
+
+_MODALITY_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "num_tiles",
+                  "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids", "num_images")
+
+
+def _masked_mean(acc, x: torch.Tensor, mask: torch.Tensor) -> float:
+    """TRL's ``global_masked_mean``: over completion tokens, or over sequences when ``x`` is (B, 1)."""
+    if x.shape[1] == 1:
+        return reduced_mean(acc, x.sum(), torch.tensor(float(x.shape[0]), device=x.device))
+    return reduced_mean(acc, (x * mask).sum(), mask.sum())
+
+
+def _seq_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """TRL's ``masked_seq_mean``: (B,) per-sequence mean (NaN for a sequence with no tokens)."""
+    if x.shape[1] == 1:
+        return x.squeeze(1)
+    return (x * mask).sum(-1) / mask.sum(-1)
+
+
+class _FastGRPOMixin:
+    """The methods FastGRPOTrainer overrides; mixed into a GRPOTrainer (sub)class."""
+
+    def _dpo_fast_init(self) -> None:
+        check_trl_version()
+        who = type(self).__name__
+        args = self.args
+        if getattr(self, "_is_vlm", False):
+            raise NotImplementedError(f"{who}: vision-language models are not supported; use trl.GRPOTrainer")
+        if getattr(self, "aux_loss_enabled", False):
+            raise NotImplementedError(f"{who}: the MoE router aux loss is not supported; set router_aux_loss_coef=0.0 "
+                                      "or use trl.GRPOTrainer")
+        if getattr(args, "cast_lm_head_to_fp32", False):
+            raise NotImplementedError(f"{who}: cast_lm_head_to_fp32=True is not supported (dpo_fast already "
+                                      "accumulates the head in float32); unset it or use trl.GRPOTrainer")
+        if self.loss_type not in TRL_LOSS_TYPES:
+            raise ValueError(f"loss_type: {self.loss_type!r} is not a TRL GRPO loss type; expected one of "
+                             f"{list(TRL_LOSS_TYPES)}")
+        if self.importance_sampling_level not in ("token", "sequence"):
+            raise ValueError(f"importance_sampling_level: expected 'token' or 'sequence', got "
+                             f"{self.importance_sampling_level!r}")
+        reasons = []
+        if self.loss_type not in FUSED_LOSS_TYPES:
+            reasons.append(f"loss_type={self.loss_type!r}")
+        if getattr(args, "delta", None) is not None:
+            reasons.append(f"delta={args.delta}")
+        if self.top_entropy_quantile < 1.0:
+            reasons.append(f"top_entropy_quantile={self.top_entropy_quantile}")
+        if getattr(self, "_entropy_bonus_enabled", False):
+            reasons.append("the entropy bonus (entropy_coef / use_adaptive_entropy)")
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            reasons.append("vllm_importance_sampling_correction")
+        if self.off_policy_mask_threshold is not None:
+            reasons.append(f"off_policy_mask_threshold={self.off_policy_mask_threshold}")
+        if self.beta != 0.0 and getattr(args, "use_bias_correction_kl", False):
+            reasons.append("use_bias_correction_kl (with beta != 0)")
+        self.dpo_fast_fallback_reasons = reasons
+        self.dpo_fast_route: str | None = None
+        self.dpo_fast_routes: collections.Counter = collections.Counter()
+        if reasons:
+            logger.warning("%s: %s not fused by dpo_fast; the loss runs TRL's own _compute_loss (route 'trl'). Old "
+                           "and reference log-probs still use the fused no-grad forward.", who, ", ".join(reasons))
+        else:
+            from .. import GRPOLoss
+
+            GRPOLoss(**self._dpo_fast_loss_options())  # validate now, not at the first step
+        # the fused entry point goes in before accelerate wraps forward, so its autocast covers our path too
+        install_fused_forward(self.model)
+        if getattr(self, "ref_model", None) is not None:
+            install_fused_forward(self.ref_model)
+
+    def _dpo_fast_loss_options(self) -> dict:
+        return dict(beta=self.beta, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
+                    importance_sampling_level=self.importance_sampling_level, loss_type=self.loss_type,
+                    max_completion_length=self.max_completion_length)
+
+    # TRL hook: per-token log-probs (old policy / reference under no_grad; the policy inside TRL's own loss)
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **modality):
+        if (torch.is_grad_enabled() or compute_entropy or compute_aux_loss
+                or any(v is not None for v in modality.values())):
+            # TRL's own loss (route "trl") or multimodal inputs: TRL's head
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **modality)
+        logps = no_grad_token_logprobs(model, input_ids, attention_mask, logits_to_keep, temperature=self.temperature,
+                                       batch_size=batch_size, autocast=self.accelerator.autocast)
+        return logps, None, None
+
+    # TRL hook: the loss and the metrics of one micro-batch
+    def _compute_loss(self, model, inputs):
+        if self.dpo_fast_fallback_reasons or inputs["advantages"].dim() != 1:
+            self._dpo_fast_record("trl")
+            return super()._compute_loss(model, inputs)
+        reject_multimodal(type(self).__name__, inputs, _MODALITY_KEYS)
+        from .. import GRPOLoss
+
+        mode = "train" if self.model.training else "eval"
+        prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            mask = mask * inputs["tool_mask"]
+        C = completion_ids.size(1)
+        labels = completion_ids.masked_fill(mask == 0, -100)  # (B, C), scored from hidden[P-1 .. P+C-2]
+        advantages = inputs["advantages"]  # (B,)
+        old = inputs.get("old_per_token_logps")
+        ref = inputs.get("ref_per_token_logps") if self.beta != 0.0 else None
+        accum = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        n_items = None
+        if self.loss_type == "dapo":  # TRL's normaliser: the generation batch's tokens, per accumulation window
+            n_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                n_items = n_items * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+        opts = self._dpo_fast_loss_options()
+
+        def fn(hidden, head):
+            h, w, b = head.operands(hidden[:, -C - 1:-1])
+            loss_fn = GRPOLoss(**opts, **head.engine_kwargs(self.temperature), token_metrics=True)
+            out = loss_fn(h, w, labels.to(h.device), advantages, old, ref, bias=b, num_items_in_batch=n_items)
+            return out, loss_fn
+
+        out, loss_fn = call_with_hidden_states(model, fn, input_ids, attention_mask=attention_mask)
+        self._dpo_fast_record(loss_fn.last_route)
+        loss = out.loss if self.loss_type == "dapo" else out.loss / accum
+        with torch.no_grad():
+            self._dpo_fast_log(mode, loss_fn.last_logps, old, ref, mask, advantages, out)
+        return loss
+
+    def _dpo_fast_record(self, route: str) -> None:
+        self.dpo_fast_route = route
+        self.dpo_fast_routes[route] += 1
+
+    def _dpo_fast_log(self, mode, logps, old, ref, mask, advantages, out) -> None:
+        """Append the metrics TRL's _compute_loss logs, with TRL's definitions, from detached tensors."""
+        acc, m = self.accelerator, self._metrics[mode]
+        mask = mask.to(logps.dtype)
+        lp = logps.to(torch.float32)
+        old = lp if old is None else old.to(lp.dtype)
+        A = advantages.to(lp.dtype).unsqueeze(1)  # (B, 1)
+        log_ratio = lp - old
+        if self.importance_sampling_level == "sequence":
+            log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+        coef_1 = torch.exp(log_ratio)
+        if self.beta != 0.0:
+            d = ref.to(lp.dtype) - lp
+            m["kl"].append(_masked_mean(acc, torch.exp(d) - d - 1, mask))
+        n_tok = mask.sum()
+        m["entropy"].append(reduced_mean(acc, torch.as_tensor(out.metrics["entropy"], device=lp.device) * n_tok,
+                                         n_tok))
+        low = ((coef_1 < 1 - self.epsilon_low) & (A < 0)).float()
+        high = ((coef_1 > 1 + self.epsilon_high) & (A > 0)).float()
+        m["clip_ratio/low_mean"].append(_masked_mean(acc, low, mask))
+        m["clip_ratio/high_mean"].append(_masked_mean(acc, high, mask))
+        m["clip_ratio/region_mean"].append(_masked_mean(acc, (low.bool() | high.bool()).float(), mask))
+        m["clip_ratio/low_min"].append(nanmin(acc.gather(_seq_mean(low, mask))).item())
+        m["clip_ratio/high_max"].append(nanmax(acc.gather(_seq_mean(high, mask))).item())
+
+
+class FastGRPOTrainer(_FastGRPOMixin, GRPOTrainer):
+    """``trl.GRPOTrainer`` with the policy's log-probs and loss computed by the fused :class:`dpo_fast.GRPOLoss`.
+
+    Same constructor as ``trl.GRPOTrainer``. See the module docstring for the routes.
+
+    Raises:
+        UnsupportedTRLVersion: the installed TRL is outside :data:`SUPPORTED_TRL`.
+        ValueError: a ``loss_type`` / ``importance_sampling_level`` TRL does not have.
+        NotImplementedError: vision-language models, MoE aux loss, ``cast_lm_head_to_fp32``.
+    """
+
+    def __init__(self, *args, **kwargs):
+        check_trl_version()
+        super().__init__(*args, **kwargs)
+        self._dpo_fast_init()
+
+
+def patch_grpo_trainer(trainer: GRPOTrainer) -> GRPOTrainer:
+    """Make an existing ``trl.GRPOTrainer`` (or subclass) instance use :class:`FastGRPOTrainer`'s methods.
+
+    The instance's class is swapped for a subclass; its state is kept. Call it before ``trainer.train()``.
+
+    Returns:
+        The same trainer object.
+    """
+    return patch_instance(trainer, GRPOTrainer, _FastGRPOMixin, _FastGRPOMixin._dpo_fast_init)
