@@ -1,11 +1,15 @@
 # Use in your own loop: Rust packing, reference log-probs once, fused DPO loss from the decoder's hidden states.
 import torch
 from torch.utils.data import DataLoader
-from transformers import LlamaConfig, LlamaForCausalLM
 
-import dpo_fast
-from dpo_fast.hf import call_with_hidden_states
-from dpo_fast.reference import precompute_reference_logps
+from dpo_fast.extras import require
+
+require("transformers", "hf", feature="this example", exit=True)  # one line naming the extra if it is missing
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import dpo_fast  # noqa: E402
+from dpo_fast.hf import call_with_hidden_states  # noqa: E402
+from dpo_fast.reference import precompute_reference_logps  # noqa: E402
 
 torch.manual_seed(0)
 model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

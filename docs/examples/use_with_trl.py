@@ -1,11 +1,16 @@
 # Use with TRL: swap the trainer class (or patch an existing trainer). Tiny random model, no download.
 import torch
-from datasets import Dataset
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-from trl import DPOConfig
 
-from dpo_fast.integrations.trl import FastDPOTrainer  # was: from trl import DPOTrainer
+from dpo_fast.extras import require
+
+for _m in ("trl", "datasets", "tokenizers", "transformers"):
+    require(_m, "trl", feature="this example", exit=True)  # one line naming the extra if one is missing
+from datasets import Dataset  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from trl import DPOConfig  # noqa: E402
+
+from dpo_fast.integrations.trl import FastDPOTrainer  # noqa: E402  (was: from trl import DPOTrainer)
 
 # a character-level tokenizer and a random Llama stand in for your tokenizer and checkpoint
 vocab = {"<pad>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate("0123456789+=")}}

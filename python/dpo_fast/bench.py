@@ -28,6 +28,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -497,6 +498,9 @@ def main(argv=None) -> int:
     dtype = getattr(torch, a.dtype or ("bfloat16" if device == "cuda" else "float32"))
     reps = a.reps or (10 if device == "cuda" else 3)
     env = environment(device)
+    no_plot = _plot_unavailable()
+    if no_plot:
+        print(f"dpo-fast bench: {no_plot}; results.json is written, results.png is not", file=sys.stderr)
     print(f"dpo-fast bench on {env.get('gpu', env['cpu'])} ({device}, {dtype}), torch {env['torch']}, "
           f"triton {env['triton']}, shapes {shapes}, {reps} reps")
     results = run(shapes, methods, device, dtype, reps, a.peaked)
@@ -505,8 +509,22 @@ def main(argv=None) -> int:
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump({"env": env, "results": [asdict(r) for r in results]}, f, indent=1)
+    if no_plot:
+        print(f"\nwrote {a.out}/results.json (no results.png: {no_plot})")
+        return 0
     plot(results, os.path.join(a.out, "results.png"),
          f"dpo_fast log-prob engine and DPO loss (fwd+bwd unless no-grad) — {env.get('gpu', env['cpu'])}, "
          f"{dtype}, {env['date']}")
     print(f"\nwrote {a.out}/results.json and {a.out}/results.png")
     return 0
+
+
+def _plot_unavailable() -> str | None:
+    """None when matplotlib can be imported, else the one-line reason naming the extra to install."""
+    from dpo_fast.extras import MissingExtraError, require
+
+    try:
+        require("matplotlib", "bench", feature="the plot")
+    except MissingExtraError as e:
+        return str(e)
+    return None

@@ -62,12 +62,14 @@ def main(argv=None) -> int:
         return 2
     import importlib
 
+    from dpo_fast.extras import MissingExtraError
+
     try:
         mod = importlib.import_module(COMMANDS[cmd][1])
-    except ModuleNotFoundError as e:
-        print(f"dpo-fast {cmd}: not available in this build ({e})", file=sys.stderr)
+        return int(mod.main(rest) or 0)
+    except MissingExtraError as e:  # an optional dependency: one line naming the extra, no traceback
+        print(f"dpo-fast {cmd}: {e}", file=sys.stderr)
         return 2
-    return int(mod.main(rest) or 0)
 
 
 if __name__ == "__main__":

@@ -84,8 +84,26 @@ def run(argv=None, *, out=None) -> dict:
     Returns:
         ``{"history": [per-step metrics], "final": held-out metrics, "train_final": metrics on all training
         pairs, "plot": PNG path or None, "seconds": wall time}``.
+
+    Raises:
+        dpo_fast.extras.MissingExtraError: transformers (or, with a plot, matplotlib) is not installed.
+        SystemExit: bad arguments, or ``--device cuda`` without a CUDA device (argparse's message, status 2).
     """
     import torch
+
+    from dpo_fast.extras import require
+
+    parser = _parser()
+    args = parser.parse_args(argv)
+    out = out or sys.stdout
+    # what is missing is said before any work starts, in one line naming the extra to install
+    require("transformers", "demo", feature="dpo-fast demo")
+    if args.plot:
+        require("matplotlib", "demo", feature="the demo's plot (--plot '' skips it)")
+    if args.device is not None and args.device.split(":")[0] not in ("cpu", "cuda"):
+        parser.error(f"--device: expected cpu or cuda, got {args.device!r}")
+    if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is available")
     from tqdm.auto import tqdm
 
     from dpo_fast import DPOLoss
@@ -94,8 +112,6 @@ def run(argv=None, *, out=None) -> dict:
 
     from .data import CharTokenizer, make_pairs, split_pairs, tokenize
 
-    args = _parser().parse_args(argv)
-    out = out or sys.stdout
     steps = args.steps if args.steps is not None else (40 if args.quick else 1200)
     args.batch_pairs = args.batch_pairs or (32 if args.quick else 64)
     log_every = args.log_every or (10 if args.quick else 100)
@@ -185,10 +201,13 @@ def run(argv=None, *, out=None) -> dict:
 
 
 def main(argv=None) -> int:
-    """Entry point of ``dpo-fast demo``; returns the exit status."""
+    """Entry point of ``dpo-fast demo``; returns the exit status. A missing optional dependency raises
+    :class:`dpo_fast.extras.MissingExtraError` (the CLI prints its one line)."""
     run(argv)
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m dpo_fast.demo: the same as `dpo-fast demo`
+    from dpo_fast.cli import main as _cli
+
+    sys.exit(_cli(["demo", *sys.argv[1:]]))
