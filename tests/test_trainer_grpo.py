@@ -63,16 +63,18 @@ def test_fused_route_matches_stock(tmp_path, model_path, options):
     assert any(h["clip_ratio/region_mean"] > 0 for h in a), "the run never clips: the clip metrics are untested"
 
 
-@pytest.mark.parametrize("options", [
-    dict(beta=0.1),  # TRL's default use_bias_correction_kl=True: the ratio-weighted KL
-    dict(delta=1.5, **MOVING),
-    dict(loss_type="cispo", beta=0.1, **MOVING),
-], ids=["bias_correction_kl", "delta", "cispo"])
-def test_unfused_options_take_trl_route_and_match(tmp_path, model_path, options, caplog):
+@pytest.mark.parametrize("options, route", [
+    (dict(beta=0.1), "two_pass"),  # TRL's default use_bias_correction_kl=True: the ratio-weighted KL
+    (dict(delta=1.5, **MOVING), "two_pass"),
+    (dict(top_entropy_quantile=0.5, **MOVING), "two_pass"),
+    (dict(loss_type="cispo", beta=0.1, **MOVING), "two_pass"),
+    (dict(entropy_coef=0.01), "trl"),  # the entropy bonus differentiates the entropy
+], ids=["bias_correction_kl", "delta", "top_entropy_quantile", "cispo", "entropy_bonus"])
+def test_unfused_options_take_the_recorded_route_and_match(tmp_path, model_path, options, route, caplog):
     with caplog.at_level("WARNING", logger="dpo_fast.integrations.trl_grpo"):
         stock, fast = _pair(tmp_path, model_path, **options)
-    assert fast.dpo_fast_fallback_reasons and set(fast.dpo_fast_routes) == {"trl"}
-    assert "not fused by dpo_fast" in caplog.text
+    assert fast.dpo_fast_fallback_reasons and set(fast.dpo_fast_routes) == {route}
+    assert "not fused by dpo_fast" in caplog.text and f"route '{route}'" in caplog.text
     assert_same_logs(logged(stock), logged(fast))
 
 
@@ -143,3 +145,29 @@ def test_peak_memory_beside_stock(tmp_path):
     print(f"\nGRPO peak RSS growth during train() (vocab 8192, 16 x 32 completion tokens, beta>0, 2 iterations): "
           f"trl {s['peak_bytes'] / 2**20:.1f} MiB, dpo_fast {f['peak_bytes'] / 2**20:.1f} MiB; "
           f"time {s['seconds']:.2f}s vs {f['seconds']:.2f}s")
+
+
+def test_token_logprobs_and_entropy_vs_float64():
+    """The two-pass route's helper: log-probs (with gradient) and entropies vs a float64 softmax; odd sizes,
+    an ignored row, temperature."""
+    from dpo_fast.integrations._trainer_common import token_logprobs_and_entropy
+
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(3, 5, 7, generator=g, requires_grad=True)
+    w = torch.randn(13, 7, generator=g, requires_grad=True)
+    labels = torch.randint(0, 13, (3, 5), generator=g)
+    labels[1] = -100  # a fully masked row
+    labels[0, 2] = -100
+    lp, ent = token_logprobs_and_entropy(h, w, labels, temperature=0.7)
+    z = (h.double() @ w.double().T) / 0.7
+    logp = z.log_softmax(-1)
+    keep = labels != -100
+    ref_lp = torch.where(keep, logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0], 0.0)
+    ref_ent = torch.where(keep, -(logp.exp() * logp).sum(-1), 0.0)
+    torch.testing.assert_close(lp.double(), ref_lp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent.double(), ref_ent, rtol=1e-5, atol=1e-5)
+    assert not ent.requires_grad
+    gh, gw = torch.autograd.grad(lp.sum(), (h, w))
+    rh, rw = torch.autograd.grad(ref_lp.sum(), (h, w))
+    torch.testing.assert_close(gh, rh.float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gw, rw.float(), rtol=1e-4, atol=1e-5)

@@ -24,14 +24,20 @@ Every metric TRL's ``_compute_loss`` logs is logged under TRL's name with TRL's 
 ``clip_ratio/low_min``, ``clip_ratio/high_max``); the rest (``reward``, ``completions/*``, ``num_tokens`` ...)
 come from TRL's generation step.
 
-Routes. The fused route covers what :class:`dpo_fast.GRPOLoss` computes: ``loss_type`` in
-:data:`FUSED_LOSS_TYPES` (those GRPOLoss accepts), token- or sequence-level importance sampling,
-``num_iterations``, ``beta``, ``epsilon``/``epsilon_high``, ``max_completion_length``. Any other active
-option (``delta``, ``top_entropy_quantile < 1``, the entropy bonus, vLLM importance-sampling correction,
-``off_policy_mask_threshold``, ``use_bias_correction_kl``, a loss type GRPOLoss lacks, per-token advantages)
-runs TRL's own ``_compute_loss`` (route ``"trl"``: TRL's head), with a warning naming the options — never
-silently ignored. The route of the last step is ``trainer.dpo_fast_route`` and the count of steps per
-route ``trainer.dpo_fast_routes``. A loss type TRL does not have raises ``ValueError`` at construction.
+Routes (the route of the last step is ``trainer.dpo_fast_route``; steps per route ``trainer.dpo_fast_routes``):
+
+* ``"fused"`` — what :class:`dpo_fast.GRPOLoss` computes: ``loss_type`` in :data:`FUSED_LOSS_TYPES`, token- or
+  sequence-level importance sampling, ``num_iterations``, ``beta`` (with ``use_bias_correction_kl=False``),
+  ``epsilon``/``epsilon_high``, ``max_completion_length``.
+* ``"two_pass"`` — any other active option (``delta``, ``top_entropy_quantile < 1``, vLLM importance-sampling
+  correction, ``off_policy_mask_threshold``, ``use_bias_correction_kl`` with ``beta > 0``, the loss types
+  GRPOLoss lacks, per-token advantages): dpo_fast's engine gives the policy's per-token log-probs
+  (differentiable) and entropies (from the same pass), then TRL's own ``_compute_loss`` formula runs on them.
+* ``"trl"`` — the entropy bonus (``entropy_coef != 0`` or ``use_adaptive_entropy``), which differentiates the
+  entropy: TRL's head and loss.
+
+Options off the fused route are logged with a warning naming them — never silently ignored. A loss type
+or importance-sampling level TRL does not have raises ``ValueError`` at construction.
 
 Not supported (clear errors): vision-language models, the MoE router aux loss, ``cast_lm_head_to_fp32``.
 Supported TRL releases: :data:`SUPPORTED_TRL`.
@@ -46,7 +52,7 @@ import torch
 
 from ..hf import call_with_hidden_states, install_fused_forward
 from ._trainer_common import (SUPPORTED_TRL, UnsupportedTRLVersion, check_trl_version, no_grad_token_logprobs,
-                              patch_instance, reduced_mean, reject_multimodal)
+                              patch_instance, reduced_mean, reject_multimodal, token_logprobs_and_entropy)
 
 try:
     from trl import GRPOTrainer
@@ -133,11 +139,16 @@ class _FastGRPOMixin:
         if self.beta != 0.0 and getattr(args, "use_bias_correction_kl", False):
             reasons.append("use_bias_correction_kl (with beta != 0)")
         self.dpo_fast_fallback_reasons = reasons
+        # TRL differentiates the entropy only for its entropy bonus: then TRL's head computes the policy's log-probs
+        self._dpo_fast_trl_loss = bool(getattr(self, "_entropy_bonus_enabled", False))
         self.dpo_fast_route: str | None = None
         self.dpo_fast_routes: collections.Counter = collections.Counter()
         if reasons:
-            logger.warning("%s: %s not fused by dpo_fast; the loss runs TRL's own _compute_loss (route 'trl'). Old "
-                           "and reference log-probs still use the fused no-grad forward.", who, ", ".join(reasons))
+            route = ("'trl': TRL's head and loss" if self._dpo_fast_trl_loss else
+                     "'two_pass': dpo_fast's log-probs and entropies, then TRL's loss formula")
+            logger.warning("%s: %s not fused by dpo_fast; the loss runs TRL's own _compute_loss (route %s). Old "
+                           "and reference log-probs still use the fused no-grad forward.", who, ", ".join(reasons),
+                           route)
         else:
             from .. import GRPOLoss
 
@@ -155,20 +166,34 @@ class _FastGRPOMixin:
     # TRL hook: per-token log-probs (old policy / reference under no_grad; the policy inside TRL's own loss)
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **modality):
-        if (torch.is_grad_enabled() or compute_entropy or compute_aux_loss
-                or any(v is not None for v in modality.values())):
-            # TRL's own loss (route "trl") or multimodal inputs: TRL's head
+        grad = torch.is_grad_enabled()
+        if compute_aux_loss or any(v is not None for v in modality.values()) or (grad and self._dpo_fast_trl_loss):
+            # multimodal inputs, or TRL's own loss with the entropy bonus (entropy needs its gradient): TRL's head
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
                 compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **modality)
-        logps = no_grad_token_logprobs(model, input_ids, attention_mask, logits_to_keep, temperature=self.temperature,
-                                       batch_size=batch_size, autocast=self.accelerator.autocast)
-        return logps, None, None
+        if not grad:
+            logps = no_grad_token_logprobs(model, input_ids, attention_mask, logits_to_keep,
+                                           temperature=self.temperature, batch_size=batch_size,
+                                           autocast=self.accelerator.autocast)
+            return logps, None, None
+        # two-pass route: the policy's log-probs (differentiable) and entropies (no gradient) from one engine pass,
+        # then TRL's own loss formula on them
+        C = int(logits_to_keep)
+        labels = input_ids[:, -C:].masked_fill(attention_mask[:, -C:] == 0, -100)
+
+        def fn(hidden, head):
+            h, w, b = head.operands(hidden[:, -C - 1:-1])
+            return token_logprobs_and_entropy(h, w, labels.to(h.device), bias=b, **head.engine_kwargs(self.temperature))
+
+        with self.accelerator.autocast():
+            logps, ent = call_with_hidden_states(model, fn, input_ids, attention_mask=attention_mask)
+        return logps, (ent if compute_entropy else None), None
 
     # TRL hook: the loss and the metrics of one micro-batch
     def _compute_loss(self, model, inputs):
         if self.dpo_fast_fallback_reasons or inputs["advantages"].dim() != 1:
-            self._dpo_fast_record("trl")
+            self._dpo_fast_record("trl" if self._dpo_fast_trl_loss else "two_pass")
             return super()._compute_loss(model, inputs)
         reject_multimodal(type(self).__name__, inputs, _MODALITY_KEYS)
         from .. import GRPOLoss
