@@ -51,8 +51,8 @@ def sequence_logprobs(hidden, weight, labels, *, bias=None, cu_seqlens=None, ign
         Memory beyond inputs and gradients: the workspace budget (:func:`dpo_fast.set_workspace_bytes`)
         plus O(N) float32 — never (B, T, V).
 
-    NaN/inf in ``hidden`` propagate to the affected sequences' log-probs (and to gradients in backward);
-    nothing crashes. Under ``torch.autocast``, hidden/weight/bias are cast to the autocast dtype first (as
+    NaN/inf in ``hidden`` (or a -inf bias at a label) stay in the affected sequences' log-probs and their
+    ``hidden`` gradients; the other sequences get exactly the clean result; nothing crashes. Under ``torch.autocast``, hidden/weight/bias are cast to the autocast dtype first (as
     ``F.linear`` would), so bf16 activations with an fp32 master weight work; otherwise all three must share
     one dtype.
 
