@@ -1,4 +1,4 @@
-"""Tests of PairCollator and TokenBudgetBatchSampler (dpo_fast.collate)."""
+"""Tests of PairCollator and TokenBudgetBatchSampler (dpo_fast.packing.collate)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dpo_fast import PairCollator, TokenBudgetBatchSampler
-from dpo_fast.collate import pair_costs
+from dpo_fast.packing import pair_costs
 
 
 def make_examples(n, seed=0, old_keys=True, ref=False):

@@ -46,14 +46,15 @@ _LAZY = {
     # packing
     "pack_pairs": "dpo_fast.packing",
     "PackedBatch": "dpo_fast.packing",
-    "PairCollator": "dpo_fast.collate",
-    "TokenBudgetBatchSampler": "dpo_fast.collate",
+    "PackOptions": "dpo_fast.packing",
+    "PairCollator": "dpo_fast.packing",
+    "TokenBudgetBatchSampler": "dpo_fast.packing",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
 
 
-_SUBMODULES = ("bench", "cli", "collate", "engine", "fused_dpo", "fused_grpo", "fused_kto", "hf", "integrations",
+_SUBMODULES = ("bench", "cli", "engine", "fused_dpo", "fused_grpo", "fused_kto", "hf", "integrations",
                "kernels", "logprobs", "losses", "packing", "reference")
 
 

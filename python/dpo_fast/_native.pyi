@@ -1,5 +1,5 @@
 """Type stubs of the private native module ``dpo_fast._native`` (rust/src/py.rs). Hand-kept; the public API
-with validation and docs is :mod:`dpo_fast.packing` / :mod:`dpo_fast.collate`."""
+with validation and docs is :mod:`dpo_fast.packing` (options validated once, by ``PackOptions``)."""
 
 from typing import Any, Sequence, TypedDict
 
@@ -8,6 +8,8 @@ import numpy.typing as npt
 
 __version__: str
 IGNORE_INDEX: int
+ID_LIMIT: int  # == dpo_fast.packing.options.ID_LIMIT
+PAD_MULTIPLE_FLOOR: int  # == dpo_fast.packing.options.PAD_MULTIPLE_FLOOR
 
 def build_info() -> tuple[str, str]:
     """(crate version, Python ABI the module targets)."""
@@ -36,11 +38,13 @@ def pack_flat(
     mode: str,
     pad_token_id: int,
     truncation: str,
-    pad_to_multiple_of: int | None = None,
-    vocab_size: int | None = None,
+    pad_to_multiple_of: int | None,
+    vocab_size: int | None,
 ) -> _PackedDict:
     """Pack flat (values, offsets) inputs (C-contiguous; the three value arrays share one dtype) with the
-    GIL released. Arrays are returned without a copy. Raises ValueError on bad options or data."""
+    GIL released. The options are ``PackOptions.native()`` (validated). Arrays are returned without a copy.
+    Raises ValueError on bad data, MemoryError when the outputs cannot be allocated, RuntimeError on an
+    internal error (never an abort)."""
 
 def flatten_int_seqs(
     seqs: Sequence[Sequence[int]] | Sequence[Any], arg: str

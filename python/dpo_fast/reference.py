@@ -25,9 +25,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .collate import TRL_KEYS
 from .hf import sequence_logprobs_from_model
-from .packing import pack_pairs
+from .packing import PackOptions, pack_pairs, resolve_pair_keys, shifted_labels
 
 __all__ = ["precompute_reference_logps", "model_fingerprint", "data_fingerprint", "REF_COLUMNS"]
 
@@ -60,16 +59,6 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _example_keys(example: Mapping[str, Any], keys) -> tuple[str, str, str]:
-    if keys is not None:
-        return tuple(keys)
-    for cand in TRL_KEYS:
-        if all(k in example for k in cand):
-            return cand
-    raise KeyError(f"examples must hold tokenized prompt/chosen/rejected under {TRL_KEYS[0]} or {TRL_KEYS[1]} "
-                   f"(or pass keys=...); got {sorted(example)}")
-
-
 def data_fingerprint(data, keys=None) -> str:
     """Hex digest of the token ids of every example (a ``datasets.Dataset``'s own fingerprint if it has one)."""
     fp = getattr(data, "_fingerprint", None)
@@ -77,7 +66,7 @@ def data_fingerprint(data, keys=None) -> str:
         return "datasets:" + fp
     h = hashlib.blake2b(digest_size=20)
     if len(data):
-        k = _example_keys(data[0], keys)
+        k = resolve_pair_keys(data[0], keys)
         for ex in data:
             for name in k:
                 a = np.asarray(ex[name], dtype=np.int64)
@@ -145,14 +134,14 @@ def _batches_from_examples(data, keys, batch_size: int, mode: str, max_tokens, p
     n = len(data)
     for s in range(0, n, batch_size):
         rows = [data[i] for i in range(s, min(n, s + batch_size))]
-        k = _example_keys(rows[0], keys)
+        k = resolve_pair_keys(rows[0], keys)
         cols = [[list(ex[name]) for ex in rows] for name in k]
         cost = max(2 * len(p) + len(c) + len(r) for p, c, r in zip(*cols))
         budget = max_tokens if max_tokens is not None else cost
         if mode == "packed" and max_tokens is None:
             budget = max(cost, min(sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(*cols)), 4 * cost))
-        batch = pack_pairs(*cols, max_tokens=budget, mode=mode, pad_token_id=pad_token_id,
-                           truncation=truncation).to_torch()
+        opts = PackOptions(max_tokens=budget, mode=mode, pad_token_id=pad_token_id, truncation=truncation)
+        batch = pack_pairs(*cols, options=opts).to_torch()
         if mode == "packed":
             del batch["attention_mask"]  # a padding mask would hide the sequence boundaries from the model
         yield s, batch
@@ -163,8 +152,7 @@ def _run_batch(model, batch: Mapping[str, Any], device, temperature, average):
     dev = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
     if "completion_mask" in batch:  # TRL DataCollatorForPreference: [chosen..., rejected...], unshifted mask
         ids, cm = dev(batch["input_ids"]), dev(batch["completion_mask"])
-        labels = torch.full_like(ids, -100)
-        labels[:, :-1] = ids[:, 1:].masked_fill(cm[:, 1:] == 0, -100)
+        labels = shifted_labels(ids, cm)
         lp = sequence_logprobs_from_model(model, ids, labels, attention_mask=dev(batch.get("attention_mask")),
                                           temperature=temperature, average=average)
         c, r = lp.chunk(2)

@@ -1,9 +1,12 @@
 //! Packing of tokenized (prompt, chosen, rejected) triples into model-ready rows.
 //!
 //! Plain Rust, no Python types: `cargo test` exercises it without an interpreter; `py.rs` is the
-//! thin PyO3 layer and `python/dpo_fast/_pack_reference.py` is a line-by-line Python twin of this
-//! file (same truncation, same best-fit order, same tie-breaks, same error messages), used as the
-//! test oracle and the speed baseline.
+//! thin PyO3 layer and `python/dpo_fast/packing/_reference.py` is a line-by-line Python twin of this
+//! file (same truncation, same best-fit order, same tie-breaks, same error kinds), used as the
+//! test oracle and the speed baseline. Options are validated for users once, in Python
+//! (`dpo_fast.packing.PackOptions`); `validate_options` here guards the Rust API's own invariants.
+//! Output buffers are allocated fallibly: an allocation failure is `PackErrorKind::OutOfMemory`,
+//! never an abort.
 //!
 //! # Sequences and labels
 //! A pair `i` gives two sequences, `prompt_i + chosen_i` and `prompt_i + rejected_i`. Labels are
@@ -56,6 +59,16 @@ pub const IGNORE_INDEX: i32 = -100;
 
 /// Exclusive upper bound of token ids (outputs are int32) and of every index into the flat layout.
 pub const ID_LIMIT: i64 = 1 << 31;
+
+/// `pad_to_multiple_of` may be at most `max(max_tokens, PAD_MULTIPLE_FLOOR)`: enough for tensor-core
+/// rounding at any budget and for a static row shape (`pad_to_multiple_of = max_tokens`), while a
+/// multiple beyond both is surely a mistake (it would only add padding).
+pub const PAD_MULTIPLE_FLOOR: usize = 1 << 16;
+
+/// Largest `pad_to_multiple_of` accepted with this `max_tokens`.
+pub fn max_pad_multiple(max_tokens: usize) -> usize {
+    max_tokens.max(PAD_MULTIPLE_FLOOR)
+}
 
 /// Below this many output slots the fill runs on the calling thread (spawning costs ~20 µs).
 const PARALLEL_MIN_SLOTS: usize = 1 << 20;
@@ -124,15 +137,37 @@ impl PackOptions {
     }
 }
 
-/// A bad argument. The message names the argument (and the pair/position for bad data).
+/// Why `pack` failed: bad options or data (`Invalid`), or an output buffer that could not be
+/// allocated (`OutOfMemory`, with the bytes requested). The Python glue maps them to ValueError and
+/// MemoryError.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PackErrorKind {
+    Invalid,
+    OutOfMemory { bytes: u64 },
+}
+
+/// A failed pack. The message names the argument (and the pair/position for bad data), or the
+/// buffer and its size for an allocation failure.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PackError {
+    pub kind: PackErrorKind,
     pub message: String,
 }
 
 impl PackError {
     pub fn new(message: impl Into<String>) -> Self {
-        PackError { message: message.into() }
+        PackError { kind: PackErrorKind::Invalid, message: message.into() }
+    }
+
+    fn out_of_memory(what: &str, bytes: u64) -> Self {
+        PackError {
+            kind: PackErrorKind::OutOfMemory { bytes },
+            message: format!(
+                "could not allocate {bytes} bytes ({:.2} GiB) for the packed batch's {what}; pack fewer pairs per call \
+                 or lower pad_to_multiple_of",
+                bytes as f64 / (1u64 << 30) as f64
+            ),
+        }
     }
 }
 
@@ -143,6 +178,42 @@ impl fmt::Display for PackError {
 }
 
 impl std::error::Error for PackError {}
+
+/// Element types whose all-zero bit pattern is a valid value (so a zeroed allocation is initialised).
+trait ZeroIsValid: Copy {}
+impl ZeroIsValid for i8 {}
+impl ZeroIsValid for i32 {}
+
+/// A zero-filled `Vec` of `n` elements, or `OutOfMemory` instead of aborting the process.
+///
+/// `alloc_zeroed` (calloc) hands out lazily zeroed pages, so the threads of `fill` fault in the pages
+/// they write (a `vec![0; n]` would do the same, but aborts when the allocation fails).
+fn try_zeroed<T: ZeroIsValid>(n: usize, what: &str) -> Result<Vec<T>, PackError> {
+    let bytes = (n as u64).saturating_mul(std::mem::size_of::<T>() as u64);
+    let layout = std::alloc::Layout::array::<T>(n).map_err(|_| PackError::out_of_memory(what, bytes))?;
+    if layout.size() == 0 {
+        return Ok(Vec::new());
+    }
+    // SAFETY: the layout has a non-zero size; a null return is handled; the memory is zeroed, which is
+    // a valid `T` (ZeroIsValid), and it comes from the global allocator with exactly this layout, as
+    // `Vec::from_raw_parts` requires (capacity == length == n).
+    unsafe {
+        let ptr = std::alloc::alloc_zeroed(layout) as *mut T;
+        if ptr.is_null() {
+            return Err(PackError::out_of_memory(what, bytes));
+        }
+        Ok(Vec::from_raw_parts(ptr, n, n))
+    }
+}
+
+/// An empty `Vec` with room for `n` elements, or `OutOfMemory` instead of aborting the process.
+fn try_with_capacity<T>(n: usize, what: &str) -> Result<Vec<T>, PackError> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| {
+        PackError::out_of_memory(what, (n as u64).saturating_mul(std::mem::size_of::<T>() as u64))
+    })?;
+    Ok(v)
+}
 
 /// Integer element types accepted as token ids.
 pub trait TokenId: Copy + Send + Sync {
@@ -320,9 +391,10 @@ fn validate_options(opts: &PackOptions) -> Result<i64, PackError> {
         )));
     }
     if let Some(m) = opts.pad_to_multiple_of {
-        if m < 1 || m as u64 >= ID_LIMIT as u64 {
+        let hi = max_pad_multiple(opts.max_tokens);
+        if m < 1 || m > hi {
             return Err(PackError::new(format!(
-                "pad_to_multiple_of must be in [1, 2147483648), got {m}"
+                "pad_to_multiple_of must be in [1, max(max_tokens, {PAD_MULTIPLE_FLOOR})] = [1, {hi}], got {m}"
             )));
         }
     }
@@ -401,7 +473,7 @@ pub fn pack<T: TokenId>(
 
     // Per pair: validate, then truncate.
     let m = opts.max_tokens;
-    let mut kept = Vec::with_capacity(n_pairs);
+    let mut kept = try_with_capacity(n_pairs, "per-pair plan")?;
     for i in 0..n_pairs {
         let (p, c, r) = (prompt.seq(i), chosen.seq(i), rejected.seq(i));
         if c.is_empty() {
@@ -433,14 +505,15 @@ pub fn pack<T: TokenId>(
 
     // Plan: the sequences of every row, in order.
     let (order, row_starts, mut row_len) = match opts.mode {
-        Mode::Padded => plan_padded(&kept),
-        Mode::Packed => plan_packed(&kept, m),
+        Mode::Padded => plan_padded(&kept)?,
+        Mode::Packed => plan_packed(&kept, m)?,
     };
     if let Some(mult) = opts.pad_to_multiple_of {
-        row_len = row_len.div_ceil(mult) * mult;
+        // row_len <= max_tokens < 2^31 and mult <= max(max_tokens, 2^16): no overflow in u64.
+        row_len = (row_len as u64).div_ceil(mult as u64).saturating_mul(mult as u64).min(usize::MAX as u64) as usize;
     }
     let num_rows = row_starts.len() - 1;
-    let slots = num_rows as u64 * row_len as u64;
+    let slots = (num_rows as u64).saturating_mul(row_len as u64);
     if slots >= ID_LIMIT as u64 {
         return Err(PackError::new(format!(
             "the batch would hold {slots} token slots ({num_rows} rows x {row_len}), more than int32 \
@@ -448,17 +521,18 @@ pub fn pack<T: TokenId>(
         )));
     }
 
+    let n = slots as usize; // < 2^31
     let mut out = PackedBatch {
         num_rows,
         row_len,
-        input_ids: vec![0; slots as usize],
-        labels: vec![0; slots as usize],
-        position_ids: vec![0; slots as usize],
-        attention_mask: vec![0; slots as usize],
+        input_ids: try_zeroed(n, "input_ids")?,
+        labels: try_zeroed(n, "labels")?,
+        position_ids: try_zeroed(n, "position_ids")?,
+        attention_mask: try_zeroed(n, "attention_mask")?,
         ..Default::default()
     };
     fill(&mut out, &order, &row_starts, &kept, prompt, chosen, rejected, opts.pad_token_id as i32);
-    index(&mut out, &order, &row_starts, &kept, opts.mode);
+    index(&mut out, &order, &row_starts, &kept, opts.mode)?;
     Ok(out)
 }
 
@@ -467,15 +541,15 @@ fn seq_len(k: &Kept, rejected: bool) -> usize {
 }
 
 /// TRL's layout: rows [chosen_0..chosen_{P-1}, rejected_0..rejected_{P-1}], one sequence each.
-fn plan_padded(kept: &[Kept]) -> (Vec<Placed>, Vec<usize>, usize) {
+fn plan_padded(kept: &[Kept]) -> Result<(Vec<Placed>, Vec<usize>, usize), PackError> {
     let p = kept.len();
-    let mut order = Vec::with_capacity(2 * p);
+    let mut order = try_with_capacity(2 * p, "row plan")?;
     for rejected in [false, true] {
         order.extend((0..p).map(|i| Placed { pair: i as u32, rejected }));
     }
     let row_starts: Vec<usize> = (0..=2 * p).collect();
     let row_len = order.iter().map(|s| seq_len(&kept[s.pair as usize], s.rejected)).max().unwrap_or(0);
-    (order, row_starts, row_len)
+    Ok((order, row_starts, row_len))
 }
 
 /// Best-fit-decreasing bin packing of items of the given sizes (each <= capacity) into bins of
@@ -531,10 +605,10 @@ pub fn best_fit_decreasing(sizes: &[usize], capacity: usize) -> (Vec<u32>, Vec<u
 }
 
 /// Packed layout: best-fit-decreasing over pair costs; each pair contributes (chosen, rejected).
-fn plan_packed(kept: &[Kept], max_tokens: usize) -> (Vec<Placed>, Vec<usize>, usize) {
+fn plan_packed(kept: &[Kept], max_tokens: usize) -> Result<(Vec<Placed>, Vec<usize>, usize), PackError> {
     let costs: Vec<usize> = kept.iter().map(Kept::cost).collect();
     let (items, bin_starts) = best_fit_decreasing(&costs, max_tokens);
-    let mut order = Vec::with_capacity(2 * items.len());
+    let mut order = try_with_capacity(2 * items.len(), "row plan")?;
     for &pair in &items {
         order.push(Placed { pair, rejected: false });
         order.push(Placed { pair, rejected: true });
@@ -545,7 +619,7 @@ fn plan_packed(kept: &[Kept], max_tokens: usize) -> (Vec<Placed>, Vec<usize>, us
         .map(|w| items[w[0]..w[1]].iter().map(|&i| costs[i as usize]).sum::<usize>())
         .max()
         .unwrap_or(0);
-    (order, row_starts, row_len)
+    Ok((order, row_starts, row_len))
 }
 
 /// Write one row: its sequences back to back, then padding that continues the last sequence's
@@ -664,13 +738,19 @@ fn fill<T: TokenId>(
 }
 
 /// cu_seqlens, pairs, example_index, seq_lens, completion_lens, max_seqlen.
-fn index(out: &mut PackedBatch, order: &[Placed], row_starts: &[usize], kept: &[Kept], mode: Mode) {
+fn index(
+    out: &mut PackedBatch,
+    order: &[Placed],
+    row_starts: &[usize],
+    kept: &[Kept],
+    mode: Mode,
+) -> Result<(), PackError> {
     let s_total = order.len();
     let p = kept.len();
     let l = out.row_len;
-    let mut cu = Vec::with_capacity(s_total + 1);
-    let mut seq_lens = Vec::with_capacity(s_total);
-    let mut comp = Vec::with_capacity(s_total);
+    let mut cu = try_with_capacity(s_total + 1, "cu_seqlens")?;
+    let mut seq_lens = try_with_capacity(s_total, "seq_lens")?;
+    let mut comp = try_with_capacity(s_total, "completion_lens")?;
     for r in 0..out.num_rows {
         let mut at = r * l;
         for s in &order[row_starts[r]..row_starts[r + 1]] {
@@ -685,8 +765,8 @@ fn index(out: &mut PackedBatch, order: &[Placed], row_starts: &[usize], kept: &[
     }
     cu.push((out.num_rows * l) as i32);
     out.max_seqlen = cu.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0);
-    let mut pairs = Vec::with_capacity(2 * p);
-    let mut example_index = Vec::with_capacity(p);
+    let mut pairs = try_with_capacity(2 * p, "pairs")?;
+    let mut example_index = try_with_capacity(p, "example_index")?;
     match mode {
         Mode::Padded => {
             for i in 0..p {
@@ -709,6 +789,7 @@ fn index(out: &mut PackedBatch, order: &[Placed], row_starts: &[usize], kept: &[
     out.example_index = example_index;
     out.seq_lens = seq_lens;
     out.completion_lens = comp;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -334,3 +334,38 @@ fn best_fit_decreasing_bins() {
     let (items, starts) = best_fit_decreasing(&[], 10);
     assert!(items.is_empty() && starts == vec![0]);
 }
+
+#[test]
+fn pad_to_multiple_of_is_bounded_not_allocated() {
+    // The case that used to abort the interpreter (an 8 GiB allocation for one pair).
+    let one = [vec![1i64]];
+    let mut o = PackOptions::new(16, Mode::Packed);
+    o.pad_to_multiple_of = Some((1 << 31) - 1);
+    let e = run(&one, &[vec![2]], &[vec![3]], &o).unwrap_err();
+    assert_eq!(e.kind, PackErrorKind::Invalid);
+    assert!(e.message.starts_with("pad_to_multiple_of must be in [1, max(max_tokens, 65536)]"), "{}", e.message);
+    // The bound itself is accepted.
+    o.pad_to_multiple_of = Some(max_pad_multiple(16));
+    let b = run(&one, &[vec![2]], &[vec![3]], &o).unwrap();
+    assert_eq!(b.row_len, PAD_MULTIPLE_FLOOR);
+    o.pad_to_multiple_of = Some(0);
+    assert_eq!(run(&one, &one, &one, &o).unwrap_err().kind, PackErrorKind::Invalid);
+}
+
+#[test]
+fn allocation_failure_is_an_error_not_an_abort() {
+    // 2^60 int32 = 4 EiB: a valid Layout that no allocator can satisfy.
+    let e = try_zeroed::<i32>(1usize << 60, "input_ids").unwrap_err();
+    assert_eq!(e.kind, PackErrorKind::OutOfMemory { bytes: 1u64 << 62 });
+    assert!(e.message.contains("4611686018427387904 bytes") && e.message.contains("input_ids"), "{}", e.message);
+    // Beyond isize::MAX bytes the Layout itself fails: same error kind.
+    let e = try_zeroed::<i32>(usize::MAX / 2, "labels").unwrap_err();
+    assert!(matches!(e.kind, PackErrorKind::OutOfMemory { .. }));
+    let e = try_with_capacity::<u64>(usize::MAX / 4, "pairs").unwrap_err();
+    assert!(matches!(e.kind, PackErrorKind::OutOfMemory { .. }));
+    // Small sizes work and are zeroed.
+    let v = try_zeroed::<i8>(1000, "attention_mask").unwrap();
+    assert_eq!(v.len(), 1000);
+    assert!(v.iter().all(|&x| x == 0));
+    assert!(try_zeroed::<i32>(0, "x").unwrap().is_empty());
+}

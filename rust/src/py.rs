@@ -1,12 +1,20 @@
 //! PyO3 glue: the private `dpo_fast._native` module. Validation, docs and the public API live in Python.
+//!
+//! Options arrive already validated by `dpo_fast.packing.PackOptions` (the one place they are checked,
+//! with the wording users see), as plain values. The core re-checks its own invariants (it is a Rust API
+//! too); a failure there is reported as an internal error, never reworded for users. No panic and no
+//! allocation failure crosses into the interpreter: the core allocates its outputs fallibly
+//! (`PackErrorKind::OutOfMemory` -> MemoryError) and every call into it runs under `catch_unwind`.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use numpy::ndarray::Array2;
 use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1};
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::{PyMemoryError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 
-use crate::pack::{self, Mode, PackOptions, Ragged, TokenId, Truncation};
+use crate::pack::{self, Mode, PackErrorKind, PackOptions, Ragged, TokenId, Truncation};
 
 /// (values, offsets) or (items, bin_starts): two int64 numpy arrays.
 type ArrayPair<'py> = (Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<i64>>);
@@ -17,8 +25,23 @@ fn build_info() -> (String, String) {
     (crate::VERSION.to_string(), "abi3-py310".to_string())
 }
 
-fn value_err(e: pack::PackError) -> PyErr {
-    PyValueError::new_err(e.message)
+fn pack_err(e: pack::PackError) -> PyErr {
+    match e.kind {
+        PackErrorKind::Invalid => PyValueError::new_err(e.message),
+        PackErrorKind::OutOfMemory { .. } => PyMemoryError::new_err(e.message),
+    }
+}
+
+/// Run `f`, turning a panic (a bug) into a Python RuntimeError instead of unwinding into the interpreter.
+fn no_panic<R>(what: &str, f: impl FnOnce() -> R) -> PyResult<R> {
+    catch_unwind(AssertUnwindSafe(f)).map_err(|payload| {
+        let msg = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".to_string());
+        PyRuntimeError::new_err(format!("dpo_fast internal error in the native {what} (please report it): {msg}"))
+    })
 }
 
 /// Borrow a C-contiguous 1-D numpy array as a slice (the Python front makes them contiguous).
@@ -69,23 +92,21 @@ fn pack_typed<'py, T: TokenId + numpy::Element>(
     // The slices borrow numpy buffers that the readonly borrows keep alive and unaliased; nothing in
     // the closure touches a Python object, so the GIL can go.
     let result = py.detach(|| {
-        pack::pack(
-            Ragged::new(v[0], o[0]),
-            Ragged::new(v[1], o[1]),
-            Ragged::new(v[2], o[2]),
-            opts,
-        )
-    });
-    to_dict(py, result.map_err(value_err)?)
+        no_panic("packer", || {
+            pack::pack(Ragged::new(v[0], o[0]), Ragged::new(v[1], o[1]), Ragged::new(v[2], o[2]), opts)
+        })
+    })?;
+    to_dict(py, result.map_err(pack_err)?)
 }
 
 /// Pack flat (values, offsets) inputs. `values` are 1-D int32 or int64 arrays (all three the same
-/// dtype), `offsets` 1-D int64 arrays of P + 1 entries. Returns a dict of numpy arrays (see
-/// `dpo_fast.packing.PackedBatch`). Raises ValueError on bad data.
+/// dtype), `offsets` 1-D int64 arrays of P + 1 entries. The options are `PackOptions.native()`: already
+/// validated. Returns a dict of numpy arrays (see `dpo_fast.packing.PackedBatch`). Raises ValueError on
+/// bad data, MemoryError when an output buffer cannot be allocated.
 #[pyfunction]
 #[pyo3(signature = (
     prompt_values, prompt_offsets, chosen_values, chosen_offsets, rejected_values, rejected_offsets,
-    *, max_tokens, mode, pad_token_id, truncation, pad_to_multiple_of=None, vocab_size=None
+    *, max_tokens, mode, pad_token_id, truncation, pad_to_multiple_of, vocab_size
 ))]
 #[allow(clippy::too_many_arguments)]
 fn pack_flat<'py>(
@@ -96,28 +117,22 @@ fn pack_flat<'py>(
     chosen_offsets: PyReadonlyArray1<'py, i64>,
     rejected_values: &Bound<'py, PyAny>,
     rejected_offsets: PyReadonlyArray1<'py, i64>,
-    max_tokens: i64,
+    max_tokens: usize,
     mode: &str,
     pad_token_id: i64,
     truncation: &str,
-    pad_to_multiple_of: Option<i64>,
+    pad_to_multiple_of: Option<usize>,
     vocab_size: Option<i64>,
 ) -> PyResult<Bound<'py, PyDict>> {
+    let internal = |e: pack::PackError| PyValueError::new_err(format!("internal error: unvalidated option: {e}"));
     let opts = PackOptions {
-        // Negative values become 0 / usize::MAX surrogates only to reach the core's range checks;
-        // the Python front has already rejected them with the same wording.
-        max_tokens: usize::try_from(max_tokens).unwrap_or(0),
-        mode: Mode::parse(mode).map_err(value_err)?,
+        max_tokens,
+        mode: Mode::parse(mode).map_err(internal)?,
         pad_token_id,
-        truncation: Truncation::parse(truncation).map_err(value_err)?,
-        pad_to_multiple_of: pad_to_multiple_of.map(|m| usize::try_from(m).unwrap_or(0)),
+        truncation: Truncation::parse(truncation).map_err(internal)?,
+        pad_to_multiple_of,
         vocab_size,
     };
-    if max_tokens < 0 {
-        return Err(PyValueError::new_err(format!(
-            "max_tokens must be >= 2 (one chosen and one rejected token), got {max_tokens}"
-        )));
-    }
     let values = [prompt_values, chosen_values, rejected_values];
     let offsets = [prompt_offsets, chosen_offsets, rejected_offsets];
     let is_i32 = prompt_values.cast::<PyArray1<i32>>().is_ok();
@@ -205,7 +220,7 @@ fn best_fit_bins<'py>(
         )));
     }
     let sizes: Vec<usize> = s.iter().map(|&v| v as usize).collect();
-    let (items, starts) = py.detach(|| pack::best_fit_decreasing(&sizes, capacity as usize));
+    let (items, starts) = py.detach(|| no_panic("best-fit planner", || pack::best_fit_decreasing(&sizes, capacity as usize)))?;
     let items: Vec<i64> = items.into_iter().map(i64::from).collect();
     let starts: Vec<i64> = starts.into_iter().map(|v| v as i64).collect();
     Ok((items.into_pyarray(py), starts.into_pyarray(py)))
@@ -219,5 +234,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(best_fit_bins, m)?)?;
     m.add("__version__", crate::VERSION)?;
     m.add("IGNORE_INDEX", pack::IGNORE_INDEX)?;
+    m.add("ID_LIMIT", pack::ID_LIMIT)?;
+    m.add("PAD_MULTIPLE_FLOOR", pack::PAD_MULTIPLE_FLOOR)?;
     Ok(())
 }

@@ -1,6 +1,7 @@
 """Pure-Python reference of the pair packer in ``rust/src/pack.rs``: the test oracle and the speed baseline.
 
-Same algorithm, same order of checks, same error messages, byte-identical output. It is written
+Same algorithm, same order of data checks (raising the same exception types), byte-identical output. The
+options come validated (:class:`dpo_fast.packing.PackOptions`); nothing here checks them again. It is written
 for clarity: Python lists and the stdlib ``array`` module (4-byte output buffers that numpy wraps
 without a copy); no numpy in the hot loop. Read ``rust/src/pack.rs``'s module docs for the layout,
 the label rule and the truncation rule; the comments here only point at the twin functions.
@@ -14,50 +15,10 @@ from typing import Sequence
 
 import numpy as np
 
+from .options import PackOptions
+
 IGNORE_INDEX = -100
 ID_LIMIT = 1 << 31  # token ids are stored as int32
-
-_MODES = ("packed", "padded")
-_TRUNCATIONS = ("keep_start", "keep_end", "error")
-
-
-def parse_mode(mode: str) -> str:
-    if mode not in _MODES:
-        raise ValueError(f"mode must be 'packed' or 'padded', got {_rust_repr(mode)}")
-    return mode
-
-
-def parse_truncation(truncation: str) -> str:
-    if truncation not in _TRUNCATIONS:
-        raise ValueError(f"truncation must be 'keep_start', 'keep_end' or 'error', got {_rust_repr(truncation)}")
-    return truncation
-
-
-def _rust_repr(s: str) -> str:
-    # Rust's {:?} of a plain string: double quotes.
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _range_name(vocab_size: int | None) -> str:
-    return f"vocab_size={vocab_size}" if vocab_size is not None else str(ID_LIMIT)
-
-
-def validate_options(max_tokens: int, pad_token_id: int, pad_to_multiple_of: int | None, vocab_size: int | None) -> int:
-    """Twin of ``validate_options``: returns the exclusive bound of token ids."""
-    if max_tokens < 2:
-        raise ValueError(f"max_tokens must be >= 2 (one chosen and one rejected token), got {max_tokens}")
-    if max_tokens >= ID_LIMIT:
-        raise ValueError(f"max_tokens must be < 2147483648, got {max_tokens}")
-    if pad_to_multiple_of is not None and not (1 <= pad_to_multiple_of < ID_LIMIT):
-        raise ValueError(f"pad_to_multiple_of must be in [1, 2147483648), got {pad_to_multiple_of}")
-    if vocab_size is not None and not (1 <= vocab_size <= ID_LIMIT):
-        raise ValueError(f"vocab_size must be in [1, 2147483648], got {vocab_size}")
-    limit = vocab_size if vocab_size is not None else ID_LIMIT
-    if not (0 <= pad_token_id < limit):
-        raise ValueError(
-            f"pad_token_id = {pad_token_id} is out of range: it must be in [0, {_range_name(vocab_size)})"
-        )
-    return limit
 
 
 def validate_offsets(arg: str, n_values: int, offsets: Sequence[int]) -> int:
@@ -107,13 +68,13 @@ def fit_pair(lp: int, lc: int, lr: int, max_tokens: int, policy: str) -> tuple[i
     return lp - p, p, c, r
 
 
-def _check_ids(arg: str, pair: int, seq: Sequence[int], limit: int, vocab_size: int | None) -> None:
+def _check_ids(arg: str, pair: int, seq: Sequence[int], opts: PackOptions) -> None:
+    limit = opts.id_limit
     if seq and (min(seq) < 0 or max(seq) >= limit):
         for j, v in enumerate(seq):
             if v < 0 or v >= limit:
-                raise ValueError(
-                    f"{arg}[{pair}][{j}] = {v} is out of range: token ids must be in [0, {_range_name(vocab_size)})"
-                )
+                raise ValueError(f"{arg}[{pair}][{j}] = {v} is out of range: token ids must be in "
+                                 f"[0, {opts.id_bound_name()})")
 
 
 def _plan_padded(cost_lens: list[tuple[int, int]]) -> tuple[list[tuple[int, bool]], list[int], int]:
@@ -158,18 +119,11 @@ def pack_reference(
     prompt_ids: Sequence[Sequence[int]],
     chosen_ids: Sequence[Sequence[int]],
     rejected_ids: Sequence[Sequence[int]],
-    *,
-    max_tokens: int,
-    mode: str = "packed",
-    pad_token_id: int = 0,
-    truncation: str = "keep_start",
-    pad_to_multiple_of: int | None = None,
-    vocab_size: int | None = None,
+    opts: PackOptions,
 ) -> dict:
-    """Pack lists of int lists; returns the dict ``dpo_fast._native.pack_flat`` returns."""
-    parse_mode(mode)
-    parse_truncation(truncation)
-    limit = validate_options(max_tokens, pad_token_id, pad_to_multiple_of, vocab_size)
+    """Pack lists of int lists with validated options; returns the dict ``dpo_fast._native.pack_flat`` returns."""
+    mode, truncation, pad_token_id = opts.mode, opts.truncation, opts.pad_token_id
+    pad_to_multiple_of = opts.pad_to_multiple_of
     n = len(prompt_ids)
     if len(chosen_ids) != n or len(rejected_ids) != n:
         raise ValueError(
@@ -179,7 +133,7 @@ def pack_reference(
     if n >= ID_LIMIT // 2:
         raise ValueError(f"too many pairs for int32 cu_seqlens: {n}")
 
-    m = max_tokens
+    m = opts.max_tokens
     kept: list[tuple[int, int, int, int]] = []
     for i in range(n):
         p, c, r = prompt_ids[i], chosen_ids[i], rejected_ids[i]
@@ -187,9 +141,9 @@ def pack_reference(
             raise ValueError(f"chosen_ids[{i}] is empty: every completion needs at least one token")
         if len(r) == 0:
             raise ValueError(f"rejected_ids[{i}] is empty: every completion needs at least one token")
-        _check_ids("prompt_ids", i, p, limit, vocab_size)
-        _check_ids("chosen_ids", i, c, limit, vocab_size)
-        _check_ids("rejected_ids", i, r, limit, vocab_size)
+        _check_ids("prompt_ids", i, p, opts)
+        _check_ids("chosen_ids", i, c, opts)
+        _check_ids("rejected_ids", i, r, opts)
         k = fit_pair(len(p), len(c), len(r), m, truncation)
         cost = 2 * k[1] + k[2] + k[3]
         if cost > m:

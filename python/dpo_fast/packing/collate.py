@@ -19,32 +19,11 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from dpo_fast.packing import pack_pairs
+from .batch import pack_pairs
+from .layout import REF_KEYS, TRL_KEYS, resolve_pair_keys
+from .options import PackOptions, check_budget
 
 __all__ = ["PairCollator", "TokenBudgetBatchSampler", "pair_costs"]
-
-# (prompt, chosen, rejected) key names, tried in order: TRL's DPO collator before its 2025 rewrite
-# (``prompt_input_ids``...) and after it (``prompt_ids``...).
-TRL_KEYS: tuple[tuple[str, str, str], ...] = (
-    ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"),
-    ("prompt_ids", "chosen_ids", "rejected_ids"),
-)
-_REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
-
-
-def _resolve_keys(example: Mapping[str, Any], keys: tuple[str, str, str] | None) -> tuple[str, str, str]:
-    if keys is not None:
-        missing = [k for k in keys if k not in example]
-        if missing:
-            raise KeyError(f"example has no key(s) {missing}; it has {sorted(example)}")
-        return keys
-    for candidate in TRL_KEYS:
-        if all(k in example for k in candidate):
-            return candidate
-    raise KeyError(
-        "example must hold tokenized prompt/chosen/rejected under TRL's keys "
-        f"{TRL_KEYS[0]} or {TRL_KEYS[1]} (or pass keys=...); it has {sorted(example)}"
-    )
 
 
 class PairCollator:
@@ -59,6 +38,7 @@ class PairCollator:
         max_tokens: token budget per pair and per packed row (see :func:`dpo_fast.pack_pairs`).
         mode: ``"packed"`` (default) or ``"padded"`` (TRL layout).
         pad_token_id, truncation, pad_to_multiple_of, vocab_size, backend: as in :func:`pack_pairs`.
+        options: a :class:`~dpo_fast.packing.PackOptions` instead of the separate options above.
         flatten: return packed batches as one row ``(1, R*L)`` -- the form Hugging Face models
             recognise as packed through ``position_ids`` (they require batch size 1). Default: True in
             packed mode; ignored in padded mode.
@@ -84,41 +64,41 @@ class PairCollator:
     def __init__(
         self,
         *,
-        max_tokens: int,
+        max_tokens: int | None = None,
         mode: str = "packed",
         pad_token_id: int = 0,
         truncation: str = "keep_start",
         pad_to_multiple_of: int | None = None,
         vocab_size: int | None = None,
+        options: PackOptions | None = None,
         flatten: bool | None = None,
         return_attention_mask: bool | None = None,
         keys: tuple[str, str, str] | None = None,
         device: Any = None,
         backend: str = "rust",
     ) -> None:
-        self.pack_kwargs = dict(
-            max_tokens=max_tokens,
-            mode=mode,
-            pad_token_id=pad_token_id,
-            truncation=truncation,
-            pad_to_multiple_of=pad_to_multiple_of,
-            vocab_size=vocab_size,
-            backend=backend,
-        )
-        # Fail at construction, not in a worker process: pack an empty batch once.
-        pack_pairs([], [], [], **self.pack_kwargs)
-        self.flatten = (mode == "packed") if flatten is None else (bool(flatten) and mode == "packed")
-        self.return_attention_mask = (mode == "padded") if return_attention_mask is None else bool(return_attention_mask)
-        self.keys = keys
+        if options is None:  # validated here, at construction, not in a worker process
+            options = PackOptions(max_tokens=max_tokens, mode=mode, pad_token_id=pad_token_id, truncation=truncation,
+                                  pad_to_multiple_of=pad_to_multiple_of, vocab_size=vocab_size)
+        elif not isinstance(options, PackOptions):
+            raise TypeError(f"options must be a dpo_fast.packing.PackOptions, got {type(options).__name__}")
+        if backend not in ("rust", "python"):
+            raise ValueError(f"backend must be 'rust' or 'python', got {backend!r}")
+        self.options = options
+        self.backend = backend
+        packed = options.mode == "packed"
+        self.flatten = packed if flatten is None else (bool(flatten) and packed)
+        self.return_attention_mask = (not packed) if return_attention_mask is None else bool(return_attention_mask)
+        self.keys = None if keys is None else tuple(keys)
         self.device = device
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if len(examples) == 0:
             keys = self.keys or TRL_KEYS[0]
         else:
-            keys = _resolve_keys(examples[0], self.keys)
+            keys = resolve_pair_keys(examples[0], self.keys)
         columns = [[ex[k] for ex in examples] for k in keys]
-        batch = pack_pairs(*columns, **self.pack_kwargs)
+        batch = pack_pairs(*columns, options=self.options, backend=self.backend)
         out = batch.to_torch(self.device)
         if not self.return_attention_mask:
             del out["attention_mask"]
@@ -126,9 +106,9 @@ class PairCollator:
             for k in ("input_ids", "labels", "position_ids", "attention_mask"):
                 if k in out:
                     out[k] = out[k].view(1, -1)  # (1, R*L)
-        if len(examples) and all(k in examples[0] for k in _REF_KEYS):
+        if len(examples) and all(k in examples[0] for k in REF_KEYS):
             idx = batch.example_index
-            for k in _REF_KEYS:
+            for k in REF_KEYS:
                 ref = torch.tensor([float(ex[k]) for ex in examples], dtype=torch.float32)
                 out[k] = ref[torch.from_numpy(idx)].to(self.device) if self.device is not None else ref[torch.from_numpy(idx)]
         return out
@@ -143,12 +123,28 @@ def pair_costs(examples: Any, *, keys: tuple[str, str, str] | None = None, max_t
     for i in range(n):
         ex = examples[i]
         if resolved is None:
-            resolved = _resolve_keys(ex, keys)
+            resolved = resolve_pair_keys(ex, keys)
         p, c, r = (len(ex[k]) for k in resolved)
         costs[i] = 2 * p + c + r
     if max_tokens is not None:
         np.minimum(costs, max_tokens, out=costs)
     return costs
+
+
+def _budget_lengths(lengths: Any, max_tokens: int) -> np.ndarray:
+    """(N,) int64 pair costs clipped to [2, max_tokens], without wrapping wide unsigned values."""
+    arr = np.asarray(lengths)
+    if arr.ndim != 1 or (arr.size and (arr.dtype == np.bool_ or arr.dtype.kind not in "iu")):
+        raise TypeError(f"lengths must be a 1-D sequence of ints, got {arr.dtype} of shape {arr.shape}")
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if arr.dtype.kind == "i" and int(arr.min()) < 0:
+        i = int(np.argmax(arr < 0))
+        raise ValueError(f"lengths[{i}] = {int(arr[i])} is negative: a pair costs 2*|prompt| + |chosen| + |rejected| >= 2 "
+                         "tokens")
+    # Clip in the input's own dtype first (a uint64 above 2**63 would wrap in an int64 cast).
+    capped = np.minimum(arr, arr.dtype.type(max_tokens)) if arr.dtype.kind == "u" else arr
+    return np.clip(capped.astype(np.int64), 2, max_tokens)
 
 
 class TokenBudgetBatchSampler(torch.utils.data.Sampler):
@@ -161,15 +157,15 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler):
     ``DistributedSampler``). Deterministic for a given (seed, epoch).
 
     Args:
-        lengths: (N,) token cost of each pair: ``2·|prompt| + |chosen| + |rejected|`` (see
-            :func:`pair_costs`); values above ``max_tokens`` count as ``max_tokens`` (the collator
-            truncates them), values below 2 as 2.
-        max_tokens: token budget of a micro-batch. >= 2.
+        lengths: (N,) non-negative ints, the token cost of each pair: ``2·|prompt| + |chosen| + |rejected|``
+            (see :func:`pair_costs`); values above ``max_tokens`` count as ``max_tokens`` (the collator
+            truncates them), values below 2 as 2. Any integer dtype (uint64 included, never wrapped).
+        max_tokens: token budget of a micro-batch, an int in ``[2, 2**31)``.
         shuffle: shuffle pairs into windows and the batches' order each epoch. False: one plan over
             the dataset order, batches in opening order.
         seed: base seed of the shuffles.
-        window: pairs considered together by best-fit (None: all). Smaller windows mix lengths more
-            across epochs at a small cost in packing efficiency.
+        window: pairs considered together by best-fit, an int >= 1 (None: all). Smaller windows mix lengths
+            more across epochs at a small cost in packing efficiency.
         drop_last: drop the batch that best-fit opened last in each window (the emptiest).
     """
 
@@ -183,19 +179,21 @@ class TokenBudgetBatchSampler(torch.utils.data.Sampler):
         window: int | None = None,
         drop_last: bool = False,
     ) -> None:
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)):
-            raise TypeError(f"max_tokens must be an int, got {type(max_tokens).__name__}")
-        if max_tokens < 2:
-            raise ValueError(f"max_tokens must be >= 2, got {max_tokens}")
-        if window is not None and window < 1:
-            raise ValueError(f"window must be >= 1 or None, got {window}")
-        lengths = np.asarray(lengths)
-        if lengths.ndim != 1 or (lengths.size and lengths.dtype.kind not in "iu"):
-            raise TypeError(f"lengths must be a 1-D sequence of ints, got {lengths.dtype} of shape {lengths.shape}")
-        self.lengths = np.clip(lengths.astype(np.int64), 2, int(max_tokens))
-        self.max_tokens = int(max_tokens)
-        self.shuffle = shuffle
-        self.seed = seed
+        max_tokens = check_budget("max_tokens", max_tokens)  # a micro-batch packs into one int32-indexed row
+        if window is not None:
+            if isinstance(window, bool) or not isinstance(window, (int, np.integer)):
+                raise TypeError(f"window must be an int >= 1 or None, got {type(window).__name__}")
+            if window < 1:
+                raise ValueError(f"window must be an int >= 1 or None, got {window}")
+            window = int(window)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise TypeError(f"seed must be an int >= 0, got {type(seed).__name__}")
+        if seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {seed}")
+        self.lengths = _budget_lengths(lengths, max_tokens)
+        self.max_tokens = max_tokens
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
         self.window = window
         self.drop_last = drop_last
         self.epoch = 0

@@ -1,9 +1,10 @@
 """Packing of tokenized (prompt, chosen, rejected) triples into model-ready batches.
 
-The work happens in Rust (``dpo_fast._native.pack_flat``, the GIL released); this module checks
-arguments, brings the three inputs to the flat Arrow layout (values + offsets) and wraps the result.
-``backend="python"`` runs the pure-Python twin in :mod:`dpo_fast._pack_reference` instead: identical
-output, used as the test oracle and the speed baseline.
+The work happens in Rust (``dpo_fast._native.pack_flat``, the GIL released); this module brings the three
+inputs to the flat Arrow layout (values + offsets) and wraps the result. The options are one
+:class:`~dpo_fast.packing.PackOptions`, validated once when it is built. ``backend="python"`` runs the
+pure-Python twin in :mod:`dpo_fast.packing._reference` instead: identical output (and the same exception
+types on bad data), used as the test oracle and the speed baseline.
 
 Layout (see ``rust/src/pack.rs`` for the full rule):
 
@@ -25,11 +26,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dpo_fast import _pack_reference as _ref
+from . import _reference as _ref
+from .options import PackOptions
 
 IGNORE_INDEX = -100
 
-__all__ = ["pack_pairs", "PackedBatch", "IGNORE_INDEX"]
+__all__ = ["pack_pairs", "pack_pairs_reference", "PackedBatch", "IGNORE_INDEX"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -125,15 +127,6 @@ class PackedBatch:
 # argument normalisation
 
 
-def _check_int(name: str, value: Any, *, optional: bool = False) -> int | None:
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        want = "an int or None" if optional else "an int"
-        raise TypeError(f"{name} must be {want}, got {type(value).__name__}")
-    return int(value)
-
-
 def _int_array(arg: str, what: str, a: Any) -> np.ndarray:
     arr = np.asarray(a)
     name = f"{arg} {what}" if what else arg
@@ -201,18 +194,31 @@ def _to_lists(arg: str, x: Any) -> list[list[int]]:
     return out
 
 
+def _check_wide_ids(arg: str, values: np.ndarray, offsets: np.ndarray, opts: PackOptions) -> None:
+    """Ids that int64 cannot hold (uint64 >= 2**63) are out of range; report the real value and its position.
+
+    (A cast to int64 would wrap them to negative numbers and the core would report a different id.)
+    """
+    if values.dtype.kind == "u" and values.dtype.itemsize == 8 and values.size:
+        big = np.flatnonzero(values > np.uint64(np.iinfo(np.int64).max))
+        if big.size and offsets.size:  # only ids inside a sequence count (a sliced Arrow array has others)
+            big = big[(big >= offsets[0]) & (big < offsets[-1])]
+        if big.size and offsets.size:
+            k = int(big[0])
+            i = int(np.searchsorted(offsets, k, side="right")) - 1
+            i = min(max(i, 0), offsets.shape[0] - 2)
+            raise ValueError(f"{arg}[{i}][{k - int(offsets[i])}] = {int(values[k])} is out of range: token ids "
+                             f"must be in [0, {opts.id_bound_name()})")
+
+
 def _common_dtype(values: list[np.ndarray]) -> list[np.ndarray]:
-    # The Rust core reads int32 or int64; all three share one dtype (one monomorphised copy each).
+    # The Rust core reads int32 or int64; all three share one dtype (one monomorphised copy each). Wide
+    # unsigned ids were rejected by _check_wide_ids, so the cast below cannot wrap.
     if all(v.dtype == np.int32 for v in values):
         return [np.ascontiguousarray(v) for v in values]
     narrow = all(v.dtype.itemsize < 4 or v.dtype == np.int32 for v in values)
     target = np.int32 if narrow else np.int64
-    out = []
-    for v in values:
-        if v.dtype == np.uint64 and v.size and int(v.max()) > np.iinfo(np.int64).max:
-            v = np.minimum(v, np.uint64(1 << 62))  # still out of range after the cast; reported as such
-        out.append(np.ascontiguousarray(v, dtype=target))
-    return out
+    return [np.ascontiguousarray(v, dtype=target) for v in values]
 
 
 def pack_pairs(
@@ -220,12 +226,13 @@ def pack_pairs(
     chosen_ids: Any,
     rejected_ids: Any,
     *,
-    max_tokens: int,
-    mode: str = "packed",
-    pad_token_id: int = 0,
-    truncation: str = "keep_start",
+    max_tokens: int | None = None,
+    mode: str | None = None,
+    pad_token_id: int | None = None,
+    truncation: str | None = None,
     pad_to_multiple_of: int | None = None,
     vocab_size: int | None = None,
+    options: PackOptions | None = None,
     backend: str = "rust",
 ) -> PackedBatch:
     r"""Pack tokenized preference pairs into a padded (TRL) or padding-free batch.
@@ -251,6 +258,9 @@ def pack_pairs(
             cores, or ``max_tokens`` for a static row shape).
         vocab_size: when given, every id (and ``pad_token_id``) must be in ``[0, vocab_size)``.
             Ids must always be in ``[0, 2**31)``: outputs are int32.
+        options: a :class:`~dpo_fast.packing.PackOptions` holding all of the above (then pass none of them
+            separately). The keywords build one: ``mode="packed"``, ``pad_token_id=0`` and
+            ``truncation="keep_start"`` when omitted.
         backend: ``"rust"`` (default) or ``"python"`` (the pure-Python reference; same output).
 
     Returns:
@@ -265,10 +275,11 @@ def pack_pairs(
         (both before ``pad_to_multiple_of``).
 
     Raises:
-        TypeError: a non-integer input or option.
-        ValueError: ``max_tokens < 2``, an id out of range, an empty completion, different numbers of
-            prompts/chosen/rejected, broken offsets, a pair over budget with ``truncation="error"``, or
-            a batch of ``2**31`` slots or more.
+        TypeError: a non-integer input or option; options given both ways.
+        ValueError: an option out of range (see :class:`~dpo_fast.packing.PackOptions`), an id out of range,
+            an empty completion, different numbers of prompts/chosen/rejected, broken offsets, a pair over
+            budget with ``truncation="error"``, or a batch of ``2**31`` slots or more.
+        MemoryError: the output buffers cannot be allocated (the message gives the bytes requested).
 
     Examples::
 
@@ -280,33 +291,31 @@ def pack_pairs(
         >>> b.cu_seqlens, b.pairs
         (array([0, 4, 7], dtype=int32), array([[0, 1]]))
     """
-    max_tokens = _check_int("max_tokens", max_tokens)
-    pad_token_id = _check_int("pad_token_id", pad_token_id)
-    pad_to_multiple_of = _check_int("pad_to_multiple_of", pad_to_multiple_of, optional=True)
-    vocab_size = _check_int("vocab_size", vocab_size, optional=True)
-    for name, value in (("mode", mode), ("truncation", truncation), ("backend", backend)):
-        if not isinstance(value, str):
-            raise TypeError(f"{name} must be a str, got {type(value).__name__}")
-    _ref.parse_mode(mode)
-    _ref.parse_truncation(truncation)
-    if backend not in ("rust", "python"):
+    given = dict(max_tokens=max_tokens, mode=mode, pad_token_id=pad_token_id, truncation=truncation,
+                 pad_to_multiple_of=pad_to_multiple_of, vocab_size=vocab_size)
+    if options is None:
+        options = PackOptions(**{k: v for k, v in given.items() if v is not None or k == "max_tokens"})
+    elif not isinstance(options, PackOptions):
+        raise TypeError(f"options must be a dpo_fast.packing.PackOptions, got {type(options).__name__}")
+    elif any(v is not None for v in given.values()):
+        raise TypeError(f"pass either options= or the separate options {sorted(k for k, v in given.items() if v is not None)}, "
+                        "not both")
+    if not isinstance(backend, str) or backend not in ("rust", "python"):
         raise ValueError(f"backend must be 'rust' or 'python', got {backend!r}")
-    # Option errors first, with the core's wording, before any input conversion.
-    _ref.validate_options(max_tokens, pad_token_id, pad_to_multiple_of, vocab_size)
     args = (("prompt_ids", prompt_ids), ("chosen_ids", chosen_ids), ("rejected_ids", rejected_ids))
-
-    opts = dict(max_tokens=max_tokens, mode=mode, pad_token_id=pad_token_id, truncation=truncation,
-                pad_to_multiple_of=pad_to_multiple_of, vocab_size=vocab_size)
     if backend == "python":
-        out = _ref.pack_reference(*[_to_lists(name, x) for name, x in args], **opts)
+        out = _ref.pack_reference(*[_to_lists(name, x) for name, x in args], options)
     else:
         from dpo_fast import _native
 
         flat = [_to_flat(name, x) for name, x in args]
+        for (name, _), (v, o) in zip(args, flat):
+            _check_wide_ids(name, v, o, options)
         values = _common_dtype([v for v, _ in flat])
         offsets = [np.ascontiguousarray(o, dtype=np.int64) for _, o in flat]
-        out = _native.pack_flat(values[0], offsets[0], values[1], offsets[1], values[2], offsets[2], **opts)
-    return PackedBatch(mode=mode, **out)
+        out = _native.pack_flat(values[0], offsets[0], values[1], offsets[1], values[2], offsets[2],
+                                **options.native())
+    return PackedBatch(mode=options.mode, **out)
 
 
 def pack_pairs_reference(prompt_ids: Sequence, chosen_ids: Sequence, rejected_ids: Sequence, **kwargs: Any) -> PackedBatch:
