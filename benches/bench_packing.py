@@ -16,8 +16,10 @@ Reported:
 - bytes written per second by the Rust packer: slots x 13 bytes (int32 ids, labels, positions + int8
   mask) / time.
 
-Usage: ``python benches/bench_packing.py [--pairs 100000] [--json benches/packing.json] [--record]``
-(``--record`` appends the table to benches/RESULTS.md under "## Packing").
+Usage: ``python benches/bench_packing.py [--pairs 100000] [--out bench_out/packing.json] [--record]``
+The JSON goes to the untracked ``bench_out/packing.json`` unless ``--out`` names another file (``--out
+benches/packing.json`` refreshes the tracked record); ``--record`` appends the table to benches/RESULTS.md
+under "## Packing".
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pairs", type=int, default=100_000)
     ap.add_argument("--max-tokens", type=int, default=8192)
@@ -100,9 +102,10 @@ def main() -> None:
     ap.add_argument("--padded-batch", type=int, default=8)
     ap.add_argument("--list-pairs", type=int, default=10_000)
     ap.add_argument("--skip-python", action="store_true", help="skip the (slow) Python reference run")
-    ap.add_argument("--json", default="benches/packing.json")
+    ap.add_argument("--out", "--json", dest="out", default=os.path.join("bench_out", "packing.json"),
+                    help="JSON output file (default bench_out/packing.json, untracked); '' for none")
     ap.add_argument("--record", action="store_true", help="append the figures to benches/RESULTS.md")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     prompt, chosen, rejected = make_workload(args.pairs)
     n_in = sum(int(x[1][-1]) for x in (prompt, chosen, rejected))
@@ -176,10 +179,11 @@ def main() -> None:
     table = "\n".join(f"| {a:<{width}} | {b} |" for a, b in rows)
     print(table)
     print(f"({res['date']}, {res['cpu']}, {res['cores']} cores, Python {res['python']}, numpy {res['numpy']}, torch {res['torch']})")
-    if args.json:
-        with open(args.json, "w") as f:
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
             json.dump(res, f, indent=2)
-        print(f"wrote {args.json}")
+        print(f"wrote {args.out}")
     if args.record:
         record(res, table)
 

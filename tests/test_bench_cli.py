@@ -53,3 +53,21 @@ def test_gpu_check_script_runs_on_cpu(tmp_path):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     checks = json.loads((tmp_path / "check.json").read_text())
     assert checks and all(c["ok"] for c in checks)
+
+
+def test_bench_packing_leaves_the_tracked_record_alone(tmp_path):
+    """By default the packing benchmark writes bench_out/packing.json, never the tracked benches/packing.json."""
+    (tmp_path / "benches").mkdir()
+    tracked = tmp_path / "benches" / "packing.json"
+    tracked.write_text((ROOT / "benches" / "packing.json").read_text())
+    before = tracked.read_bytes()
+    args = ["--pairs", "300", "--repeat", "1", "--list-pairs", "50", "--skip-python"]
+    res = _run([sys.executable, str(ROOT / "benches" / "bench_packing.py"), *args], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert tracked.read_bytes() == before
+    out = json.loads((tmp_path / "bench_out" / "packing.json").read_text())
+    assert out["pairs"] == 300 and out["packed_efficiency"] > 0.5
+    res = _run([sys.executable, str(ROOT / "benches" / "bench_packing.py"), *args, "--out",
+                str(tmp_path / "x" / "p.json")], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((tmp_path / "x" / "p.json").read_text())["pairs"] == 300 and tracked.read_bytes() == before
