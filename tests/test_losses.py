@@ -26,18 +26,22 @@ def close(a, b, kind):
 
 # ---------------------------------------------------------------------------------------------- reference
 def ref_score(r, fdiv, alpha):
+    """TRL 1.16's scores, 0 at r = 0 (the constants matter for ipo / sigmoid_norm)."""
     if fdiv == "reverse_kl":
         return r
     if fdiv == "forward_kl":
-        return -torch.exp(-r)
+        return 1.0 - torch.exp(-r)
     if fdiv == "js_divergence":
-        return torch.log(torch.sigmoid(r))
-    return torch.exp((alpha - 1.0) * r) / (alpha - 1.0)
+        return math.log(2.0) + torch.log(torch.sigmoid(r))
+    return (torch.exp((alpha - 1.0) * r) - 1.0) / (alpha - 1.0)
 
 
 def ref_pair_loss(lt, lw, ll, lwr, llr, *, beta, eps=0.0, fdiv="reverse_kl", alpha=0.5, tau=0.05,
                   nw=None, nl=None, sft=None):
-    """Per-pair loss of one loss type, straight from the LOSSES.md table, in float64."""
+    """Per-pair loss of one loss type, from docs/LOSSES.md (TRL 1.16's formulas), in float64.
+
+    nca_pair, bco_pair, sppo_hard and apo_down use the plain log-ratios r, not the f-divergence scores, as TRL's
+    code does."""
     sig = torch.sigmoid
     logsig = lambda x: torch.log(torch.sigmoid(x))  # noqa: E731  (naive on purpose)
     rw, rl = lw - lwr, ll - llr
@@ -54,13 +58,13 @@ def ref_pair_loss(lt, lw, ll, lwr, llr, *, beta, eps=0.0, fdiv="reverse_kl", alp
         qw, ql = sig(z), sig(-z)
         return qw * (torch.log(qw) - math.log(1 - eps)) + ql * (torch.log(ql) - math.log(eps))
     if lt == "nca_pair":
-        return -logsig(beta * sw) - 0.5 * logsig(-beta * sw) - 0.5 * logsig(-beta * sl)
+        return -logsig(beta * rw) - 0.5 * logsig(-beta * rw) - 0.5 * logsig(-beta * rl)
     if lt == "robust":
         return (-(1 - eps) * logsig(z) + eps * logsig(-z)) / (1 - 2 * eps)
     if lt == "bco_pair":
-        return -logsig(beta * sw) - logsig(-beta * sl)
+        return -logsig(beta * rw) - logsig(-beta * rl)
     if lt == "sppo_hard":
-        return (sw - 1 / (2 * beta)) ** 2 + (sl + 1 / (2 * beta)) ** 2
+        return (rw - 1 / (2 * beta)) ** 2 + (rl + 1 / (2 * beta)) ** 2
     if lt in ("aot", "aot_unpaired"):
         if lt == "aot":
             delta = torch.sort(lw - ll).values - torch.sort(lwr - llr).values
@@ -70,7 +74,7 @@ def ref_pair_loss(lt, lw, ll, lwr, llr, *, beta, eps=0.0, fdiv="reverse_kl", alp
     if lt == "apo_zero":
         return 1 - sig(beta * rw) + sig(beta * rl)
     if lt == "apo_down":
-        return sig(beta * rw) + 1 - sig(z)
+        return sig(beta * rw) + 1 - sig(beta * (rw - rl))
     if lt == "discopop":
         m = sig(z / tau)
         return (1 - m) * (-logsig(z)) + m * torch.exp(-z)
@@ -597,7 +601,15 @@ def test_property_finite_and_grads_consistent(rows, loss_type, beta):
 def test_docstring_examples():
     import doctest
 
-    from dpo_fast import losses as module
+    import importlib
+    import pkgutil
 
-    res = doctest.testmod(module, globs={"torch": torch, **vars(module)}, optionflags=doctest.ELLIPSIS)
-    assert res.failed == 0 and res.attempted > 0
+    from dpo_fast import losses as package
+
+    failed = attempted = 0
+    for info in pkgutil.iter_modules(package.__path__):  # the losses package: every submodule's examples
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        res = doctest.testmod(module, globs={"torch": torch, **vars(package), **vars(module)},
+                              optionflags=doctest.ELLIPSIS)
+        failed, attempted = failed + res.failed, attempted + res.attempted
+    assert failed == 0 and attempted > 0

@@ -1,0 +1,177 @@
+"""Per-token terms of the GRPO family: the functions the GRPO entries of the loss registry point at.
+
+A policy term maps the importance ratios and advantages to a per-token policy loss; an aggregation maps the
+masked per-token loss to the scalar; a metrics function gives the clip statistics TRL logs for that loss type.
+The formulas follow TRL 1.16's ``GRPOTrainer._compute_loss`` (its code is the test oracle); docs/LOSSES.md
+gives them with their papers. No loss-type names here (they live in :mod:`.registry`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+Tensor = torch.Tensor
+
+#: VESPO clamps: log-ratios at ±20, the sequence log-weight at [log 1e-8, 20] (TRL's values).
+VESPO_LOG_RATIO_CLAMP = 20.0
+VESPO_LOG_W_MIN = math.log(1e-8)
+
+
+@dataclass
+class TokenTermInputs:
+    """What a policy term sees.
+
+    ``coef``: ρ = exp(log-weight), (B, T) token-level or (B, 1) sequence-level; ``advantages``: (B, 1) or (B, T);
+    ``logps``: (B, T) policy log-probs (differentiable); ``log_ratio``: (B, T) log π − log π_old, 0 off the mask;
+    ``mask``: (B, T) float; ``is_ratio``: the sampler importance-sampling ratio (B, T) / (B, 1) or ``None``;
+    ``options``: the validated :class:`~dpo_fast.losses.GRPOOptions`.
+    """
+
+    coef: Tensor
+    advantages: Tensor
+    logps: Tensor
+    log_ratio: Tensor
+    mask: Tensor
+    is_ratio: Tensor | None
+    options: Any
+
+
+@dataclass
+class PolicyTerm:
+    """A policy term's result: ``loss`` (per token, broadcastable to (B, T)), ``coef`` the ratio as the clip
+    metrics see it (after the δ cap), ``phi`` VESPO's sequence weight (else ``None``)."""
+
+    loss: Tensor
+    coef: Tensor
+    phi: Tensor | None = None
+
+
+# ---------------------------------------------------------------------------------------------- policy terms
+def term_clipped(x: TokenTermInputs) -> PolicyTerm:
+    """PPO-style clip: −min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A), ρ first capped at δ when ``delta`` is set."""
+    o = x.options
+    coef2 = x.coef.clamp(1.0 - o.epsilon_low, 1.0 + o.epsilon_high)
+    coef1 = x.coef if o.delta is None else x.coef.clamp(max=o.delta)
+    return PolicyTerm(-torch.minimum(coef1 * x.advantages, coef2 * x.advantages), coef1)
+
+
+def term_cispo(x: TokenTermInputs) -> PolicyTerm:
+    """CISPO: −sg(min(ρ, ε_high))·A·log π (the clipped weight is a constant)."""
+    w = x.coef.clamp(max=x.options.epsilon_high).detach()
+    return PolicyTerm(-w * x.advantages * x.logps, x.coef)
+
+
+def term_sapo(x: TokenTermInputs) -> PolicyTerm:
+    """SAPO: −(4/τ)·σ(τ(ρ − 1))·A, τ = τ_pos where A > 0 else τ_neg (a soft gate instead of a hard clip)."""
+    o = x.options
+    tau = torch.where(x.advantages > 0, o.sapo_temperature_pos, o.sapo_temperature_neg).to(x.coef.dtype)
+    return PolicyTerm(-(torch.sigmoid(tau * (x.coef - 1.0)) * 4.0 / tau) * x.advantages, x.coef)
+
+
+@torch.no_grad()
+def vespo_phi(x: TokenTermInputs) -> Tensor:
+    """VESPO's detached Gamma weight φ(w) = e^{λ} w^{k} e^{−λw} of the sequence ratio w, (B, 1) (or (B, T)
+    for per-token advantages); non-finite values become 0, as in TRL."""
+    o = x.options
+    lr = x.log_ratio.clamp(-VESPO_LOG_RATIO_CLAMP, VESPO_LOG_RATIO_CLAMP)
+    seq = (lr * x.mask).sum(-1, keepdim=True)
+    if x.is_ratio is not None:
+        seq = seq + torch.log(x.is_ratio).clamp(VESPO_LOG_W_MIN, VESPO_LOG_RATIO_CLAMP).sum(-1, keepdim=True)
+    log_w = seq.clamp(VESPO_LOG_W_MIN, VESPO_LOG_RATIO_CLAMP)
+    pos = x.advantages >= 0
+    k = torch.where(pos, o.vespo_k_pos, o.vespo_k_neg).to(log_w.dtype)
+    lam = torch.where(pos, o.vespo_lambda_pos, o.vespo_lambda_neg).to(log_w.dtype).clamp(min=1e-4)
+    phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+    return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def term_vespo(x: TokenTermInputs) -> PolicyTerm:
+    """VESPO: −φ(w)·A·log π with the detached sequence weight φ (the sampler ratio folds into w)."""
+    phi = vespo_phi(x)
+    return PolicyTerm(-phi * x.advantages * x.logps, x.coef, phi)
+
+
+# ---------------------------------------------------------------------------------------------- aggregations
+# Each takes the masked (B, T) per-token loss, the (B, T) float mask, the options and the normaliser for
+# token-count aggregations (``num_items_in_batch``, already defaulted), and returns the scalar loss.
+def agg_sequence_mean(per_token: Tensor, mask: Tensor, o: Any, n_items: Tensor | float) -> Tensor:
+    """mean over sequences of Σ_t l_t m_t / Σ_t m_t."""
+    return (per_token.sum(-1) / mask.sum(-1).clamp_min(1.0)).mean()
+
+
+def agg_local_tokens(per_token: Tensor, mask: Tensor, o: Any, n_items: Tensor | float) -> Tensor:
+    """Σ l m / Σ m over this batch."""
+    return per_token.sum() / mask.sum().clamp_min(1.0)
+
+
+def agg_constant(per_token: Tensor, mask: Tensor, o: Any, n_items: Tensor | float) -> Tensor:
+    """Σ l m / (B · max_completion_length)."""
+    L = per_token.shape[1] if o.max_completion_length is None else o.max_completion_length
+    return per_token.sum() / (per_token.shape[0] * L)
+
+
+def agg_global_tokens(per_token: Tensor, mask: Tensor, o: Any, n_items: Tensor | float) -> Tensor:
+    """Σ l m / num_items_in_batch (the whole accumulated batch's completion tokens)."""
+    return per_token.sum() / n_items
+
+
+def agg_sequence_sum(per_token: Tensor, mask: Tensor, o: Any, n_items: Tensor | float) -> Tensor:
+    """mean over sequences of Σ_t l_t m_t (each sequence weighted by its length)."""
+    return per_token.sum(-1).mean()
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def _global_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """TRL's global_masked_mean on one process: (B, 1) values average over sequences, (B, T) over the mask."""
+    if x.shape[-1] == 1:
+        return x.sum() / max(x.shape[0], 1)
+    return (x * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def _seq_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """TRL's masked_seq_mean: one value per sequence (NaN for a sequence without tokens)."""
+    if x.shape[-1] == 1:
+        return x.squeeze(-1)
+    return (x * mask).sum(-1) / mask.sum(-1)
+
+
+def _nan_extreme(x: Tensor, largest: bool) -> Tensor:
+    """TRL's nanmin / nanmax without a host sync: NaN when every value is NaN."""
+    ok = ~torch.isnan(x)
+    fill = -math.inf if largest else math.inf
+    vals = torch.where(ok, x, fill)
+    ext = vals.amax() if largest else vals.amin()
+    return torch.where(ok.any(), ext, torch.full_like(ext, math.nan))
+
+
+def metrics_clipped(t: PolicyTerm, x: TokenTermInputs) -> dict[str, Tensor]:
+    """clip_ratio/{low_mean, high_mean, region_mean, low_min, high_max} (TRL's names and reductions)."""
+    o = x.options
+    A = x.advantages
+    low = ((t.coef < 1.0 - o.epsilon_low) & (A < 0)).to(x.mask.dtype)
+    high = ((t.coef > 1.0 + o.epsilon_high) & (A > 0)).to(x.mask.dtype)
+    region = ((low + high) > 0).to(x.mask.dtype)
+    return {
+        "clip_ratio/low_mean": _global_mean(low, x.mask),
+        "clip_ratio/high_mean": _global_mean(high, x.mask),
+        "clip_ratio/region_mean": _global_mean(region, x.mask),
+        "clip_ratio/low_min": _nan_extreme(_seq_mean(low, x.mask), largest=False),
+        "clip_ratio/high_max": _nan_extreme(_seq_mean(high, x.mask), largest=True),
+    }
+
+
+def metrics_cispo(t: PolicyTerm, x: TokenTermInputs) -> dict[str, Tensor]:
+    clipped = ((t.coef > x.options.epsilon_high) & (x.advantages > 0)).to(x.mask.dtype)
+    return {"cispo_clip_ratio": _global_mean(clipped, x.mask)}
+
+
+def metrics_vespo(t: PolicyTerm, x: TokenTermInputs) -> dict[str, Tensor]:
+    return {"vespo/phi_seq_mean": _global_mean(t.phi, x.mask)}
+
+
+def metrics_none(t: PolicyTerm, x: TokenTermInputs) -> dict[str, Tensor]:
+    return {}
