@@ -71,3 +71,44 @@ def test_bench_packing_leaves_the_tracked_record_alone(tmp_path):
                 str(tmp_path / "x" / "p.json")], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((tmp_path / "x" / "p.json").read_text())["pairs"] == 300 and tracked.read_bytes() == before
+
+
+def test_bench_plot_readable():
+    """One distinct colour per method, one legend for both panels outside the bars, and the methods that were
+    not run named on the figure."""
+    import matplotlib.colors as mcolors
+
+    from dpo_fast import bench
+
+    results = []
+    for shape in ("llama3-8b", "gemma2-2b"):
+        for i, m in enumerate(bench.METHODS):
+            r = bench.Result(m, shape, "cuda", "bfloat16")
+            if m in ("liger", "cce", "liger_dpo"):
+                r.note = "CUDA only" if m != "liger_dpo" else "liger-kernel not installed"
+            elif m == "grpo_naive" and shape == "llama3-8b":
+                r.note = "out of memory"
+            else:
+                r.ms, r.peak_bytes = 10.0 + i, (1 + i) * 2**20
+            results.append(r)
+    fig = bench.figure(results, "t")
+    ran = [m for m in bench.METHODS if m not in ("liger", "cce", "liger_dpo")]
+    assert len(ran) >= 11
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ran
+    colors = [mcolors.to_hex(h.get_facecolor()) for h in legend.legend_handles]
+    assert len(set(colors)) == len(ran), colors
+    assert not any(ax.get_legend() for ax in fig.axes)  # nothing drawn over the bars
+    fig.canvas.draw()
+    box = legend.get_window_extent()
+    for ax in fig.axes:
+        assert not box.overlaps(ax.get_window_extent())
+    for ax in fig.axes:  # every bar of a method has that method's colour, on both panels
+        for c in ax.containers:
+            assert {mcolors.to_hex(p.get_facecolor()) for p in c.patches} == {colors[ran.index(c.get_label())]}
+    notes = [t.get_text() for t in fig.texts]
+    assert ("not run: liger, cce (CUDA only); liger_dpo (liger-kernel not installed); grpo_naive on llama3-8b "
+            "(out of memory)") in notes, notes
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)

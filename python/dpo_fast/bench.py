@@ -432,7 +432,33 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: list[Result], path: str, title: str) -> None:
+def method_colors() -> dict:
+    """A fixed, distinct colour per method in ``METHODS`` order (tab20: its ten dark hues, then the light ones)."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20"]
+    order = list(range(0, 20, 2)) + list(range(1, 20, 2))
+    assert len(METHODS) <= len(order), "more methods than colours"
+    return {m: cmap(order[i]) for i, m in enumerate(METHODS)}
+
+
+def not_run_note(results: list[Result]) -> str:
+    """``"not run: liger, cce, liger_dpo (CUDA only)"``: the methods left out, grouped by reason; a method that
+    did run on another shape is named with the shape it missed."""
+    ran = {r.method for r in results if r.ms is not None}
+    by_reason: dict[str, list[str]] = {}
+    for r in results:
+        if r.ms is None:
+            name = f"{r.method} on {r.shape}" if r.method in ran else r.method
+            names = by_reason.setdefault(r.note or "not measured", [])
+            if name not in names:
+                names.append(name)
+    return "not run: " + "; ".join(f"{', '.join(v)} ({k})" for k, v in by_reason.items()) if by_reason else ""
+
+
+def figure(results: list[Result], title: str):
+    """The results plot as a matplotlib Figure: time and peak memory per shape, one bar and one colour per
+    method, one legend for both panels below them, and a note naming the methods that were not run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -440,8 +466,9 @@ def plot(results: list[Result], path: str, title: str) -> None:
 
     ok = [r for r in results if r.ms is not None]
     shapes = list(dict.fromkeys(r.shape for r in ok))
-    methods = list(dict.fromkeys(r.method for r in ok))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    methods = [m for m in METHODS if any(r.method == m for r in ok)]  # the fixed order
+    colors = method_colors()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     width = 0.8 / max(1, len(methods))
     for j, m in enumerate(methods):
         xs, ts, ms = [], [], []
@@ -451,15 +478,30 @@ def plot(results: list[Result], path: str, title: str) -> None:
                 xs.append(i + j * width)
                 ts.append(r.ms)
                 ms.append(r.peak_bytes / 2**20)
-        axes[0].bar(xs, ts, width, label=m)
-        axes[1].bar(xs, ms, width, label=m)
-    for ax, lab in zip(axes, ("time per step (ms), lower is better", "peak memory above inputs (MiB)")):
+        axes[0].bar(xs, ts, width, label=m, color=colors[m])
+        axes[1].bar(xs, ms, width, label=m, color=colors[m])
+    for ax, lab in zip(axes, ("time per step (ms), lower is better", "peak memory above inputs (MiB), lower is better")):
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))])
         ax.set_xticklabels(shapes)
         ax.set_title(lab, fontsize=10)
-    axes[0].legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5) or 1, fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, 0.06))
+    note = not_run_note(results)
+    if note:
+        fig.text(0.5, 0.015, note, ha="center", fontsize=8, color="0.3")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    rows = -(-len(labels) // 5)
+    fig.tight_layout(rect=(0, 0.09 + 0.045 * rows, 1, 1))
+    return fig
+
+
+def plot(results: list[Result], path: str, title: str) -> None:
+    """Write :func:`figure` as a PNG to ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(results, title)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
