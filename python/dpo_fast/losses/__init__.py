@@ -32,8 +32,8 @@ from .pairwise import (PairwiseConfig, dpo_loss, is_pair_decomposable, make_pair
 from .policy_gradient import (GRPOOptions, GRPOTerms, grpo_loss, grpo_token_terms, high_entropy_mask,
                               vllm_importance_sampling)
 from .reference_free import cpo_loss, orpo_loss
-from .registry import (BATCH_COUPLED, CPO_LOSS_TYPES, EPS_RANGES, F_DIVERGENCE_TYPES, GRPO_LOSS_TYPES, LOSS_TYPES,
-                       NEEDS_LENGTHS, TRL_SMOOTHED, VLLM_IS_MODES, render_markdown_table)
+from .registry import (BATCH_COUPLED, CPO_LOSS_TYPES, EPS_RANGES, F_DIVERGENCE_TYPES, GRPO_LOSS_TYPES, IS_LEVELS,
+                       LOSS_TYPES, NEEDS_LENGTHS, TRL_SMOOTHED, VLLM_IS_MODES, render_markdown_table)
 from .unpaired import BCORunningMean, bco_loss, kto_loss
 from .weighting import ld_dpo_logps, ld_dpo_token_weights, wpo_logweights_from_logits
 
@@ -43,6 +43,7 @@ __all__ = [
     "CPO_LOSS_TYPES",
     "GRPO_LOSS_TYPES",
     "VLLM_IS_MODES",
+    "IS_LEVELS",
     "NEEDS_LENGTHS",
     "BATCH_COUPLED",
     "EPS_RANGES",
