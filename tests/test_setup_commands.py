@@ -57,7 +57,7 @@ def test_extras_cover_what_the_commands_need():
     # every third-party module a test imports (directly, via pytest.importorskip, or in a subprocess script)
     # comes from the core dependencies or the [test] extra
     have = _names(PYPROJECT["dependencies"]) | test_extra
-    local = {p.stem for p in (ROOT / "tests").glob("*.py")} | {"support", "dpo_fast", "__future__"}
+    local = {p.stem for p in (ROOT / "tests").rglob("*.py")} | {"support", "dpo_fast", "__future__"}
     needed = {}
     for path in sorted((ROOT / "tests").rglob("*.py")):
         for mod in _third_party_imports(path):
