@@ -28,6 +28,8 @@ _LAZY = {
     "logprobs_from_logits": "dpo_fast.logprobs",
     "set_workspace_bytes": "dpo_fast.engine.workspace",
     "get_workspace_bytes": "dpo_fast.engine.workspace",
+    "set_exact_logits": "dpo_fast.engine.workspace",
+    "get_exact_logits": "dpo_fast.engine.workspace",
     # losses
     "dpo_loss": "dpo_fast.losses",
     "DPOOutput": "dpo_fast.losses",

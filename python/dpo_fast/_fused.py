@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .engine import (STAT_KEYS, RowResult, Scored, TokenStats, acc_dtype, get_workspace_bytes, linear_into,
-                     make_rows, per_elem_bytes, prepare, tile)
+                     make_rows, per_elem_bytes, prepare, tile, tile_dtype)
 
 
 class FusedLogitsPass(torch.autograd.Function):
@@ -49,7 +49,7 @@ class FusedLogitsPass(torch.autograd.Function):
         dw = torch.zeros_like(weight, memory_format=torch.contiguous_format) if need_dw else None
         db = torch.zeros(V, dtype=acc, device=dev) if need_db else None
         max_tok = max((g["tok"].numel() for g in groups), default=0)
-        buf = torch.empty(max_tok * V, dtype=dt, device=dev)
+        buf = torch.empty(max_tok * V, dtype=tile_dtype(dt), device=dev)  # fp32 for fp16 inputs
         if want_stats:
             for k in STAT_KEYS:
                 aux[k] = torch.zeros(sc.idx.numel(), dtype=acc, device=dev)
@@ -73,6 +73,7 @@ class FusedLogitsPass(torch.autograd.Function):
             if not (need_dh or need_dw or need_db):
                 continue
             dz = rows.grad_after_fwd(z, lab, res.lse, g_tok, state)  # (n, V), in place in the tile
+            dz = dz.to(dt)  # the GEMMs read the inputs' dtype (a copy only for a float32 tile of 16-bit inputs)
             if need_dh:
                 dh.index_copy_(0, rows_idx, torch.mm(dz, weight))  # GEMM 2
             if need_dw:  # GEMM 3; later groups add into the weight-dtype gradient (one rounding each)
@@ -193,7 +194,7 @@ class FusedLossModule(nn.Module):
         if not (self.fused and decomposable and needs_grad):
             return None
         budget = self.workspace_bytes or 8 * get_workspace_bytes(sc.idx.device)
-        groups = plan_groups(sc, counts, units, weight.shape[0], per_elem_bytes(rows, sc.hidden2.dtype), budget)
+        groups = plan_groups(sc, counts, units, weight.shape[0], per_elem_bytes(rows, sc.hidden2.dtype, grad=True), budget)
         if groups is not None:
             self.last_route = "fused"
         return groups

@@ -24,17 +24,18 @@ import torch
 from . import workspace
 from .rows import RowOps, RowResult, TokenStats, acc_dtype, make_rows
 from .scored import Scored
-from .tiles import addmm_fp32_, linear_into, per_elem_bytes, tile
+from .tiles import addmm_fp32_, linear_into, per_elem_bytes, tile, tile_dtype
 
 
 def forward_tokens(hidden2, weight, bias, idx, labels_s, rows: RowOps, budget: int,
-                   stats: bool = False) -> RowResult:
+                   stats: bool = False, tile_dt: torch.dtype | None = None) -> RowResult:
     """No-grad forward over scored tokens: token chunks x full vocabulary.
 
     Args:
         hidden2: (M, H); weight: (V, H); bias: (V,) or None; idx: (N,) rows of hidden2 to score;
         labels_s: (N,) int64 labels; rows: the backend's row ops; budget: workspace bytes.
         stats: also compute :class:`TokenStats` in the same pass.
+        tile_dt: dtype of the logits tiles (default :func:`.tiles.tile_dtype` of the inputs).
     Returns:
         :class:`RowResult` of (N,) tensors in the accumulation dtype (float32 for 16/32-bit inputs).
     """
@@ -47,8 +48,9 @@ def forward_tokens(hidden2, weight, bias, idx, labels_s, rows: RowOps, budget: i
     st = TokenStats(*(torch.empty(N, dtype=acc, device=dev) for _ in TokenStats._fields)) if stats else None
     if N == 0:
         return RowResult(logp, lse, st)
+    tile_dt = tile_dtype(hidden2.dtype) if tile_dt is None else tile_dt
     chunk = max(1, min(N, budget // (V * per_elem_bytes(rows, hidden2.dtype))))
-    buf = torch.empty(chunk * V, dtype=hidden2.dtype, device=dev)
+    buf = torch.empty(chunk * V, dtype=tile_dt, device=dev)
     for s in range(0, N, chunk):
         e = min(N, s + chunk)
         hc = hidden2.index_select(0, idx[s:e])  # (n, H)
@@ -62,8 +64,11 @@ def forward_tokens(hidden2, weight, bias, idx, labels_s, rows: RowOps, budget: i
 
 
 def backward_tokens(g, hidden2, weight, bias, idx, labels_s, lse, rows: RowOps, budget: int,
-                    need_dh: bool, need_dw: bool, need_db: bool):
+                    need_dh: bool, need_dw: bool, need_db: bool, tile_dt: torch.dtype | None = None):
     """Gradients of sum_t g_t log p_t. g, lse: (N,) float32 (the lse from :func:`forward_tokens`).
+
+    Logits tiles are in ``tile_dt`` (default :func:`.tiles.tile_dtype`); when that is wider than the inputs,
+    the row pass writes the logits gradient into an input-dtype tile that the dh/dW GEMMs read.
 
     Returns (dhidden2 (M, H) | None, dweight (V, H) | None, dbias (V,) | None) in the input dtypes.
     """
@@ -73,7 +78,8 @@ def backward_tokens(g, hidden2, weight, bias, idx, labels_s, lse, rows: RowOps, 
     dh_out = torch.zeros_like(hidden2, memory_format=torch.contiguous_format) if need_dh else None
     acc = acc_dtype(dt)
     db_acc = torch.zeros(V, dtype=acc, device=dev) if need_db else None
-    per = per_elem_bytes(rows, dt)
+    tile_dt = tile_dtype(dt) if tile_dt is None else tile_dt
+    per = per_elem_bytes(rows, dt, grad=True)
     min_cols = min(V, 1024)
     tok_chunk = min(N, max(1, budget // (min_cols * per)))
     # every dW row is written by exactly one GEMM when all tokens fit one chunk: no zero-fill needed
@@ -93,7 +99,8 @@ def backward_tokens(g, hidden2, weight, bias, idx, labels_s, lse, rows: RowOps, 
     dw_acc = None
     if need_dw and split_tokens:
         dw_acc = dw_out if dt == acc else torch.zeros(V, H, dtype=acc, device=dev)
-    buf = torch.empty(tok_chunk * cols, dtype=dt, device=dev)
+    buf = torch.empty(tok_chunk * cols, dtype=tile_dt, device=dev)
+    gbuf = None if tile_dt == dt else torch.empty(tok_chunk * cols, dtype=dt, device=dev)  # dz for the GEMMs
     g = g.to(acc).contiguous()
     for s in range(0, N, tok_chunk):
         e = min(N, s + tok_chunk)
@@ -109,7 +116,7 @@ def backward_tokens(g, hidden2, weight, bias, idx, labels_s, lse, rows: RowOps, 
             v1 = min(V, v0 + cols)
             w_s = weight[v0:v1]  # (vs, H)
             z = linear_into(tile(buf, n, v1 - v0), hc, w_s, None if bias is None else bias[v0:v1])
-            dz = rows.bwd(z, z, lab, ls, gg, v0)  # (n, vs), in place, input dtype
+            dz = rows.bwd(z, z if gbuf is None else tile(gbuf, n, v1 - v0), lab, ls, gg, v0)  # (n, vs), input dtype
             if need_dh:
                 if dh_acc is None:
                     dh_chunk = torch.mm(dz, w_s)  # (n, H): the only slice
@@ -141,12 +148,14 @@ class LinearLabelLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden2, weight, bias, idx, labels_s, rows, budget, stats_out=None):
-        res = forward_tokens(hidden2, weight, bias, idx, labels_s, rows, budget, stats=stats_out is not None)
+        tile_dt = tile_dtype(hidden2.dtype)  # fixed here: the backward recomputes the same tiles
+        res = forward_tokens(hidden2, weight, bias, idx, labels_s, rows, budget, stats=stats_out is not None,
+                             tile_dt=tile_dt)
         if stats_out is not None:
             stats_out.update(res.stats._asdict(), lse=res.lse)
         if any(ctx.needs_input_grad[:3]):
             ctx.save_for_backward(hidden2, weight, bias, idx, labels_s, res.lse)
-            ctx.rows, ctx.budget = rows, budget
+            ctx.rows, ctx.budget, ctx.tile_dt = rows, budget, tile_dt
         return res.logp
 
     @staticmethod
@@ -154,7 +163,7 @@ class LinearLabelLogprobs(torch.autograd.Function):
         hidden2, weight, bias, idx, labels_s, lse = ctx.saved_tensors
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
         dh, dw, db = backward_tokens(g, hidden2, weight, bias, idx, labels_s, lse, ctx.rows, ctx.budget,
-                                     need_dh, need_dw, need_db)
+                                     need_dh, need_dw, need_db, ctx.tile_dt)
         return dh, dw, db, None, None, None, None, None
 
 
@@ -180,7 +189,8 @@ class LogitsLabelLogprobs(torch.autograd.Function):
         acc = acc_dtype(logits2.dtype)
         logp = torch.empty(N, dtype=acc, device=logits2.device)
         lse = torch.empty(N, dtype=acc, device=logits2.device)
-        chunk = max(1, min(max(N, 1), budget // (V * per_elem_bytes(rows, logits2.dtype))))
+        per = logits2.dtype.itemsize + rows.bytes_per_elem  # tiles are copies of the caller's logits rows
+        chunk = max(1, min(max(N, 1), budget // (V * per)))
         for s in range(0, N, chunk):
             e = min(N, s + chunk)
             z = logits2.index_select(0, idx[s:e])  # (n, V) contiguous copy of the scored rows

@@ -80,7 +80,8 @@ class RowOps(Protocol):
         """Gradient of sum_t g_t log p_t w.r.t. the raw logits of a vocabulary-slice tile.
 
         Args:
-            z: (n, Vs) raw logits of columns [v_offset, v_offset + Vs). out: (n, Vs) destination, may alias z.
+            z: (n, Vs) raw logits of columns [v_offset, v_offset + Vs), a scratch tile (may be overwritten).
+            out: (n, Vs) destination, ``z`` itself or another tile (e.g. 16-bit for a float32 ``z``).
             labels: (n,) int64 in [0, V) (labels outside the slice get no one-hot term).
             lse: (n,) the rows' full-vocabulary logsumexp from :meth:`fwd`. g: (n,) upstream gradient.
             Both in the accumulation dtype.
@@ -189,8 +190,8 @@ class TorchRows:
     def bwd(self, z, out, labels, lse, g, v_offset: int):
         """See :meth:`RowOps.bwd`."""
         n, Vs = z.shape
-        # in place on the scratch tile when it is already float32/float64 and is the destination
-        zc = self._tempered(z, in_place=out.data_ptr() == z.data_ptr())
+        # in place on the scratch tile when it is already float32/float64
+        zc = self._tempered(z, in_place=True)
         chain = None
         if self.softcap is not None:  # zc = cap tanh(z/cap) / T: dzc/dz = (1 - tanh^2) / T, tanh = zc T / cap
             chain = torch.square(zc * (self.temperature / self.softcap)).neg_().add_(1.0).mul_(1.0 / self.temperature)

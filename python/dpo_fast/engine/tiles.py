@@ -2,7 +2,8 @@
 
 A tile is an (n, v) view at the start of a flat workspace buffer: n scored tokens x a vocabulary span.
 The engine sizes n and v so that ``n * v * per_elem_bytes(rows, dtype)`` stays within the workspace budget
-(:mod:`dpo_fast.engine.workspace`).
+(:mod:`dpo_fast.engine.workspace`). A tile is in :func:`tile_dtype` of the inputs: float32 for float16
+inputs (whose logits could exceed float16's 65504) and, with exact logits on, for bfloat16.
 """
 
 from __future__ import annotations
@@ -10,13 +11,66 @@ from __future__ import annotations
 import torch
 
 from .rows import RowOps
+from .workspace import get_exact_logits
+
+
+def tile_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of logits tiles for inputs of ``dtype``.
+
+    float16 -> float32 (always: float16 logits overflow to inf above 65504); bfloat16 -> bfloat16, or
+    float32 with :func:`dpo_fast.set_exact_logits`; float32/float64 -> themselves.
+    """
+    if dtype == torch.float16 or (dtype == torch.bfloat16 and get_exact_logits()):
+        return torch.float32
+    return dtype
 
 
 def linear_into(out: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """out (n, v) = h (n, H) @ w (v, H)^T (+ b (v,)), in the input dtype with fp32 accumulation. Returns out."""
-    if b is None:
-        return torch.mm(h, w.t(), out=out)
-    return torch.addmm(b, h, w.t(), out=out)
+    """out (n, v) = h (n, H) @ w (v, H)^T (+ b (v,)) with fp32 accumulation. Returns out.
+
+    ``out`` is in the inputs' dtype, or float32 for 16-bit inputs (:func:`tile_dtype`): then cuBLAS writes
+    its fp32 accumulator directly (``out_dtype``) where available; elsewhere (CPU) the product runs in
+    float32 on upcast blocks of at most 8 MiB of ``w`` (on CPU that is faster than a 16-bit GEMM).
+    """
+    if out.dtype == h.dtype:
+        if b is None:
+            return torch.mm(h, w.t(), out=out)
+        return torch.addmm(b, h, w.t(), out=out)
+    if _mm_out_dtype_ok(h.device, h.dtype):
+        torch.mm(h, w.t(), out_dtype=out.dtype, out=out)
+    else:
+        hf = h.to(out.dtype)
+        V = w.shape[0]
+        step = max(1, min(V, (8 << 20) // max(1, w.shape[1] * out.dtype.itemsize)))
+        for v0 in range(0, V, step):
+            v1 = min(V, v0 + step)
+            torch.mm(hf, w[v0:v1].to(out.dtype).t(), out=out[:, v0:v1])
+    if b is not None:
+        out.add_(b)
+    return out
+
+
+_MM_OUT_OK: dict[tuple, bool] = {}
+
+
+def _mm_out_dtype_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.mm(..., out_dtype=float32, out=...)`` works and agrees on (device, dtype); CUDA only."""
+    key = (device, dtype)
+    ok = _MM_OUT_OK.get(key)
+    if ok is None:
+        ok = False
+        if device.type == "cuda":
+            try:
+                g = torch.Generator(device="cpu").manual_seed(0)
+                a = torch.randn(40, 24, generator=g).to(device, dtype)
+                b = torch.randn(56, 24, generator=g).to(device, dtype)
+                got = torch.empty(40, 56, device=device)
+                torch.mm(a, b.t(), out_dtype=torch.float32, out=got)
+                ok = bool(torch.allclose(got, a.float() @ b.float().t(), rtol=1e-3, atol=1e-2))
+            except (RuntimeError, TypeError, NotImplementedError):
+                ok = False
+        _MM_OUT_OK[key] = ok
+    return ok
 
 
 def tile(buf: torch.Tensor, n: int, v: int) -> torch.Tensor:
@@ -24,9 +78,14 @@ def tile(buf: torch.Tensor, n: int, v: int) -> torch.Tensor:
     return buf[: n * v].view(n, v)
 
 
-def per_elem_bytes(rows: RowOps, dtype: torch.dtype) -> int:
-    """Workspace bytes per logits-tile element: the tile itself (``dtype``) plus the backend's temporaries."""
-    return dtype.itemsize + rows.bytes_per_elem
+def per_elem_bytes(rows: RowOps, dtype: torch.dtype, *, grad: bool = False) -> int:
+    """Workspace bytes per logits-tile element for inputs of ``dtype``.
+
+    The tile itself (in :func:`tile_dtype`), the backend's temporaries and, with ``grad`` when the tile is
+    wider than the inputs, the input-dtype copy of the logits gradient that the dh/dW GEMMs read.
+    """
+    t = tile_dtype(dtype)
+    return t.itemsize + rows.bytes_per_elem + (dtype.itemsize if grad and t != dtype else 0)
 
 
 _EPILOGUE_OK: dict[tuple, bool] = {}
@@ -34,7 +93,9 @@ _EPILOGUE_OK: dict[tuple, bool] = {}
 
 def epilogue_probe_results() -> dict[str, bool]:
     """{"device/dtype": whether the fp32 addmm epilogue is used} for the probes run so far (for gpu_check)."""
-    return {f"{d}/{t}": v for (d, t), v in _EPILOGUE_OK.items()}
+    out = {f"{d}/{t}": v for (d, t), v in _EPILOGUE_OK.items()}
+    out.update({f"mm out_dtype {d}/{t}": v for (d, t), v in _MM_OUT_OK.items()})
+    return out
 
 
 def addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:

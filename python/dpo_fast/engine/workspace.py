@@ -14,6 +14,12 @@ Peak memory of a generic forward+backward beyond inputs and the gradients it ret
 budget + N*H*(2 + 4) bytes (the gathered scored hidden rows, and an fp32 dh accumulator when the vocabulary
 is split into several slices and inputs are 16-bit) + small O(N) vectors. The fused ``DPOLoss`` holds the
 logits of a group of whole pairs instead (its own ``workspace_bytes``, default 8 x this budget).
+
+The second knob is the tile precision (:func:`set_exact_logits`, or ``DPO_FAST_EXACT_LOGITS=1``). float16
+inputs always get float32 tiles (float16 logits would overflow to inf above 65504); bfloat16 tiles are
+bfloat16 by default (the GEMM accumulates in fp32, then the logits are rounded to bf16's 8-bit mantissa) and
+float32 with exact logits on: twice the bytes per tile element, so tiles hold half the tokens within the
+same budget.
 """
 
 from __future__ import annotations
@@ -59,3 +65,33 @@ def get_workspace_bytes(device: torch.device | str | None = None) -> int:
         return value
     kind = torch.device(device).type if device is not None else "cpu"
     return _DEFAULTS.get(kind, _DEFAULTS["cuda"])
+
+
+_exact_override: bool | None = None
+
+
+def set_exact_logits(enabled: bool | None) -> None:
+    """Opt in to float32 logits tiles for bfloat16 inputs (``None`` restores the default, off).
+
+    The GEMMs still read bfloat16 operands and accumulate in fp32; only the rounding of each logit to bf16
+    before the row pass is skipped. float16 inputs always use float32 tiles. Applies from the next call.
+
+    Args:
+        enabled: True, False, or None.
+    """
+    global _exact_override
+    if enabled is not None and not isinstance(enabled, bool):
+        raise TypeError(f"enabled: expected a bool or None, got {type(enabled).__name__}")
+    _exact_override = enabled
+
+
+def get_exact_logits() -> bool:
+    """Whether bfloat16 inputs get float32 logits tiles (:func:`set_exact_logits`, ``DPO_FAST_EXACT_LOGITS``)."""
+    if _exact_override is not None:
+        return _exact_override
+    env = os.environ.get("DPO_FAST_EXACT_LOGITS", "").strip()
+    if env in ("", "0"):
+        return False
+    if env == "1":
+        return True
+    raise ValueError(f"DPO_FAST_EXACT_LOGITS: expected 0 or 1, got {env!r}")
