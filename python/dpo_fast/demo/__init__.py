@@ -97,7 +97,7 @@ def run(argv=None, *, out=None) -> dict:
     args = parser.parse_args(argv)
     out = out or sys.stdout
     # what is missing is said before any work starts, in one line naming the extra to install
-    require("transformers", "demo", feature="dpo-fast demo")
+    require("transformers", "demo", feature="the demo")
     if args.plot:
         require("matplotlib", "demo", feature="the demo's plot (--plot '' skips it)")
     if args.device is not None and args.device.split(":")[0] not in ("cpu", "cuda"):
