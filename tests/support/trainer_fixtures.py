@@ -119,3 +119,28 @@ def grpo_for_memory(kind, out_dir, vocab=8192, **cfg):
     opts = dict(beta=0.1, use_bias_correction_kl=False, num_iterations=2, max_completion_length=32, max_steps=4)
     opts.update(cfg)
     return make_grpo_trainer(kind, Path(out_dir) / "run", path, **opts)
+
+
+PAIR_DEFAULTS = dict(per_device_train_batch_size=8, max_steps=3, logging_steps=1, learning_rate=1e-3, report_to=[],
+                     save_strategy="no", use_cpu=True, seed=0, bf16=False, disable_tqdm=True, dataloader_num_workers=0,
+                     max_length=32)
+
+
+def make_pair_trainer(algo, kind, out_dir, *, vocab=64, **cfg):
+    """A trl.experimental CPO (``algo="cpo"``) or ORPO (``"orpo"``) trainer on a tiny Llama and the sums dataset:
+    ``kind`` "trl" (stock), "fast" (FastCPOTrainer / FastORPOTrainer) or "patched"."""
+    from dpo_fast.integrations import trl_cpo_orpo as F
+
+    if algo == "cpo":
+        from trl.experimental.cpo import CPOConfig as Config, CPOTrainer as Stock
+        fast, patch = F.FastCPOTrainer, F.patch_cpo_trainer
+    else:
+        from trl.experimental.orpo import ORPOConfig as Config, ORPOTrainer as Stock
+        fast, patch = F.FastORPOTrainer, F.patch_orpo_trainer
+    model, _ = tiny_llama(vocab)
+    opts = dict(PAIR_DEFAULTS)
+    opts.update(cfg)
+    args = Config(output_dir=str(out_dir), **opts)
+    cls = fast if kind == "fast" else Stock
+    tr = cls(model=model, args=args, train_dataset=sums_dataset(), processing_class=char_tokenizer())
+    return patch(tr) if kind == "patched" else tr

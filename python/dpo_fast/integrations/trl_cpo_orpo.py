@@ -1,0 +1,243 @@
+"""TRL: ``FastCPOTrainer`` / ``FastORPOTrainer`` — ``trl.experimental``'s CPO and ORPO trainers from hidden states.
+
+One-line change::
+
+    from dpo_fast.integrations.trl_cpo_orpo import FastCPOTrainer as CPOTrainer     # trl.experimental.cpo
+    from dpo_fast.integrations.trl_cpo_orpo import FastORPOTrainer as ORPOTrainer   # trl.experimental.orpo
+    # or, for a trainer you already built:
+    trainer = patch_cpo_trainer(trainer)   # / patch_orpo_trainer(trainer)
+
+TRL's experimental CPO and ORPO trainers run the model's full forward, materialise the (2B, T, V) logits and
+take a log-softmax over them (plus a cross-entropy over the chosen rows for the NLL term). Here
+``concatenated_forward`` runs the decoder only and hands its last hidden states to dpo_fast's engine:
+
+* **CPO / SimPO / AlphaPO** (``FastCPOTrainer``): when the config is one :class:`dpo_fast.CPOLoss` computes
+  (every TRL loss type, ``cpo_alpha``, ``alpha``, ``simpo_gamma``, ``label_smoothing``), route ``"fused"``: the
+  loss and its gradient in one pass over the completion tokens' logits (3 GEMMs), logits never materialised.
+* **ORPO** (``FastORPOTrainer``), and CPO when ``CPOLoss`` rejects a config: route ``"two_pass"``: the engine's
+  per-token log-probs (differentiable; 1 GEMM forward, 3 in the backward, tiled) feed TRL's own loss method
+  (``odds_ratio_loss`` / ``cpo_loss``) and metrics. ORPO is not fused because TRL's ORPO NLL term is taken
+  over the *whole* chosen sequence (prompt included) while the odds ratio uses the completion tokens:
+  two token sets, which :class:`dpo_fast.ORPOLoss` (completion-token NLL) does not express.
+
+Every metric is logged under TRL's name and definition: ``rewards/*``, ``logps/*``, ``nll_loss``,
+``log_odds_ratio``, ``log_odds_chosen`` and ``logits/chosen|rejected`` — the mean over *all* positions and
+vocabulary entries of the rows' logits, as TRL logs it, computed exactly as a GEMV with the head's mean row
+(``h @ mean(W) + mean(b)``, scaled) since the mean commutes with a linear head. A Gemma-style soft-capped
+head (``final_logit_softcapping``) breaks that identity and raises ``NotImplementedError``; so do
+encoder-decoder models and the MoE router aux loss. The route of the last step is ``trainer.dpo_fast_route``.
+
+The experimental API is importable in TRL 1.16 (``trl.experimental.cpo`` / ``trl.experimental.orpo``); if it
+is missing, importing this module raises ``ImportError`` saying so. Supported TRL releases: :data:`SUPPORTED_TRL`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..hf import call_with_hidden_states, install_fused_forward
+from ._trainer_common import SUPPORTED_TRL, UnsupportedTRLVersion, check_trl_version, patch_instance
+
+try:
+    from trl.experimental.cpo import CPOTrainer
+    from trl.experimental.orpo import ORPOTrainer
+except ImportError as e:  # pragma: no cover - exercised only without trl's experimental trainers
+    raise ImportError(
+        "dpo_fast.integrations.trl_cpo_orpo needs TRL's experimental CPO/ORPO trainers (trl.experimental.cpo, "
+        "trl.experimental.orpo), present in TRL 1.16: pip install 'trl>=1.16,<1.17'. The experimental API can "
+        "change or disappear between TRL releases, which is why this integration is pinned.") from e
+
+__all__ = ["FastCPOTrainer", "FastORPOTrainer", "patch_cpo_trainer", "patch_orpo_trainer", "SUPPORTED_TRL",
+           "UnsupportedTRLVersion"]
+
+
+def _row_logit_means(hidden: torch.Tensor, head, upto: int) -> torch.Tensor:
+    """(R, 1) mean over positions [0, upto) and the vocabulary of each row's logits, as a GEMV (no softcap)."""
+    w_mean = head.weight.detach().float().mean(0)  # (H,)
+    b_mean = 0.0 if head.bias is None else head.bias.detach().float().mean()
+    z = (hidden[:, :upto].detach().float() @ w_mean + b_mean) / head.temperature  # (R, upto)
+    return z.mean(1, keepdim=True)
+
+
+class _FastPairMixin:
+    """Shared by the CPO and ORPO mixins: options check and the hidden-state forward."""
+
+    _dpo_fast_nll_full = False  # ORPO: NLL over the whole chosen sequence; CPO: over the completion tokens
+    _dpo_fast_logits_upto_last = False  # ORPO logs logits[:, :-1]; CPO all positions
+
+    def _dpo_fast_init(self) -> None:
+        check_trl_version()
+        who = type(self).__name__
+        if self.is_encoder_decoder:
+            raise NotImplementedError(f"{who}: encoder-decoder models are not supported; use TRL's trainer")
+        if self.aux_loss_enabled:
+            raise NotImplementedError(f"{who}: the MoE router aux loss (output_router_logits) is not supported; "
+                                      "use TRL's trainer")
+        from ..hf import output_head
+
+        if output_head(self.model).softcap is not None:
+            raise NotImplementedError(
+                f"{who}: soft-capped output heads (final_logit_softcapping) are not supported: TRL's logged "
+                "logits/* metric (the mean logit) then needs every logit; use TRL's trainer")
+        self.dpo_fast_route: str | None = None
+        self._dpo_fast_setup()
+        install_fused_forward(self.model)
+
+    def _dpo_fast_setup(self) -> None:
+        pass
+
+    def _dpo_fast_inputs(self, batch):
+        pad = self.padding_value if hasattr(self, "padding_value") else self.pad_token_id  # ORPO / CPO names
+        cb = self.concatenated_inputs(batch, is_encoder_decoder=False, padding_value=pad,
+                                      device=self.accelerator.device)
+        return cb, batch["chosen_labels"].shape[0]
+
+    # TRL hook (two-pass route): the policy's log-probs, mean logits and NLL, from hidden states
+    def concatenated_forward(self, model, batch):
+        cb, n_chosen = self._dpo_fast_inputs(batch)
+        ids, am = cb["concatenated_input_ids"], cb["concatenated_attention_mask"]
+        resp = cb["concatenated_labels"][:, 1:]  # (2B, T-1) completion tokens, shifted: hidden[t] scores t+1
+        scored = ids[:, 1:].masked_fill(am[:, 1:] == 0, -100) if self._dpo_fast_nll_full else resp
+        average = self._dpo_fast_average()
+        T = ids.shape[1]
+        upto = T - 1 if self._dpo_fast_logits_upto_last else T
+
+        def fn(hidden, head):
+            from .. import token_logprobs
+
+            h, w, b = head.operands(hidden)
+            lp = token_logprobs(h[:, :-1], w, scored.to(h.device), bias=b, **head.engine_kwargs())  # (2B, T-1)
+            return lp, _row_logit_means(hidden, head, upto)
+
+        with self.accelerator.autocast():
+            lp, logit_means = call_with_hidden_states(model, fn, ids, attention_mask=am)
+        m = (resp != -100).to(lp.dtype)
+        logps = (lp * m).sum(-1)
+        if average:
+            logps = logps / m.sum(-1)
+        if self._dpo_fast_nll_full or self._dpo_fast_need_nll():
+            mc = (scored[:n_chosen] != -100).to(lp.dtype)
+            nll = -(lp[:n_chosen] * mc).sum() / mc.sum()  # CrossEntropyLoss(mean) over the chosen rows' tokens
+        else:
+            nll = torch.tensor(0.0, device=lp.device)
+        self.dpo_fast_route = "two_pass"
+        return logps[:n_chosen], logps[n_chosen:], logit_means[:n_chosen], logit_means[n_chosen:], nll
+
+    def _dpo_fast_average(self) -> bool:
+        return True
+
+    def _dpo_fast_need_nll(self) -> bool:
+        return True
+
+
+class _FastCPOMixin(_FastPairMixin):
+    """FastCPOTrainer's methods; mixed into a CPOTrainer (sub)class."""
+
+    def _dpo_fast_setup(self) -> None:
+        from .. import CPOLoss
+
+        self._dpo_fast_options = dict(beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
+                                      simpo_gamma=getattr(self, "simpo_gamma", self.args.simpo_gamma),
+                                      cpo_alpha=self.cpo_alpha, alpha=self.alpha)
+        try:
+            CPOLoss(**self._dpo_fast_options)
+            self._dpo_fast_fused = True
+        except ValueError:  # an option CPOLoss rejects: TRL's cpo_loss on the engine's log-probs
+            self._dpo_fast_fused = False
+
+    def _dpo_fast_average(self) -> bool:
+        return self.loss_type in ("ipo", "simpo")
+
+    def _dpo_fast_need_nll(self) -> bool:
+        return self.cpo_alpha != 0
+
+    # TRL hook: loss and metrics of one batch
+    def get_batch_loss_metrics(self, model, batch, train_eval="train"):
+        if not self._dpo_fast_fused:
+            return super().get_batch_loss_metrics(model, batch, train_eval)
+        from .. import CPOLoss
+
+        cb, n_chosen = self._dpo_fast_inputs(batch)
+        ids, am = cb["concatenated_input_ids"], cb["concatenated_attention_mask"]
+        labels = torch.full_like(ids, -100)
+        labels[:, :-1] = cb["concatenated_labels"][:, 1:]  # (2B, T) shifted: chosen rows, then rejected rows
+        T = ids.shape[1]
+
+        def fn(hidden, head):
+            h, w, b = head.operands(hidden)
+            out = CPOLoss(**self._dpo_fast_options, **head.engine_kwargs())(h, w, labels.to(h.device), bias=b)
+            return out, _row_logit_means(hidden, head, T)
+
+        with self.accelerator.autocast():
+            out, logit_means = call_with_hidden_states(model, fn, ids, attention_mask=am)
+        self.dpo_fast_route = out.route
+        acc = self.accelerator
+        cr, rr = out.chosen_rewards.detach(), out.rejected_rewards.detach()
+        lc, lr = out.chosen_logps.detach(), out.rejected_logps.detach()
+        if self._dpo_fast_average():  # TRL logs the length-averaged log-probs for ipo / simpo
+            lens = (labels != -100).sum(-1).to(lc.dtype)
+            lc, lr = lc / lens[:n_chosen], lr / lens[n_chosen:]
+        p = "eval_" if train_eval == "eval" else ""
+        metrics = {
+            f"{p}rewards/chosen": acc.gather_for_metrics(cr).mean().item(),
+            f"{p}rewards/rejected": acc.gather_for_metrics(rr).mean().item(),
+            f"{p}rewards/accuracies": acc.gather_for_metrics((cr > rr).float()).mean().item(),
+            f"{p}rewards/margins": acc.gather_for_metrics(cr - rr).mean().item(),
+            f"{p}logps/rejected": acc.gather_for_metrics(lr).mean().item(),
+            f"{p}logps/chosen": acc.gather_for_metrics(lc).mean().item(),
+            f"{p}logits/rejected": acc.gather_for_metrics(logit_means[n_chosen:].mean()).mean().item(),
+            f"{p}logits/chosen": acc.gather_for_metrics(logit_means[:n_chosen].mean()).mean().item(),
+            f"{p}nll_loss": acc.gather_for_metrics(self._dpo_fast_nll(out)).mean().item(),
+        }
+        return out.loss, metrics
+
+    def _dpo_fast_nll(self, out) -> torch.Tensor:
+        """TRL's nll_loss metric: the chosen token-mean NLL (0 when cpo_alpha == 0)."""
+        if self.cpo_alpha == 0:
+            return torch.tensor(0.0, device=out.loss.device)
+        nll = out.metrics.get("nll_loss")
+        if nll is None:
+            raise RuntimeError("FastCPOTrainer: CPOLoss did not report nll_loss")
+        return torch.tensor(float(nll), device=out.loss.device)
+
+
+class _FastORPOMixin(_FastPairMixin):
+    """FastORPOTrainer's methods; mixed into an ORPOTrainer (sub)class (two-pass route, see the module doc)."""
+
+    _dpo_fast_nll_full = True
+    _dpo_fast_logits_upto_last = True
+
+
+class FastCPOTrainer(_FastCPOMixin, CPOTrainer):
+    """``trl.experimental.cpo.CPOTrainer`` with the loss from hidden states (fused :class:`dpo_fast.CPOLoss`).
+
+    Same constructor as TRL's. Raises ``UnsupportedTRLVersion`` outside :data:`SUPPORTED_TRL`,
+    ``NotImplementedError`` for encoder-decoder models, soft-capped heads and the MoE aux loss.
+    """
+
+    def __init__(self, *args, **kwargs):
+        check_trl_version()
+        super().__init__(*args, **kwargs)
+        self._dpo_fast_init()
+
+
+class FastORPOTrainer(_FastORPOMixin, ORPOTrainer):
+    """``trl.experimental.orpo.ORPOTrainer`` with the policy's log-probs from hidden states (no logits tensor).
+
+    Same constructor as TRL's; errors as :class:`FastCPOTrainer`.
+    """
+
+    def __init__(self, *args, **kwargs):
+        check_trl_version()
+        super().__init__(*args, **kwargs)
+        self._dpo_fast_init()
+
+
+def patch_cpo_trainer(trainer: CPOTrainer) -> CPOTrainer:
+    """Swap an existing ``trl.experimental.cpo.CPOTrainer`` instance's class for the fast one (state kept)."""
+    return patch_instance(trainer, CPOTrainer, _FastCPOMixin, _FastCPOMixin._dpo_fast_init)
+
+
+def patch_orpo_trainer(trainer: ORPOTrainer) -> ORPOTrainer:
+    """Swap an existing ``trl.experimental.orpo.ORPOTrainer`` instance's class for the fast one (state kept)."""
+    return patch_instance(trainer, ORPOTrainer, _FastORPOMixin, _FastORPOMixin._dpo_fast_init)
