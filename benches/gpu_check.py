@@ -134,7 +134,7 @@ def correctness(device: str, backend: str) -> list[dict]:
                 else:
                     o = m(hh, ww, labels, adv)
                 o.loss.backward()
-                res[fused] = (o.loss.detach(), hh.grad, ww.grad, m.last_route)
+                res[fused] = (o.loss.detach(), hh.grad, ww.grad, o.route)
             rec = dict(check=f"{name} fused vs two-pass", dtype=str(dtype), route=res[True][3],
                        err_loss=_rel(res[True][0], res[False][0]), err_dh=_rel(res[True][1], res[False][1]),
                        err_dw=_rel(res[True][2], res[False][2]))

@@ -7,7 +7,8 @@ import torch
 
 import dpo_fast
 from dpo_fast import losses as L
-from support import CountMM, assert_close, assert_output_matches, random_labels, ref_token_logprobs, seed_of
+from support import (CountMM, assert_close, assert_output_matches, random_labels, ref_token_logprobs, rel_err,
+                     seed_of)
 
 DECOMPOSABLE = [lt for lt in L.LOSS_TYPES if lt not in ("aot", "aot_unpaired")]
 
@@ -53,7 +54,7 @@ def test_fused_equals_composition(lt, backend):
     hh, ww, bb = (x.clone().requires_grad_() for x in (h, w, b))
     m = dpo_fast.DPOLoss(beta=0.1, loss_type=lt, backend=backend, **kw)
     out = m(hh, ww, labels, rc, rr, bias=bb)
-    assert m.last_route == "fused"
+    assert out.route == "fused"
     out.loss.backward()
     assert_output_matches(out, ref, ("loss", "losses", "chosen_logps", "rejected_logps", "chosen_rewards"),
                           (hh.grad, ww.grad, bb.grad), ref_grads, metrics_abs=1e-6)
@@ -73,7 +74,7 @@ def test_fused_many_groups_packed_layout_and_bf16():
         m = dpo_fast.DPOLoss(beta=0.2, workspace_bytes=20 * V * 12, backend="torch")  # ~20 tokens per group
         hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
         out = m(hh, ww, labels, cu_seqlens=cu, pairs=pairs)
-        assert m.last_route == "fused"
+        assert out.route == "fused"
         out.loss.backward()
         # float64 reference of the whole thing
         h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
@@ -110,7 +111,7 @@ def test_fallbacks_give_the_same_numbers():
         hh, ww, bb = (x.clone().requires_grad_() for x in (h, w, b))
         m = dpo_fast.DPOLoss(**kw)
         out = m(hh, ww, labels, rc, rr, bias=bb)
-        assert m.last_route == route
+        assert out.route == route
         out.loss.backward()
         assert_close(out.loss, ref.loss, torch.float32, "loss")
         assert_close(ww.grad, ref_grads[1], torch.float32, "dW")
@@ -118,7 +119,7 @@ def test_fallbacks_give_the_same_numbers():
     m = dpo_fast.DPOLoss(loss_type="aot")
     hh = h.clone().requires_grad_()
     out = m(hh, w, labels, rc, rr)
-    assert m.last_route == "two_pass"
+    assert out.route == "two_pass"
     out.loss.backward()
     assert torch.isfinite(hh.grad).all()
     # no grad: forward only
@@ -239,7 +240,7 @@ def test_token_metrics_entropy_and_accuracy(backend, fused):
     assert out.metrics["logits/chosen"] == pytest.approx(zbar[:P][mask[:P]].mean().item(), rel=1e-4, abs=1e-5)
     assert out.metrics["logits/rejected"] == pytest.approx(zbar[P:][mask[P:]].mean().item(), rel=1e-4, abs=1e-5)
     assert 0 < exp_acc < 1
-    sums = m.last_token_sums
+    sums = out.token_sums
     assert sums["tokens"].item() == mask.sum().item() and sums["chosen_tokens"].item() == mask[:P].sum().item()
 
 
@@ -287,7 +288,7 @@ def test_wpo_same_pass_both_routes_no_extra_gemm(backend):
             m = dpo_fast.DPOLoss(use_weighting=True, fused=fused, backend=backend, compute_metrics=False)
             out = m(hh, ww, labels, rc, rr, bias=b)
             out.loss.backward()
-        assert m.last_route == ("fused" if fused else "two_pass")
+        assert out.route == ("fused" if fused else "two_pass")
         assert c.calls == gemms
         assert_close(out.loss, ref.loss, torch.float32, f"WPO loss fused={fused}")
 
@@ -302,3 +303,116 @@ def test_pair_logprobs_reference_matches_policy_sums_exactly():
             out = dpo_fast.DPOLoss(ld_alpha=ld, fused=fused)(h.clone().requires_grad_(), w, labels, rc, rr, bias=b)
             assert torch.equal(out.chosen_rewards, torch.zeros_like(out.chosen_rewards)), (ld, fused)
             assert torch.equal(out.rejected_rewards, torch.zeros_like(out.rejected_rewards)), (ld, fused)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the route's record, LD-DPO + sft, non-finite isolation, dW accumulation, construction-time validation
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_ld_alpha_sft_uses_unweighted_chosen_logps(fused):
+    """TRL: with ld_alpha, the "sft" term of a loss list is the token-mean NLL of the *unweighted* chosen logps."""
+    h, w, b, labels, rc, rr = _batch(seed=21)
+    P = h.shape[0] // 2
+    kw = dict(beta=0.1, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5])
+    hh = h.clone().requires_grad_()
+    out = dpo_fast.DPOLoss(**kw, ld_alpha=0.5, fused=fused)(hh, w, labels, rc, rr, bias=b)
+    out.loss.backward()
+    # the composition: LD-weighted sums for the preference term, plain sums for the NLL
+    h64 = h.double().requires_grad_()
+    tok = ref_token_logprobs(h64, w, labels, b)  # (2P, T)
+    mask = labels != -100
+    n = mask.sum(-1)
+    shared = torch.minimum(n[:P], n[P:]).repeat(2)
+    rank = mask.cumsum(-1)
+    wt = torch.where(rank <= shared[:, None], 1.0, 0.5).double() * mask
+    ld = (tok * wt).sum(-1)
+    plain = tok.sum(-1)
+    nll = -plain[:P] * (P / n[:P].clamp_min(1).sum())
+    ref = dpo_fast.dpo_loss(ld[:P], ld[P:], rc.double(), rr.double(), **kw, sft_nll=nll, compute_metrics=False)
+    ref.loss.backward()
+    assert out.route == ("fused" if fused else "two_pass")
+    assert_close(out.loss, ref.loss, torch.float32, "loss")
+    assert_close(hh.grad, h64.grad, torch.float32, "dh")
+    # and not the LD-weighted NLL (the old behaviour differs measurably)
+    wrong = dpo_fast.dpo_loss(ld[:P], ld[P:], rc.double(), rr.double(), **kw, chosen_lengths=n[:P],
+                              rejected_lengths=n[P:], compute_metrics=False)
+    assert abs(wrong.loss.item() - ref.loss.item()) > 1e-3
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_pair_stays_in_its_pair(fused, bad):
+    """NaN/inf in pair 0's hidden states: the other pairs' losses and hidden-state gradients stay finite."""
+    h, w, b, labels, rc, rr = _batch(P=4, seed=22)
+    P = 4
+    h[0, 3] = bad  # a scored position of pair 0's chosen sequence
+    assert labels[0, 3] != -100
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    out = dpo_fast.DPOLoss(fused=fused)(hh, ww, labels, rc, rr, bias=b)
+    out.loss.backward()
+    assert out.route == ("fused" if fused else "two_pass")
+    assert not torch.isfinite(out.losses[0])
+    assert torch.isfinite(out.losses[1:]).all() and torch.isfinite(out.chosen_logps[1:]).all()
+    others = [i for i in range(2 * P) if i not in (0, P)]
+    assert torch.isfinite(hh.grad[others]).all()
+    # the other pairs' values equal those of a clean batch without pair 0
+    keep = torch.tensor([1, 2, 3, 5, 6, 7])
+    clean = dpo_fast.DPOLoss(fused=fused)(h[keep].clone().requires_grad_(), w, labels[keep], rc[1:], rr[1:], bias=b)
+    assert_close(out.losses[1:], clean.losses, torch.float32, "other pairs' losses")
+
+
+def test_fp32_master_weight_accumulates_dw_in_fp32():
+    """Under autocast with an fp32 weight, dW is accumulated in fp32: its error against float64 does not grow
+    with the number of groups, while a bf16 weight's running sum (one rounding per group) does."""
+    P, T, H, V = 32, 9, 16, 257
+    gen = torch.Generator().manual_seed(23)
+    h = torch.randn(2 * P, T, H, generator=gen).to(torch.bfloat16)
+    w = (torch.randn(V, H, generator=gen) / 4).to(torch.bfloat16).float()  # exactly representable in bf16
+    labels = random_labels((2 * P, T), V, 0.1, gen)
+    rc, rr = torch.randn(P, generator=gen) - 40, torch.randn(P, generator=gen) - 40
+    w64 = w.double().requires_grad_()
+    tok = ref_token_logprobs(h.double(), w64, labels).sum(-1)
+    ref = -torch.nn.functional.logsigmoid(0.1 * ((tok[:P] - rc) - (tok[P:] - rr))).mean()
+    ref.backward()
+    err = {}
+    for name, ws in (("one", None), ("many", 2 * T * V * 12)):  # ~one pair per group: 32 groups
+        for master in (True, False):
+            ww = (w if master else w.to(torch.bfloat16)).clone().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=master):
+                out = dpo_fast.DPOLoss(backend="torch", workspace_bytes=ws)(h, ww, labels, rc, rr)
+            assert out.route == "fused"
+            out.loss.backward()
+            assert ww.grad.dtype == ww.dtype
+            err[name, master] = rel_err(ww.grad, w64.grad)
+    assert err["one", True] == pytest.approx(err["one", False], rel=1e-6)  # same bf16 tiles, one GEMM
+    assert err["many", True] < 1.5 * err["one", True]  # fp32 sum: no growth with the group count
+    assert err["many", False] > 1.5 * err["many", True]  # bf16 running sum: grows
+
+
+@pytest.mark.parametrize("cls", ["DPOLoss", "CPOLoss", "ORPOLoss", "KTOLoss", "GRPOLoss"])
+@pytest.mark.parametrize("kw, err, match", [
+    (dict(temperature=0.0), ValueError, "temperature"),
+    (dict(temperature=float("nan")), ValueError, "temperature"),
+    (dict(temperature="1"), TypeError, "temperature"),
+    (dict(softcap=-1.0), ValueError, "softcap"),
+    (dict(softcap=float("inf")), ValueError, "softcap"),
+    (dict(backend="cuda"), ValueError, "backend"),
+    (dict(ignore_index=-100.0), TypeError, "ignore_index"),
+    (dict(ignore_index=True), TypeError, "ignore_index"),
+    (dict(workspace_bytes=10), ValueError, "workspace_bytes"),
+])
+def test_module_options_validated_at_construction(cls, kw, err, match):
+    with pytest.raises(err, match=match):
+        getattr(dpo_fast, cls)(**kw)
+
+
+def test_output_record_carries_route_and_token_sums():
+    h, w, b, labels, rc, rr = _batch(seed=24)
+    m = dpo_fast.DPOLoss(token_metrics=True)
+    out = m(h.clone().requires_grad_(), w, labels, rc, rr)
+    assert isinstance(out, dpo_fast.DPOOutput) and out.route == "fused"
+    assert set(out.token_sums) >= {"entropy_sum", "tokens", "chosen_hits", "chosen_tokens", "chosen_logits_sum",
+                                   "rejected_logits_sum", "rejected_tokens"}
+    assert not hasattr(m, "last_route") and not hasattr(m, "last_token_sums")
+    assert dpo_fast.DPOLoss()(h, w, labels, rc, rr).token_sums is None

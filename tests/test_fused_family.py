@@ -51,7 +51,7 @@ def test_fused_family_equals_composition(name, backend):
     module, _ = CONFIGS[name](backend=backend, workspace_bytes=30 * w.shape[0] * 8)
     hh, ww, bb = (x.clone().requires_grad_() for x in (h, w, b))
     out = module(hh, ww, labels, bias=bb)
-    assert module.last_route == "fused"
+    assert out.route == "fused"
     out.loss.backward()
     assert_output_matches(out, ref, ("loss", "losses"), (hh.grad, ww.grad, bb.grad), ref_grads, metrics_abs=1e-6)
 
@@ -74,7 +74,7 @@ def test_family_packed_two_pass_and_gemm_counts(name):
         with CountMM() as c:
             out = module(hh, ww, lp, bias=b, cu_seqlens=cu, pairs=pairs)
             out.loss.backward()
-        assert c.calls == gemms and module.last_route == ("fused" if fused else "two_pass")
+        assert c.calls == gemms and out.route == ("fused" if fused else "two_pass")
         assert_close(out.loss, ref.loss, torch.float32, f"packed loss fused={fused}")
 
 
@@ -96,10 +96,10 @@ def test_family_token_metrics_and_no_grad():
     h, w, b, labels = _batch(3)
     m = dpo_fast.CPOLoss(loss_type="simpo", cpo_alpha=0.0, token_metrics=True)
     out = m(h.clone().requires_grad_(), w, labels, bias=b)
-    assert m.last_route == "fused" and 0.0 <= out.metrics["mean_token_accuracy"] <= 1.0
+    assert out.route == "fused" and 0.0 <= out.metrics["mean_token_accuracy"] <= 1.0
     assert out.metrics["entropy"] > 0
     with torch.no_grad():
         out2 = m(h, w, labels, bias=b)
-    assert m.last_route == "two_pass"
+    assert out2.route == "two_pass"
     assert_close(out2.loss, out.loss, torch.float32, "no-grad loss")
     assert out2.metrics["entropy"] == pytest.approx(out.metrics["entropy"], rel=1e-5)

@@ -46,7 +46,7 @@ def test_fused_kto_equals_composition(kl_mode, backend):
     m = dpo_fast.KTOLoss(**opts, backend=backend, workspace_bytes=14 * w.shape[0] * 8)
     h2, w2, b2 = (x.clone().requires_grad_() for x in (h, w, b))
     out = m(h2, w2, labels, des, ref, bias=b2, **kw)
-    assert m.last_route == "fused"
+    assert out.route == "fused"
     out.loss.backward()
     assert_output_matches(out, expect, ("loss", "losses"), (h2.grad, w2.grad, b2.grad), (hh.grad, ww.grad, bb.grad),
                           metrics_abs=1e-7)

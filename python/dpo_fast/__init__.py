@@ -39,12 +39,12 @@ _LAZY = {
     "kto_loss": "dpo_fast.losses",
     "bco_loss": "dpo_fast.losses",
     "grpo_loss": "dpo_fast.losses",
-    "DPOLoss": "dpo_fast.fused_dpo",
-    "pair_logprobs": "dpo_fast.fused_dpo",
-    "CPOLoss": "dpo_fast.fused_dpo",
-    "ORPOLoss": "dpo_fast.fused_dpo",
-    "GRPOLoss": "dpo_fast.fused_grpo",
-    "KTOLoss": "dpo_fast.fused_kto",
+    "DPOLoss": "dpo_fast.fused",
+    "pair_logprobs": "dpo_fast.fused",
+    "CPOLoss": "dpo_fast.fused",
+    "ORPOLoss": "dpo_fast.fused",
+    "GRPOLoss": "dpo_fast.fused",
+    "KTOLoss": "dpo_fast.fused",
     # packing
     "pack_pairs": "dpo_fast.packing",
     "PackedBatch": "dpo_fast.packing",
@@ -56,7 +56,7 @@ _LAZY = {
 __all__ = sorted(_LAZY) + ["__version__"]
 
 
-_SUBMODULES = ("bench", "cli", "engine", "fused_dpo", "fused_grpo", "fused_kto", "hf", "integrations",
+_SUBMODULES = ("bench", "cli", "engine", "fused", "hf", "integrations",
                "kernels", "logprobs", "losses", "packing", "reference")
 
 

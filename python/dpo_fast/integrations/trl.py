@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from ..fused_dpo import DPOLoss, pair_logprobs
+from ..fused import DPOLoss, pair_logprobs
 from ..hf import call_with_hidden_states, install_fused_forward
 
 try:
@@ -172,7 +172,7 @@ class _FastDPOMixin:
             kw = head.engine_kwargs()
             loss_fn = DPOLoss(**opts, **kw, token_metrics=want_stats)  # token stats from the same pass
             out = loss_fn(h, w, labels, ref_c.float(), ref_r.float(), bias=b)
-            return out, loss_fn.last_token_sums
+            return out, out.token_sums
 
         out, stats = call_with_hidden_states(model, fn, input_ids, attention_mask=inputs.get("attention_mask"),
                                              **self._dpo_fast_model_kwargs(inputs))

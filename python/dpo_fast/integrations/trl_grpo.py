@@ -225,10 +225,10 @@ class _FastGRPOMixin:
             return out, loss_fn
 
         out, loss_fn = call_with_hidden_states(model, fn, input_ids, attention_mask=attention_mask)
-        self._dpo_fast_record(loss_fn.last_route)
+        self._dpo_fast_record(out.route)
         loss = out.loss if self.loss_type == "dapo" else out.loss / accum
         with torch.no_grad():
-            self._dpo_fast_log(mode, loss_fn.last_logps, old, ref, mask, advantages, out)
+            self._dpo_fast_log(mode, out.token_logps, old, ref, mask, advantages, out)
         return loss
 
     def _dpo_fast_record(self, route: str) -> None:

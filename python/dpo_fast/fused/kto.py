@@ -1,20 +1,49 @@
-"""``KTOLoss``: KTO on unpaired desirable / undesirable completions, from hidden states in one pass.
+"""``KTOLoss``: KTO on unpaired desirable / undesirable completions, from hidden states on the fused route.
 
-KTO's per-example loss depends on the example's own log-ratio and on the reference point z, a detached
-batch constant estimated *before* the loss from mismatched (prompt, completion) pairs (the KL pass, a no-grad
-forward: 1 GEMM). Given z, each sequence's dL/dℓ is a scalar known as soon as its log-prob is, so groups of
-whole sequences take the one-pass fused route of :mod:`dpo_fast._fused` (3 GEMMs over scored tokens).
+KTO's per-example loss depends on the example's own log-ratio and on the reference point z, a detached batch
+constant estimated *before* the loss from mismatched (prompt, completion) pairs (the KL pass, a no-grad
+forward: 1 GEMM). Given z, the unit is one sequence: the group loss is :func:`dpo_fast.kto_loss` on the
+group's sequences, summed and divided by the batch's S.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from . import losses as L
-from ._fused import FusedLossModule, grads_at
-from ._validate import autocast_aware, check_tensor
-from .engine import acc_dtype, scored_logprobs, segment_sum
-from .logprobs import sequence_logprobs
+from .. import losses as L
+from .._validate import check_tensor
+from ..logprobs import sequence_logprobs
+from .route import FusedLossModule, Values, autocast_entry, token_metrics, token_sums, with_route
+
+Tensor = torch.Tensor
+
+SLOTS = ("completion",)
+
+
+@dataclass
+class KTOTask:
+    """One KTOLoss forward as a :class:`dpo_fast.fused.route.UnitTask`: units = sequences."""
+
+    units: Tensor  # (S, 1)
+    options: dict  # beta, desirable_weight, undesirable_weight
+    ref: Tensor | None  # (S,) detached reference log-probs
+    desirable: Tensor  # (S,) bool
+    kl: Tensor | float | None  # the reference point z (detached), or None (z = 0)
+    want_stats: bool = False
+    decomposable: bool = True
+
+    def _loss(self, v: Values, compute_metrics: bool):
+        ids = v.units
+        return L.kto_loss(v.unit_sums()[:, 0], None if self.ref is None else self.ref[ids], self.desirable[ids],
+                          **self.options, kl=self.kl, compute_metrics=compute_metrics)
+
+    def group_loss(self, v: Values) -> Tensor:
+        return self._loss(v, False).losses.sum() / self.units.shape[0]
+
+    def batch_loss(self, v: Values, compute_metrics: bool):
+        return self._loss(v, compute_metrics)
 
 
 class KTOLoss(FusedLossModule):
@@ -23,7 +52,9 @@ class KTOLoss(FusedLossModule):
     Args:
         beta, desirable_weight, undesirable_weight: as in :func:`dpo_fast.kto_loss`.
         ignore_index, temperature, softcap, backend, fused, workspace_bytes, compute_metrics: as in
-            :class:`dpo_fast.DPOLoss` (the fused workspace holds whole sequences).
+            :class:`dpo_fast.DPOLoss` (the fused workspace holds whole sequences; validated at construction).
+        token_metrics: also log ``entropy`` (mean over all scored tokens) from the same pass; the sums are
+            in ``out.token_sums`` (entropy_sum, tokens, completion_tokens/_hits/_logits_sum).
 
     Forward:
         hidden: (B, T, H) or packed (N, H) with ``cu_seqlens``; weight (V, H); labels (B, T) / (N,);
@@ -33,7 +64,8 @@ class KTOLoss(FusedLossModule):
         this module computes with the no-grad forward, together with ``ref_kl_logps``; or none (z = 0).
 
     Returns:
-        :class:`dpo_fast.losses.UnpairedOutput` — ``loss`` differentiable w.r.t. hidden, weight, bias.
+        :class:`dpo_fast.fused.FusedUnpairedOutput` — an :class:`dpo_fast.losses.UnpairedOutput` whose
+        ``loss`` is differentiable w.r.t. hidden, weight, bias, plus ``route`` and ``token_sums``.
 
     Examples::
 
@@ -44,9 +76,10 @@ class KTOLoss(FusedLossModule):
     def __init__(self, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0, *,
                  ignore_index: int = -100, temperature: float = 1.0, softcap: float | None = None,
                  backend: str = "auto", fused: bool = True, workspace_bytes: int | None = None,
-                 compute_metrics: bool = True):
+                 compute_metrics: bool = True, token_metrics: bool = False):
         super().__init__(ignore_index=ignore_index, temperature=temperature, softcap=softcap, backend=backend,
-                         fused=fused, workspace_bytes=workspace_bytes, compute_metrics=compute_metrics)
+                         fused=fused, workspace_bytes=workspace_bytes, compute_metrics=compute_metrics,
+                         token_metrics=token_metrics)
         self.options = dict(beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
         L.kto_loss(torch.tensor([-1.0]), None, torch.tensor([True]), **self.options, compute_metrics=False)
 
@@ -54,11 +87,11 @@ class KTOLoss(FusedLossModule):
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items()) + f", fused={self.fused}"
 
     @torch.compiler.disable  # data-dependent grouping: run eagerly inside compiled graphs
-    @autocast_aware("hidden", "weight", "bias", "kl_hidden")
+    @autocast_entry("hidden", "weight", "bias", "kl_hidden")
     def forward(self, hidden, weight, labels, desirable, ref_logps=None, *, bias=None, cu_seqlens=None, kl=None,
-                kl_hidden=None, kl_labels=None, kl_cu_seqlens=None, ref_kl_logps=None) -> L.UnpairedOutput:
-        sc, rows = self._prepare(hidden, weight, labels, bias, cu_seqlens)
-        S, dev = sc.num_seqs, sc.idx.device
+                kl_hidden=None, kl_labels=None, kl_cu_seqlens=None, ref_kl_logps=None):
+        p = self.prepare(hidden, weight, labels, bias, cu_seqlens)
+        S, dev = p.sc.num_seqs, p.sc.idx.device
         check_tensor("desirable", desirable, dims=(1,))
         if desirable.shape[0] != S:
             raise ValueError(f"desirable: expected shape ({S},) (one per sequence), got {tuple(desirable.shape)}")
@@ -67,14 +100,13 @@ class KTOLoss(FusedLossModule):
             if ref_logps.shape[0] != S:
                 raise ValueError(f"ref_logps: expected shape ({S},), got {tuple(ref_logps.shape)}")
         # the reference point z (detached), before the loss pass
-        pol_kl = None
         if kl_hidden is not None:
             if kl is not None:
                 raise ValueError("kl_hidden: pass either kl or kl_hidden (+ ref_kl_logps), not both")
             if kl_labels is None or ref_kl_logps is None:
                 raise ValueError("kl_hidden: needs kl_labels and ref_kl_logps too")
             with torch.no_grad():  # the KL pass: 1 GEMM
-                pol_kl = sequence_logprobs(kl_hidden.detach(), weight.detach(), kl_labels,
+                pol_kl = sequence_logprobs(kl_hidden.detach(), p.weight.detach(), kl_labels,
                                            bias=None if bias is None else bias.detach(), cu_seqlens=kl_cu_seqlens,
                                            ignore_index=self.ignore_index, temperature=self.temperature,
                                            softcap=self.softcap, backend=self.backend)
@@ -84,28 +116,13 @@ class KTOLoss(FusedLossModule):
             kl = (pol_kl - ref_kl_logps.detach().to(pol_kl.dtype)).mean().clamp_min(0.0)
         elif ref_kl_logps is not None:
             raise ValueError("ref_kl_logps: also pass kl_hidden and kl_labels (the mismatched pairs)")
-
-        def loss(lp, compute_metrics):
-            return L.kto_loss(lp, ref_logps, desirable, **self.options, kl=kl, compute_metrics=compute_metrics)
-
-        groups = self._plan(sc, rows, weight, torch.arange(S, device=dev)[:, None], sc.counts(),
-                            (hidden, weight, bias))
-        if groups is None:  # two-pass route
-            logp = scored_logprobs(sc, weight, bias, temperature=self.temperature, softcap=self.softcap,
-                                   backend=self.backend)
-            return loss(segment_sum(logp, sc.seq, S), self.compute_metrics)
-        acc = acc_dtype(sc.hidden2.dtype)
-        # placeholders: log-ratio 0 (they do not enter the group's derivatives)
-        base = torch.zeros(S, dtype=acc, device=dev) if ref_logps is None else ref_logps.detach().to(acc)
-        final = torch.zeros(S, dtype=acc, device=dev)
-
-        def group_grad(g, res):
-            seqs = g["units"]  # (G,) sequence ids, in the group's local order
-            lp = segment_sum(res.logp.to(acc), g["local"], seqs.numel())
-            final[seqs] = lp
-            return grads_at(lambda x: loss(x, False).loss, base, seqs, lp).index_select(0, g["local"])
-
-        carrier = self._fused_pass(sc, weight, bias, groups, rows, group_grad, False, {})
-        with torch.no_grad():
-            out = loss(final, self.compute_metrics)
-        return self._with_gradient(out, carrier)
+        task = KTOTask(torch.arange(S, device=dev)[:, None], self.options,
+                       None if ref_logps is None else ref_logps.detach(), desirable.to(dev), kl,
+                       want_stats=self.token_metrics)
+        out, route, values = self.run(p, task, hidden)
+        sums = None
+        if self.token_metrics:
+            sums = token_sums(values, SLOTS)
+            if self.compute_metrics:
+                out.metrics.update(token_metrics(sums, SLOTS, accuracy=False, logits=False))
+        return with_route(out, route, sums)

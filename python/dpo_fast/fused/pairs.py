@@ -1,0 +1,99 @@
+"""Preference pairs as units of the fused route: layouts, LD-DPO token weights, the logits/* GEMV, and the
+token metrics of pairs. Shared by :mod:`.dpo` and :mod:`.reference_free`."""
+
+from __future__ import annotations
+
+import torch
+
+from ..distributed import active_shard
+from ..distributed.vocab_parallel import vocab_mean_row
+from .._validate import check_tensor
+from ..engine import Scored, acc_dtype, segment_sum
+from .route import Values, token_metrics, token_sums
+
+Tensor = torch.Tensor
+
+#: slot names of a pair unit, in order: TRL's metric names use them (``logits/chosen`` ...)
+PAIR_SLOTS = ("chosen", "rejected")
+
+
+def pair_layout(pairs, S: int, device) -> tuple[Tensor, Tensor]:
+    """(chosen_seq (P,), rejected_seq (P,)) int64 sequence indices.
+
+    ``pairs=None``: TRL's layout [chosen_0..chosen_{P-1}, rejected_0..rejected_{P-1}] (S even); else a (P, 2)
+    integer tensor of (chosen, rejected) sequence indices in [0, S), each sequence in at most one pair.
+    """
+    if pairs is None:
+        if S % 2:
+            raise ValueError(
+                f"hidden: the default pair layout needs an even number of sequences [chosen..., rejected...], "
+                f"got {S}; pass pairs=(P, 2) for another layout")
+        P = S // 2
+        ar = torch.arange(P, device=device)
+        return ar, ar + P
+    check_tensor("pairs", pairs, dims=(2,), floating=False)
+    if pairs.shape[1] != 2 or pairs.shape[0] == 0:
+        raise ValueError(f"pairs: expected shape (P, 2) with P >= 1 of (chosen, rejected) sequence indices, "
+                         f"got {tuple(pairs.shape)}")
+    p = pairs.to(device=device, dtype=torch.int64)
+    if bool(((p < 0) | (p >= S)).any()):
+        raise ValueError(f"pairs: expected sequence indices in [0, {S}), got values outside")
+    flat = p.reshape(-1)
+    if torch.unique(flat).numel() != flat.numel():
+        raise ValueError("pairs: expected each sequence in at most one pair (a sequence index repeats)")
+    return p[:, 0].contiguous(), p[:, 1].contiguous()
+
+
+def check_ld_alpha(ld_alpha) -> None:
+    if ld_alpha is not None and (isinstance(ld_alpha, bool) or not isinstance(ld_alpha, (int, float))
+                                 or not 0.0 <= ld_alpha <= 1.0):
+        raise ValueError(f"ld_alpha: expected None or a float in [0, 1], got {ld_alpha!r}")
+
+
+def ld_token_weights(sc: Scored, counts: Tensor, c_seq: Tensor, r_seq: Tensor, alpha: float) -> Tensor:
+    """(N,) LD-DPO token weights: 1 for a sequence's first min(|y_w|, |y_l|) scored tokens, α after."""
+    shared = torch.full((sc.num_seqs,), float("inf"), device=counts.device)
+    m = torch.minimum(counts[c_seq], counts[r_seq])
+    shared[c_seq], shared[r_seq] = m, m
+    start = torch.cumsum(counts, 0) - counts  # (S,) first scored token of each sequence
+    rank = torch.arange(sc.idx.numel(), device=counts.device, dtype=torch.float32) - start[sc.seq]
+    w = torch.where(rank < shared[sc.seq], 1.0, float(alpha))
+    return w.to(acc_dtype(sc.hidden2.dtype))
+
+
+def logits_means(sc: Scored, weight, bias, counts, c_seq, r_seq, temperature) -> tuple[Tensor, Tensor]:
+    """(P,) mean over each sequence's scored tokens of the vocab-mean logit h·mean_v(W_v) + mean(b).
+
+    No logits needed: mean_v z_tv = h_t · mean_v(W_v) + mean(b) (divided by the temperature): one GEMV.
+    Softcap is not applied (it does not commute with the mean); with ``token_metrics`` the modules take
+    ``logits/*`` from the pass's own (capped) logits instead.
+    """
+    with torch.no_grad():
+        wbar = weight.detach().float().mean(0).to(weight.dtype)  # (H,)
+        bbar = None if bias is None else bias.detach().float().mean()
+        if (shard := active_shard(weight)) is not None:  # dpo_fast.distributed: means over the whole vocabulary
+            wbar, bbar = vocab_mean_row(weight, bias, shard)
+        m = torch.mv(sc.hidden2.detach(), wbar).index_select(0, sc.idx).float()  # (N,): a GEMV, no copy of h
+        if bias is not None:
+            m = m + bbar.float()
+        m = m / temperature
+        per_seq = segment_sum(m, sc.seq, sc.num_seqs) / counts.clamp_min(1.0)
+    return per_seq[c_seq], per_seq[r_seq]
+
+
+def add_pair_token_metrics(out, values: Values, compute_metrics: bool) -> dict[str, Tensor]:
+    """TRL's DPO token metrics into ``out.metrics``; returns the sums behind them.
+
+    entropy = mean over all scored tokens of the paired sequences; mean_token_accuracy = fraction of scored
+    chosen tokens whose label is the arg-max; logits/chosen|rejected = mean over scored tokens of the
+    vocab-mean (tempered, capped) logit. One host sync.
+    """
+    sums = token_sums(values, PAIR_SLOTS)
+    if compute_metrics:
+        out.metrics.update(token_metrics(sums, PAIR_SLOTS, accuracy=True, logits=True))
+    return sums
+
+
+def wpo_logweights(v: Values) -> Tensor:
+    """(G, 2) WPO log-weights of the units in ``v``: per sequence mean_t[log p_t − (lse(2z_t) − 2 lse(z_t))]."""
+    return v.unit_means((v.logp.detach() - (v.stats.lse2 - 2 * v.lse)).to(v.lse.dtype))
