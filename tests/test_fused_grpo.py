@@ -94,3 +94,43 @@ def test_grpo_entropy_metric_and_errors():
     # packed (N, H) input is supported, but needs its boundaries
     with pytest.raises(ValueError, match=r"hidden: expected \(B, T, H\), or \(N, H\) together with cu_seqlens"):
         m(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1), adv)
+
+
+def _packed(h, labels, old, ref):
+    """The padded batch as packed sequences (each row trimmed to a different length; T - r tokens for row r)."""
+    B, T = labels.shape
+    lens = [T - (r % 3) for r in range(B)]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist())
+    cat = lambda x: torch.cat([x[r, :n] for r, n in enumerate(lens)])  # noqa: E731
+    return cat(h), cat(labels), cat(old), cat(ref), cu, lens
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("cfg", range(len(CONFIGS)))
+def test_packed_input_equals_padded(cfg, fused):
+    """GRPOLoss on packed (N, H) + cu_seqlens equals the padded batch with the same scored tokens."""
+    kw = dict(CONFIGS[cfg])
+    kw.setdefault("max_completion_length", 9)  # dr_grpo's default is the row length, which packing changes
+    h, w, b, labels, adv, old, ref = _batch(40 + cfg)
+    hp, lp, oldp, refp, cu, lens = _packed(h, labels, old, ref)
+    labels_pad = labels.clone()
+    for r, n in enumerate(lens):
+        labels_pad[r, n:] = -100  # the same scored tokens in both layouts
+    outs = []
+    for hidden, lab, o, rf, extra in ((h, labels_pad, old, ref, {}), (hp, lp, oldp, refp, dict(cu_seqlens=cu))):
+        hh, ww = hidden.clone().requires_grad_(), w.clone().requires_grad_()
+        m = dpo_fast.GRPOLoss(fused=fused, workspace_bytes=14 * w.shape[0] * 8, **kw)
+        out = m(hh, ww, lab, adv, o, rf if kw.get("beta") else None, bias=b, **extra)
+        assert out.route == ("fused" if fused else "two_pass")
+        out.loss.backward()
+        assert out.per_token_loss.shape == lab.shape and out.token_logps.shape == lab.shape
+        outs.append((out, hh.grad, ww.grad, lab))
+    (pad, dh_pad, dw_pad, lab_pad), (pk, dh_pk, dw_pk, lab_pk) = outs
+    assert_close(pk.loss, pad.loss, torch.float32, "loss")
+    assert_close(dw_pk, dw_pad, torch.float32, "dW")
+    cat = lambda x: torch.cat([x[r, :n] for r, n in enumerate(lens)])  # noqa: E731
+    assert_close(dh_pk, cat(dh_pad), torch.float32, "dh")
+    assert_close(pk.per_token_loss, cat(pad.per_token_loss), torch.float32, "per_token_loss")
+    assert_close(pk.token_logps, cat(pad.token_logps), torch.float32, "token_logps")
+    for k, v in pad.metrics.items():
+        assert pk.metrics[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k

@@ -78,3 +78,23 @@ def test_kto_gemm_counts_packed_and_errors():
         m(h, w, labels, des, ref, ref_kl_logps=ref_kl)
     with pytest.raises(ValueError):
         dpo_fast.KTOLoss(beta=0.0)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_kto_token_metrics_and_packed(fused):
+    """KTOLoss has the other modules' features: token metrics from the same pass, packed input, route record."""
+    h, w, b, labels, des, ref, *_ = _batch(7)
+    m = dpo_fast.KTOLoss(token_metrics=True, fused=fused)
+    out = m(h.clone().requires_grad_(), w, labels, des, ref, bias=b, kl=0.3)
+    assert out.route == ("fused" if fused else "two_pass")
+    z = h.double() @ w.double().t() + b.double()
+    ent = -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1)
+    mask = labels != -100
+    assert out.metrics["entropy"] == pytest.approx(ent[mask].mean().item(), rel=1e-4)
+    assert out.token_sums["tokens"].item() == mask.sum().item()
+    # packed: the same sequences concatenated
+    cu = torch.arange(0, h.shape[0] * h.shape[1] + 1, h.shape[1])
+    hp = h.reshape(-1, h.shape[-1]).clone().requires_grad_()
+    outp = m(hp, w, labels.reshape(-1), des, ref, bias=b, kl=0.3, cu_seqlens=cu)
+    assert_close(outp.loss, out.loss, torch.float32, "packed loss")
+    assert outp.metrics["entropy"] == pytest.approx(out.metrics["entropy"], rel=1e-6)
