@@ -11,7 +11,8 @@ import torch
 from .trl_fixtures import char_tokenizer, logged, sums_dataset, tiny_llama
 
 __all__ = ["char_tokenizer", "logged", "saved_tiny_llama", "prompts_dataset", "unpaired_dataset", "digit_reward",
-           "assert_same_logs", "rss_growth_script"]
+           "assert_same_logs", "rss_growth_script", "make_grpo_trainer", "grpo_for_memory", "make_pair_trainer",
+           "make_kto_trainer"]
 
 
 def saved_tiny_llama(path, vocab=64, seed=0) -> str:
@@ -144,3 +145,18 @@ def make_pair_trainer(algo, kind, out_dir, *, vocab=64, **cfg):
     cls = fast if kind == "fast" else Stock
     tr = cls(model=model, args=args, train_dataset=sums_dataset(), processing_class=char_tokenizer())
     return patch(tr) if kind == "patched" else tr
+
+
+def make_kto_trainer(kind, out_dir, model_path, **cfg):
+    """A KTO trainer on the saved tiny Llama at ``model_path`` (TRL loads the reference copy from the path) and
+    :func:`unpaired_dataset`: ``kind`` "trl" (trl.KTOTrainer), "fast" (FastKTOTrainer) or "patched"."""
+    from trl import KTOConfig, KTOTrainer
+
+    from dpo_fast.integrations import trl_kto
+
+    opts = dict(PAIR_DEFAULTS, model_init_kwargs={"dtype": torch.float32})
+    opts.update(cfg)
+    args = KTOConfig(output_dir=str(out_dir), **opts)
+    cls = trl_kto.FastKTOTrainer if kind == "fast" else KTOTrainer
+    tr = cls(model=str(model_path), args=args, train_dataset=unpaired_dataset(), processing_class=char_tokenizer())
+    return trl_kto.patch_kto_trainer(tr) if kind == "patched" else tr
