@@ -227,7 +227,7 @@ class _FastGRPOMixin:
         out, loss_fn = call_with_hidden_states(model, fn, input_ids, attention_mask=attention_mask)
         self._dpo_fast_record(out.route)
         loss = out.loss if self.loss_type == "dapo" else out.loss / accum
-        with torch.no_grad():
+        with torch.no_grad():  # out.token_logps: (B, C) detached policy log-probs from the same pass
             self._dpo_fast_log(mode, out.token_logps, old, ref, mask, advantages, out)
         return loss
 
@@ -249,9 +249,8 @@ class _FastGRPOMixin:
         if self.beta != 0.0:
             d = ref.to(lp.dtype) - lp
             m["kl"].append(_masked_mean(acc, torch.exp(d) - d - 1, mask))
-        n_tok = mask.sum()
-        m["entropy"].append(reduced_mean(acc, torch.as_tensor(out.metrics["entropy"], device=lp.device) * n_tok,
-                                         n_tok))
+        # per-process sums from the loss's own pass, summed over processes
+        m["entropy"].append(reduced_mean(acc, out.token_sums["entropy_sum"], out.token_sums["tokens"]))
         low = ((coef_1 < 1 - self.epsilon_low) & (A < 0)).float()
         high = ((coef_1 > 1 + self.epsilon_high) & (A > 0)).float()
         m["clip_ratio/low_mean"].append(_masked_mean(acc, low, mask))
