@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dpo_fast
-from support import CountMM, assert_close, assert_output_matches, random_labels
+from support import CountMM, assert_close, assert_output_matches, random_labels, seed_of
 
 CONFIGS = [
     dict(),
@@ -134,3 +134,79 @@ def test_packed_input_equals_padded(cfg, fused):
     assert_close(pk.token_logps, cat(pad.token_logps), torch.float32, "token_logps")
     for k, v in pad.metrics.items():
         assert pk.metrics[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+
+
+# every TRL 1.16 loss type and option: fused where the per-token gradient is local, else two-pass (recorded)
+TRL_OPTIONS = {
+    "cispo": dict(loss_type="cispo", epsilon_high=1.5),
+    "sapo": dict(loss_type="sapo"),
+    "luspo_seq": dict(loss_type="luspo", importance_sampling_level="sequence"),
+    "vespo": dict(loss_type="vespo"),
+    "delta": dict(loss_type="dapo", delta=1.2, epsilon_high=0.28),
+    "bias_kl": dict(loss_type="bnpo", beta=0.05, use_bias_correction_kl=True),
+    "off_policy": dict(loss_type="grpo", off_policy_mask_threshold=0.05),
+    "vllm_token": dict(loss_type="dapo", vllm_importance_sampling_mode="token_truncate"),
+    "vllm_seq": dict(loss_type="grpo", vllm_importance_sampling_mode="sequence_mask",
+                     vllm_importance_sampling_clip_min=0.5),
+    "vespo_vllm": dict(loss_type="vespo", vllm_importance_sampling_mode="token_mask",
+                       vllm_importance_sampling_clip_min=0.5),
+    "entropy_mask": dict(loss_type="dapo", top_entropy_quantile=0.5),
+}
+
+
+@pytest.mark.parametrize("name", list(TRL_OPTIONS))
+def test_every_trl_option_fused_or_recorded_two_pass(name):
+    kw = TRL_OPTIONS[name]
+    h, w, b, labels, adv, old, ref = _batch(seed_of(name))
+    g = torch.Generator().manual_seed(seed_of(name, "samp"))
+    samp = old + torch.randn(old.shape, generator=g) * 0.2
+    extra = {"sampling_logps": samp} if kw.get("vllm_importance_sampling_mode") else {}
+    ref_ = ref if kw.get("beta") else None
+    hh, ww, bb = (x.clone().requires_grad_() for x in (h, w, b))
+    tok = dpo_fast.token_logprobs(hh, ww, labels, bias=bb, backend="torch")
+    ent = None
+    if kw.get("top_entropy_quantile", 1.0) < 1.0:
+        z = h.double() @ w.double().t() + b.double()
+        ent = -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1)
+    expect = dpo_fast.grpo_loss(tok, adv, labels != -100, old, ref_, **kw, entropies=ent, **extra)
+    expect.loss.backward()
+    ref_grads = (hh.grad, ww.grad, bb.grad)
+    m = dpo_fast.GRPOLoss(backend="torch", workspace_bytes=14 * w.shape[0] * 8, **kw)
+    hh, ww, bb = (x.clone().requires_grad_() for x in (h, w, b))
+    out = m(hh, ww, labels, adv, old, ref_, bias=bb, **extra)
+    # the entropy threshold is a quantile over the whole batch: not known during a one-pass route
+    assert out.route == ("two_pass" if name == "entropy_mask" else "fused")
+    out.loss.backward()
+    assert_output_matches(out, expect, ("loss", "per_token_loss"), (hh.grad, ww.grad, bb.grad), ref_grads,
+                          metrics_abs=1e-6)
+
+
+def test_per_token_advantages_and_given_is_ratio():
+    h, w, b, labels, adv, old, ref = _batch(31)
+    g = torch.Generator().manual_seed(32)
+    adv_t = torch.randn(labels.shape, generator=g)
+    isr = torch.rand(labels.shape[0], 1, generator=g) + 0.5
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    tok = dpo_fast.token_logprobs(hh, ww, labels, bias=b)
+    expect = dpo_fast.grpo_loss(tok, adv_t, labels != -100, old, importance_sampling_ratio=isr, loss_type="dapo")
+    expect.loss.backward()
+    h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    out = dpo_fast.GRPOLoss(loss_type="dapo", workspace_bytes=14 * w.shape[0] * 8)(
+        h2, w2, labels, adv_t, old, bias=b, importance_sampling_ratio=isr)
+    assert out.route == "fused"
+    out.loss.backward()
+    assert_output_matches(out, expect, ("loss", "per_token_loss"), (h2.grad, w2.grad), (hh.grad, ww.grad),
+                          metrics_abs=1e-6)
+
+
+def test_entropy_bonus_rejected_with_a_clear_error():
+    with pytest.raises(ValueError, match="entropy_coef"):
+        dpo_fast.GRPOLoss(entropy_coef=0.01)
+    with pytest.raises(ValueError, match="loss_type"):
+        dpo_fast.GRPOLoss(loss_type="ppo")
+    with pytest.raises(ValueError, match="vllm_importance_sampling_mode"):
+        dpo_fast.GRPOLoss(vllm_importance_sampling_mode="sometimes")
+    h, w, b, labels, adv, old, ref = _batch(33)
+    with pytest.raises(ValueError, match="sampling_logps"):
+        dpo_fast.GRPOLoss(vllm_importance_sampling_mode="token_mask", vllm_importance_sampling_clip_min=0.5)(
+            h.clone().requires_grad_(), w, labels, adv, old)

@@ -1,24 +1,39 @@
-"""``GRPOLoss``: GRPO-family policy-gradient loss straight from hidden states, on the fused route.
+"""``GRPOLoss``: every TRL 1.16 GRPO loss type straight from hidden states, on the fused route where possible.
 
-The per-token GRPO loss (clipped importance ratio x advantage, optional KL to a reference) depends on a
-token's own log-prob — or, with ``importance_sampling_level="sequence"`` (GSPO), on its sequence's mean — and
-the aggregation is linear in the per-token losses with per-sequence coefficients known before the pass:
+The per-token loss of :func:`dpo_fast.grpo_loss` (:func:`dpo_fast.losses.grpo_token_terms`) depends on the
+token's own log-prob (token-level ratio) or its sequence's (``importance_sampling_level="sequence"``), plus
+detached per-token or per-sequence inputs (old, reference and sampler log-probs, advantages, the sampler IS
+ratio, the off-policy mask). Every aggregation is linear in the per-token losses, loss = Σ_{s,t} c_{s,t} l_{s,t},
+with coefficients fixed by the mask and the batch constants (sequence count, token count, max_completion_length,
+num_items_in_batch): they are taken once per forward, by one autograd call of the loss type's registry
+``aggregate`` on the whole mask. So the unit is one sequence and the group loss is Σ c l over the group's
+sequences, l from ``grpo_token_terms`` on the group's rows only.
 
-    loss = Σ_s c_s Σ_t l_{s,t}      grpo: c_s = 1/(S·max(|y_s|,1))   bnpo: 1/max(Σ|y|,1)
-                                    dr_grpo: 1/(S·max_completion_length)   dapo: 1/num_items_in_batch
+Which options are fused (one pass, 3 GEMMs) and why:
 
-So the unit is one sequence: the group loss is Σ_s c_s Σ_t l_{s,t} over the group's sequences, with l from
-:func:`dpo_fast.grpo_loss`'s ``per_token_loss`` on the group's rows only (one autograd call per group).
+- fused: loss types grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, vespo (each registry entry is ``local``);
+  token- and sequence-level ratios; ``delta``; β > 0 with or without ``use_bias_correction_kl``;
+  ``off_policy_mask_threshold`` (a per-sequence mask from detached log-probs); the sampler IS correction
+  (``vllm_importance_sampling_mode`` from ``sampling_logps``, or a given ``importance_sampling_ratio``: detached
+  per-token / per-sequence factors).
+- two-pass route (``out.route == "two_pass"``): ``top_entropy_quantile < 1`` — the entropy threshold is a
+  quantile over *every* completion token of the batch, unknown until the whole pass has run, so no group's
+  gradient can be formed during it; the engine's pass gives the entropies (no extra GEMM), then autograd.
+- rejected with a clear error: ``entropy_coef != 0`` — the entropy bonus is differentiated through the
+  entropy, whose logits gradient is not of the form g_t (onehot − softmax) that the engine's passes make; use
+  :func:`dpo_fast.grpo_loss` with differentiable entropies for it.
 
-Token layout: the per-token inputs (``old_logps``, ``ref_logps``) are shaped like ``labels`` — (B, T) padded
-or (N,) packed with ``cu_seqlens`` — and only their scored positions are read. Internally every sequence is a
-row of an (S, C) matrix whose column is the token's position in its row (padded: C = T; packed: C = the
-longest sequence), which is what ``grpo_loss`` sees; ``per_token_loss`` and ``token_logps`` come back shaped
-like ``labels``. ``max_completion_length`` (dr_grpo) defaults to C.
+Token layout: the per-token inputs (``old_logps``, ``ref_logps``, ``sampling_logps``, per-token advantages or
+IS ratios) are shaped like ``labels`` — (B, T) padded or (N,) packed with ``cu_seqlens`` — and only their
+scored positions are read. Internally every sequence is a row of an (S, C) matrix whose column is the token's
+position in its row (padded: C = T; packed: C = the longest sequence), which is what ``grpo_loss`` sees;
+``per_token_loss`` and ``token_logps`` come back shaped like ``labels``. ``max_completion_length`` (dr_grpo)
+defaults to C.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -36,87 +51,95 @@ class GRPOTask:
     """One GRPOLoss forward as a :class:`dpo_fast.fused.route.UnitTask`: units = sequences."""
 
     units: Tensor  # (S, 1)
-    options: dict  # grpo_loss options (beta, epsilons, level, loss_type, max_completion_length)
+    options: L.GRPOOptions  # validated, max_completion_length filled in
     row: Tensor  # (N,) row (sequence) of each scored token
     col: Tensor  # (N,) column of each scored token in its row
     num_cols: int  # C
-    advantages: Tensor  # (S,)
-    old: Tensor | None  # (N,) old-policy log-probs at the scored tokens
-    ref: Tensor | None  # (N,) reference log-probs at the scored tokens
-    coef: Tensor  # (S,) aggregation coefficient c_s
+    per_token: dict  # name -> (N,) detached values at the scored tokens (old, ref, sampling, advantages, ...)
+    per_seq: dict  # name -> (S,) or (S, 1) detached per-sequence values (advantages, importance_sampling_ratio)
+    coef: Tensor  # (S, C) aggregation coefficients c_{s,t}
     num_items_in_batch: object
     want_stats: bool = False
     decomposable: bool = True
 
-    def matrices(self, v: Values, rows: Tensor, num_rows: int):
-        """(R, C) logp / mask / old / ref matrices of the tokens in ``v`` at rows ``rows`` (n,)."""
+    def matrices(self, v: Values, rows: Tensor, ids: Tensor) -> dict:
+        """grpo_loss's (R, C) inputs for the tokens of ``v`` at rows ``rows`` (n,) of units ``ids`` (R,)."""
         cols = self.col.index_select(0, v.tok)
-        shape = (num_rows, self.num_cols)
+        shape = (ids.numel(), self.num_cols)
+        dev, dt = v.logp.device, v.logp.dtype
 
         def place(x):
-            z = torch.zeros(shape, dtype=v.logp.dtype, device=v.logp.device)
-            return z.index_put((rows, cols), x.to(v.logp.dtype))
+            return torch.zeros(shape, dtype=dt, device=dev).index_put((rows, cols), x.to(dt))
 
-        mask = torch.zeros(shape, dtype=torch.bool, device=v.logp.device).index_put(
+        kw = {name: place(x.index_select(0, v.tok)) for name, x in self.per_token.items()}
+        kw.update({name: x[ids] for name, x in self.per_seq.items()})
+        kw["mask"] = torch.zeros(shape, dtype=torch.bool, device=dev).index_put(
             (rows, cols), torch.ones_like(rows, dtype=torch.bool))
-        old = None if self.old is None else place(self.old.index_select(0, v.tok))
-        ref = None if self.ref is None else place(self.ref.index_select(0, v.tok))
-        return place(v.logp), mask, old, ref
+        kw["logps"] = place(v.logp)
+        if v.stats is not None:
+            kw["entropies"] = place(v.stats.entropy)
+        return kw
 
     def group_loss(self, v: Values) -> Tensor:
         ids = v.units  # (G,) sequence ids
-        lp, mask, old, ref = self.matrices(v, v.seg, ids.numel())
-        out = L.grpo_loss(lp, self.advantages[ids], mask, old, ref, **self.options, compute_metrics=False)
-        return (out.per_token_loss.sum(-1) * self.coef[ids]).sum()
+        kw = self.matrices(v, v.seg, ids)
+        kw.pop("entropies", None)  # only top_entropy_quantile < 1 uses them, and that runs two-pass
+        terms = L.grpo_token_terms(kw.pop("logps"), kw.pop("advantages"), kw.pop("mask"), options=self.options,
+                                   **kw)
+        return (terms.per_token_loss * self.coef[ids]).sum()
 
     def batch_loss(self, v: Values, compute_metrics: bool):
-        lp, mask, old, ref = self.matrices(v, self.row, self.units.shape[0])
-        return L.grpo_loss(lp, self.advantages, mask, old, ref, **self.options,
+        kw = self.matrices(v, self.row, v.units)
+        o = dataclasses.asdict(self.options)
+        return L.grpo_loss(kw.pop("logps"), kw.pop("advantages"), kw.pop("mask"), **kw, **o,
                            num_items_in_batch=self.num_items_in_batch, compute_metrics=compute_metrics)
 
 
-def aggregation_coefficients(loss_type: str, counts: Tensor, max_completion_length: int, num_items) -> Tensor:
-    """(S,) c_s with loss = Σ_s c_s Σ_t l_{s,t}, exactly as :func:`dpo_fast.grpo_loss` aggregates."""
-    S = counts.shape[0]
-    if loss_type == "grpo":
-        return 1.0 / (counts.clamp_min(1.0) * S)
-    if loss_type == "bnpo":
-        return torch.full_like(counts, 1.0) / counts.sum().clamp_min(1.0)
-    if loss_type == "dr_grpo":
-        return torch.full_like(counts, 1.0 / (S * max_completion_length))
-    n = counts.sum().clamp_min(1.0) if num_items is None else num_items
-    if isinstance(n, Tensor):
-        n = n.detach().to(device=counts.device, dtype=counts.dtype)
-    return torch.ones_like(counts) / n
+def aggregation_coefficients(options: L.GRPOOptions, mask: Tensor, num_items) -> Tensor:
+    """(S, C) c with loss = Σ c ⊙ per_token_loss, from one autograd call of the registry's (linear) aggregate."""
+    entry = options.entry
+    m = mask.to(torch.float32 if mask.dtype == torch.bool else mask.dtype)
+    n_items = num_items if (entry.token_normalised and num_items is not None) else m.sum().clamp_min(1.0)
+    with torch.enable_grad():
+        x = torch.zeros_like(m, requires_grad=True)
+        (c,) = torch.autograd.grad(entry.aggregate(x, m, options, n_items), x)
+    return c.detach()
 
 
 class GRPOLoss(FusedLossModule):
-    r"""GRPO / DAPO / Dr. GRPO / GSPO loss from last hidden states and the lm_head weight.
+    r"""Every TRL 1.16 GRPO loss (GRPO / BNPO / Dr. GRPO / DAPO / CISPO / SAPO / LUSPO / VESPO, GSPO's
+    sequence-level ratio) from last hidden states and the lm_head weight; see :func:`dpo_fast.grpo_loss`.
 
     Args:
-        beta, epsilon_low, epsilon_high, importance_sampling_level (``token`` | ``sequence``), loss_type
-            (``grpo`` | ``bnpo`` | ``dr_grpo`` | ``dapo``), max_completion_length: as in
-            :func:`dpo_fast.grpo_loss` (``max_completion_length`` defaults to the row length T, or the longest
-            packed sequence).
+        beta, epsilon_low, epsilon_high, importance_sampling_level (``token`` | ``sequence``), loss_type,
+            max_completion_length, delta, sapo_temperature_pos/neg, vespo_k_pos/lambda_pos/k_neg/lambda_neg,
+            top_entropy_quantile, use_bias_correction_kl, off_policy_mask_threshold,
+            vllm_importance_sampling_mode, vllm_importance_sampling_clip_min/max: as in
+            :func:`dpo_fast.grpo_loss` (validated at construction; ``max_completion_length`` defaults to the
+            row length T, or the longest packed sequence). The module docstring says which are fused.
+        entropy_coef: must be 0 (the entropy bonus needs differentiable entropies: use :func:`dpo_fast.grpo_loss`).
         ignore_index, temperature, softcap, backend: as in :func:`dpo_fast.sequence_logprobs` (use the
             sampling temperature here, as TRL does); validated at construction.
         fused: use the one-pass route when possible (default True).
         workspace_bytes: bytes for one group of whole sequences' logits (default 8 x the engine workspace);
             a sequence that does not fit alone sends the batch to the two-pass route.
-        compute_metrics: fill ``metrics`` (``kl``, ``clip_ratio/*``; one host sync).
+        compute_metrics: fill ``metrics`` (TRL's names: ``kl``, the loss type's clip statistics, ``sampling/*``;
+            one host sync).
         token_metrics: also log ``entropy`` (mean over completion tokens), from the same pass.
 
     Forward:
         hidden: (B, T, H) last hidden states of prompt + sampled completion, or packed (N, H) with
         ``cu_seqlens`` (S+1,); weight: (V, H); labels: (B, T) / (N,) shifted completion tokens,
-        ``ignore_index`` elsewhere (they define the mask); advantages: (S,) one per sequence;
-        old_logps, ref_logps: optional per-token log-probs shaped like ``labels`` (``ref_logps`` required
-        when beta != 0); bias: optional (V,); num_items_in_batch: for ``dapo``.
+        ``ignore_index`` elsewhere (they define the mask); advantages: (S,) one per sequence, or per token
+        shaped like ``labels``; old_logps, ref_logps, sampling_logps: optional per-token log-probs shaped like
+        ``labels`` (``ref_logps`` required when beta != 0, ``sampling_logps`` with
+        ``vllm_importance_sampling_mode``); importance_sampling_ratio: optional (S, 1) or shaped like
+        ``labels``; bias: optional (V,); num_items_in_batch: for dapo / cispo / vespo.
 
     Returns:
         :class:`dpo_fast.fused.FusedGRPOOutput`: ``loss`` differentiable w.r.t. hidden, weight and bias;
         ``per_token_loss`` and ``token_logps`` shaped like ``labels`` (detached on the fused route);
-        ``route``; ``token_sums`` with ``token_metrics``.
+        ``route`` ("fused" | "two_pass"); ``token_sums`` with ``token_metrics``.
 
     Examples::
 
@@ -126,37 +149,61 @@ class GRPOLoss(FusedLossModule):
 
     def __init__(self, beta: float = 0.0, epsilon_low: float = 0.2, epsilon_high: float | None = None, *,
                  importance_sampling_level: str = "token", loss_type: str = "grpo",
-                 max_completion_length: int | None = None, ignore_index: int = -100, temperature: float = 1.0,
-                 softcap: float | None = None, backend: str = "auto", fused: bool = True,
+                 max_completion_length: int | None = None, delta: float | None = None,
+                 sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05, vespo_k_pos: float = 2.0,
+                 vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0,
+                 top_entropy_quantile: float = 1.0, entropy_coef: float = 0.0, use_bias_correction_kl: bool = False,
+                 off_policy_mask_threshold: float | None = None, vllm_importance_sampling_mode: str | None = None,
+                 vllm_importance_sampling_clip_min: float | None = None,
+                 vllm_importance_sampling_clip_max: float | None = 3.0, ignore_index: int = -100,
+                 temperature: float = 1.0, softcap: float | None = None, backend: str = "auto", fused: bool = True,
                  workspace_bytes: int | None = None, compute_metrics: bool = True, token_metrics: bool = False):
         super().__init__(ignore_index=ignore_index, temperature=temperature, softcap=softcap, backend=backend,
                          fused=fused, workspace_bytes=workspace_bytes, compute_metrics=compute_metrics,
                          token_metrics=token_metrics)
-        self.options = dict(beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
-                            importance_sampling_level=importance_sampling_level, loss_type=loss_type,
-                            max_completion_length=max_completion_length)
         # validate the options now: a bad config fails at construction, not at the first step
-        one = torch.zeros(1, 2)
-        L.grpo_loss(one, torch.zeros(1), torch.ones(1, 2), None, None if beta == 0 else one,
-                    **self.options, compute_metrics=False)
+        self.grpo_options = L.GRPOOptions(
+            loss_type=loss_type, beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
+            importance_sampling_level=importance_sampling_level, max_completion_length=max_completion_length,
+            sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
+            vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
+            vespo_lambda_neg=vespo_lambda_neg, top_entropy_quantile=top_entropy_quantile,
+            entropy_coef=entropy_coef, use_bias_correction_kl=use_bias_correction_kl,
+            off_policy_mask_threshold=off_policy_mask_threshold,
+            vllm_importance_sampling_mode=vllm_importance_sampling_mode,
+            vllm_importance_sampling_clip_min=vllm_importance_sampling_clip_min,
+            vllm_importance_sampling_clip_max=vllm_importance_sampling_clip_max)
+        if self.grpo_options.entropy_coef != 0.0:
+            raise ValueError(
+                f"entropy_coef: GRPOLoss supports only 0, got {entropy_coef!r}: the entropy bonus is "
+                "differentiated through the per-token entropies, which the log-prob engine does not "
+                "differentiate; compute entropies with gradients and use dpo_fast.grpo_loss(..., entropies=...)")
+        #: the options as grpo_loss takes them (kept for repr and callers that build grpo_loss calls)
+        self.options = dataclasses.asdict(self.grpo_options)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items()) + f", fused={self.fused}"
+        defaults = dataclasses.asdict(L.GRPOOptions())
+        shown = {k: v for k, v in self.options.items() if v != defaults[k] or k == "loss_type"}
+        return ", ".join(f"{k}={v!r}" for k, v in shown.items()) + f", fused={self.fused}"
 
     @torch.compiler.disable  # data-dependent grouping: run eagerly inside compiled graphs
     @autocast_entry("hidden", "weight", "bias")
     def forward(self, hidden, weight, labels, advantages, old_logps=None, ref_logps=None, *, bias=None,
-                cu_seqlens=None, num_items_in_batch=None):
+                cu_seqlens=None, num_items_in_batch=None, sampling_logps=None, importance_sampling_ratio=None):
         p = self.prepare(hidden, weight, labels, bias, cu_seqlens)
         sc = p.sc
         S, dev = sc.num_seqs, sc.idx.device
-        if not isinstance(advantages, Tensor) or tuple(advantages.shape) != (S,):
-            raise ValueError(f"advantages: expected shape ({S},) (one per sequence), got "
-                             f"{tuple(getattr(advantages, 'shape', ()))}")
-        for name, t in (("old_logps", old_logps), ("ref_logps", ref_logps)):
-            if t is not None and (not isinstance(t, Tensor) or tuple(t.shape) != tuple(labels.shape)):
-                raise ValueError(f"{name}: expected shape {tuple(labels.shape)} like labels, got "
-                                 f"{tuple(getattr(t, 'shape', ()))}")
+        shape = tuple(labels.shape)
+        if not isinstance(advantages, Tensor) or tuple(advantages.shape) not in ((S,), shape):
+            raise ValueError(f"advantages: expected shape ({S},) (one per sequence) or {shape} (per token, like "
+                             f"labels), got {tuple(getattr(advantages, 'shape', ()))}")
+        for name, t in (("old_logps", old_logps), ("ref_logps", ref_logps), ("sampling_logps", sampling_logps)):
+            if t is not None and (not isinstance(t, Tensor) or tuple(t.shape) != shape):
+                raise ValueError(f"{name}: expected shape {shape} like labels, got {tuple(getattr(t, 'shape', ()))}")
+        isr = importance_sampling_ratio
+        if isr is not None and (not isinstance(isr, Tensor) or tuple(isr.shape) not in ((S, 1), shape)):
+            raise ValueError(f"importance_sampling_ratio: expected shape ({S}, 1) or {shape} like labels, got "
+                             f"{tuple(getattr(isr, 'shape', ()))}")
         if cu_seqlens is None:
             T = labels.shape[1]
             col = sc.idx - sc.seq * T
@@ -164,27 +211,38 @@ class GRPOLoss(FusedLossModule):
             cu = cu_seqlens.to(device=dev, dtype=torch.int64)
             col = sc.idx - cu[sc.seq]
             T = int((cu[1:] - cu[:-1]).max())
-        counts = sc.counts()
-        opts = dict(self.options)
-        if opts["max_completion_length"] is None:
-            opts["max_completion_length"] = T
+        o = self.grpo_options
+        if o.max_completion_length is None:
+            o = dataclasses.replace(o, max_completion_length=T)
 
         def at_scored(t):
-            return None if t is None else t.detach().reshape(-1).index_select(0, sc.idx)
+            return t.detach().reshape(-1).index_select(0, sc.idx)
 
-        task = GRPOTask(
-            units=torch.arange(S, device=dev)[:, None], options=opts, row=sc.seq, col=col, num_cols=T,
-            advantages=advantages.detach().to(dev), old=at_scored(old_logps), ref=at_scored(ref_logps),
-            coef=aggregation_coefficients(opts["loss_type"], counts, opts["max_completion_length"],
-                                          num_items_in_batch),
-            num_items_in_batch=num_items_in_batch, want_stats=self.token_metrics)
+        per_token = {name: at_scored(t) for name, t in (("old_logps", old_logps), ("ref_logps", ref_logps),
+                                                         ("sampling_logps", sampling_logps)) if t is not None}
+        per_seq = {}
+        for name, t in (("advantages", advantages), ("importance_sampling_ratio", isr)):
+            if t is None:
+                continue
+            if tuple(t.shape) == shape and (t.dim() > 1 or cu_seqlens is not None):  # per token
+                per_token[name] = at_scored(t)
+            else:
+                per_seq[name] = t.detach().to(dev)
+        mask = torch.zeros(S, T, dtype=torch.bool, device=dev).index_put(
+            (sc.seq, col), torch.ones_like(col, dtype=torch.bool))
+        quantile = o.top_entropy_quantile < 1.0
+        task = GRPOTask(units=torch.arange(S, device=dev)[:, None], options=o, row=sc.seq, col=col, num_cols=T,
+                        per_token=per_token, per_seq=per_seq,
+                        coef=aggregation_coefficients(o, mask, num_items_in_batch),
+                        num_items_in_batch=num_items_in_batch, want_stats=self.token_metrics or quantile,
+                        decomposable=o.entry.local and not quantile)
         out, route, values = self.run(p, task, hidden)
         # back to the labels' layout: (S, C) rows -> flat positions
         n_pos = labels.numel()
 
         def to_labels(per_scored: Tensor) -> Tensor:  # (N,) at the scored tokens -> labels' shape
             flat = torch.zeros(n_pos, dtype=per_scored.dtype, device=dev)
-            return flat.index_copy(0, sc.idx, per_scored).view(labels.shape)
+            return flat.index_copy(0, sc.idx, per_scored).view(shape)
 
         if cu_seqlens is not None:  # padded: the (S, C) = (B, T) matrix already has labels' layout
             out.per_token_loss = to_labels(out.per_token_loss[sc.seq, col])
