@@ -7,6 +7,7 @@ Formulas and papers: docs/LOSSES.md and :mod:`.registry` (names match TRL's ``lo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Sequence
@@ -63,7 +64,7 @@ class PairwiseConfig:
     types: tuple[str, ...]
     weights: tuple[float, ...]
     beta: float
-    eps: float
+    eps: tuple[float, ...]  # label_smoothing of each loss type of the list
     f_div: str
     alpha: float
     tau: float
@@ -85,7 +86,7 @@ def make_pairwise_config(
     beta: float = 0.1,
     loss_type: str | Sequence[str] = R.DEFAULT_LOSS_TYPE,
     loss_weights: Sequence[float] | None = None,
-    label_smoothing: float = 0.0,
+    label_smoothing: float | Sequence[float] = 0.0,
     f_divergence_type: str = R.DEFAULT_F_DIVERGENCE,
     f_alpha_divergence_coef: float = 0.5,
     discopop_tau: float = 0.05,
@@ -96,26 +97,42 @@ def make_pairwise_config(
     """Validate the options of :func:`dpo_loss` once (the fused ``DPOLoss`` calls this at construction).
 
     Raises ``ValueError`` / ``TypeError`` naming the option, exactly as :func:`dpo_loss` would, and warns
-    when ``label_smoothing`` is set but no loss type of the list reads it.
+    when ``label_smoothing`` or ``f_divergence_type`` is set for a loss type that does not read it.
     """
     types, weights = normalize_loss_types(loss_type, loss_weights)
     beta = check_positive("beta", beta)
-    eps = check_finite("label_smoothing", label_smoothing)
-    uses_eps = [lt for lt in types if R.pairwise(lt).eps_range is not None]
-    for lt in uses_eps:
+    if isinstance(label_smoothing, Sequence) and not isinstance(label_smoothing, str):
+        eps_list = [check_finite("label_smoothing", e) for e in label_smoothing]
+        if len(eps_list) != len(types):
+            raise ValueError(f"label_smoothing has {len(eps_list)} entries but loss_type has {len(types)} ({types}); "
+                             "give one value per loss type, or one float for all")
+    else:
+        eps_list = [check_finite("label_smoothing", label_smoothing)] * len(types)
+    for lt, eps in zip(types, eps_list):
         entry = R.pairwise(lt)
-        check_range("label_smoothing", eps, *entry.eps_range, hint=f" for loss_type={lt!r}{entry.eps_hint}")
-    if eps != 0.0 and not uses_eps:
+        if entry.eps_range is not None:
+            check_range("label_smoothing", eps, *entry.eps_range, hint=f" for loss_type={lt!r}{entry.eps_hint}")
+    ignored = [lt for lt, eps in zip(types, eps_list) if eps != 0.0 and R.pairwise(lt).eps_range is None]
+    if ignored and (len(set(eps_list)) > 1 or all(R.pairwise(lt).eps_range is None for lt in types)):
         warnings.warn(
-            f"label_smoothing={eps} is ignored by loss_type {types}; it applies to {sorted(R.EPS_RANGES)}",
+            f"label_smoothing is ignored by loss_type {ignored}; it applies to {sorted(R.EPS_RANGES)}",
             stacklevel=stacklevel + 1,
         )
+    if f_divergence_type != R.DEFAULT_F_DIVERGENCE:
+        plain = [lt for lt in types if not R.pairwise(lt).trl_accepts_f_divergence]
+        if plain:
+            warnings.warn(
+                f"f_divergence_type={f_divergence_type!r} is ignored by loss_type {plain}: they use the plain "
+                "log-ratios (TRL 1.16 rejects these combinations; the f-divergence reward only cancels in the "
+                f"chosen-rejected difference of {sorted(e.name for e in R.PAIRWISE if e.uses_f_divergence)})",
+                stacklevel=stacklevel + 1,
+            )
     R.f_divergence(f_divergence_type)
     alpha = check_finite("f_alpha_divergence_coef", f_alpha_divergence_coef)
     tau = check_positive("discopop_tau", discopop_tau)
     if reduction not in R.REDUCTIONS:
         raise ValueError(f"reduction must be one of {list(R.REDUCTIONS)}, got {reduction!r}")
-    return PairwiseConfig(tuple(types), tuple(weights), beta, eps, f_divergence_type, alpha, tau, reduction,
+    return PairwiseConfig(tuple(types), tuple(weights), beta, tuple(eps_list), f_divergence_type, alpha, tau, reduction,
                           bool(use_weighting))
 
 
@@ -194,12 +211,14 @@ def _combined_losses(cfg: PairwiseConfig, x: PairInputs, e: _Extras, num_pairs: 
     r_w, r_l = x.lw - x.lw_ref, x.ll - x.ll_ref
     fd = R.f_divergence(cfg.f_div)
     batch = PairBatch(
-        beta=cfg.beta, eps=cfg.eps, tau=cfg.tau, lw=x.lw, ll=x.ll, lw_ref=x.lw_ref, ll_ref=x.ll_ref, r_w=r_w,
+        beta=cfg.beta, eps=cfg.eps[0], tau=cfg.tau, lw=x.lw, ll=x.ll, lw_ref=x.lw_ref, ll_ref=x.ll_ref, r_w=r_w,
         r_l=r_l, s_w=fd.score(r_w, cfg.alpha), s_l=fd.score(r_l, cfg.alpha), delta=fd.delta(r_w, r_l, cfg.alpha),
         len_w=x.len_w, len_l=x.len_l, sft_logps=e.sft_logps, sft_nll=e.sft_nll,
         num_pairs=x.num_pairs if num_pairs is None else num_pairs, num_chosen_tokens=num_chosen_tokens)
     total = None
-    for lt, w in zip(cfg.types, cfg.weights):
+    for lt, w, eps in zip(cfg.types, cfg.weights, cfg.eps):
+        if eps != batch.eps:
+            batch = dataclasses.replace(batch, eps=eps)
         term = R.pairwise(lt).fn(batch)
         term = term * w if w != 1.0 else term
         total = term if total is None else total + term
@@ -224,7 +243,7 @@ def dpo_loss(
     beta: float = 0.1,
     loss_type: str | Sequence[str] = R.DEFAULT_LOSS_TYPE,
     loss_weights: Sequence[float] | None = None,
-    label_smoothing: float = 0.0,
+    label_smoothing: float | Sequence[float] = 0.0,
     f_divergence_type: str = R.DEFAULT_F_DIVERGENCE,
     f_alpha_divergence_coef: float = 0.5,
     discopop_tau: float = 0.05,
@@ -262,11 +281,13 @@ def dpo_loss(
         loss_weights: one finite weight per entry of ``loss_type`` (default all 1).
         label_smoothing: ε, in the range the registry gives each loss type: sigmoid / aot / aot_unpaired
             [0, 0.5]; robust [0, 0.5); exo_pair (0, 0.5] (1e-3 typical). Other loss types ignore it (with a
-            warning).
+            warning). A list gives one ε per entry of ``loss_type`` (TRL's trainer path passes 0 for sigmoid,
+            whose TRL formula has no ε, and the config's ε for the others).
         f_divergence_type: ``reverse_kl`` (s = r), ``forward_kl`` (s = 1 − e^{−r}), ``js_divergence``
             (s = log 2 + log σ(r)) or ``alpha_divergence`` (s = (e^{(α−1)r} − 1)/(α−1), (α−1)r clamped at 80
             before the exponential as in TRL). Only the loss types whose formula is written with s or Δ use
-            it; nca_pair, bco_pair, sppo_hard, apo_*, aot* use the plain log-ratios r (as TRL does).
+            it; nca_pair, bco_pair, sppo_hard, apo_*, aot* use the plain log-ratios r (as TRL's code does;
+            TRL rejects those combinations, dpo_fast warns).
         f_alpha_divergence_coef: α for ``alpha_divergence`` (default 0.5); |α − 1| < 1e-6 is reverse-KL.
         discopop_tau: τ > 0 of DiscoPOP (0.05).
         chosen_lengths, rejected_lengths: (P,) number of scored completion tokens |y| per sequence: finite
@@ -345,7 +366,7 @@ def pair_loss_and_grads(
     beta: float = 0.1,
     loss_type: str | Sequence[str] = R.DEFAULT_LOSS_TYPE,
     loss_weights: Sequence[float] | None = None,
-    label_smoothing: float = 0.0,
+    label_smoothing: float | Sequence[float] = 0.0,
     f_divergence_type: str = R.DEFAULT_F_DIVERGENCE,
     f_alpha_divergence_coef: float = 0.5,
     discopop_tau: float = 0.05,

@@ -73,6 +73,11 @@ class PairwiseLossType:
     eps_hint: str = ""
     sft_term: bool = False
 
+    @property
+    def trl_accepts_f_divergence(self) -> bool:
+        """TRL 1.16 allows a non-reverse-KL f_divergence_type with this loss type."""
+        return self.uses_f_divergence or self.sft_term
+
 
 PAIRWISE: tuple[PairwiseLossType, ...] = (
     PairwiseLossType(
