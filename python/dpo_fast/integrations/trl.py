@@ -29,48 +29,24 @@ router aux loss (``router_aux_loss_coef`` != 0 on MoE models), prompt-learning P
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Any
 
 import torch
 
 from ..fused import DPOLoss, pair_logprobs
 from ..hf import call_with_hidden_states, install_fused_forward
+from ._trainer_common import SUPPORTED_TRL, UnsupportedTRLVersion, check_trl_version
 
 try:
-    import trl
     from trl import DPOTrainer
 except ImportError as e:  # pragma: no cover - exercised only without trl
     raise ImportError("dpo_fast.integrations.trl needs TRL: pip install 'trl>=1.16,<1.17'") from e
 
 __all__ = ["FastDPOTrainer", "patch_trainer", "SUPPORTED_TRL", "UnsupportedTRLVersion", "check_trl_version"]
 
-#: TRL versions this integration is tested with: [low, high).
-SUPPORTED_TRL = ("1.16.0", "1.17.0")
-_ALLOW_ENV = "DPO_FAST_ALLOW_UNTESTED_TRL"
 
 # loss types whose TRL formula uses label_smoothing (TRL's "sigmoid" does not, unlike dpo_fast's cDPO)
 _SMOOTHED = {"robust", "exo_pair", "aot", "aot_unpaired"}
-
-
-class UnsupportedTRLVersion(RuntimeError):
-    """The installed TRL is outside :data:`SUPPORTED_TRL`."""
-
-
-def check_trl_version(version: str | None = None) -> str:
-    """Raise :class:`UnsupportedTRLVersion` unless TRL's version is in :data:`SUPPORTED_TRL`.
-
-    Set the environment variable ``DPO_FAST_ALLOW_UNTESTED_TRL=1`` to try an untested release anyway.
-    """
-    from packaging.version import Version
-
-    version = version or trl.__version__
-    lo, hi = SUPPORTED_TRL
-    if not (Version(lo) <= Version(version) < Version(hi)) and os.environ.get(_ALLOW_ENV) != "1":
-        raise UnsupportedTRLVersion(
-            f"dpo_fast.integrations.trl supports TRL >={lo},<{hi}; found trl {version}. Install a supported "
-            f"release (pip install 'trl>={lo},<{hi}') or set {_ALLOW_ENV}=1 to try this one untested.")
-    return version
 
 
 def _shifted_labels(input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
