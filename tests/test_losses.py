@@ -613,3 +613,82 @@ def test_docstring_examples():
                               optionflags=doctest.ELLIPSIS)
         failed, attempted = failed + res.failed, attempted + res.attempted
     assert failed == 0 and attempted > 0
+
+
+# ---------------------------------------------------------------------------------------------- bad input (issue 8)
+@pytest.mark.parametrize("bad", [[-1, 3], [float("nan"), 3.0], [2.5, 3.0], [float("inf"), 1.0]],
+                         ids=["negative", "nan", "fractional", "inf"])
+@pytest.mark.parametrize("side", ["chosen_lengths", "rejected_lengths"])
+def test_bad_lengths_are_rejected_naming_the_argument(bad, side):
+    lw, ll = torch.tensor([-3.0, -4.0]), torch.tensor([-5.0, -6.0])
+    good = torch.tensor([2, 3])
+    lengths = {"chosen_lengths": good, "rejected_lengths": good, side: torch.tensor(bad)}
+    calls = [
+        lambda: L.dpo_loss(lw, ll, loss_type="ipo", **lengths),
+        lambda: L.dpo_loss(lw, ll, **lengths),  # even where the loss type does not need them
+        lambda: L.pair_loss_and_grads(lw, ll, loss_type="sigmoid_norm", **lengths),
+        lambda: L.cpo_loss(lw, ll, loss_type="simpo", **lengths),
+        lambda: L.orpo_loss(lw, ll, **lengths),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=rf"{side} must hold token counts"):
+            call()
+
+
+def test_lengths_as_whole_floats_and_lists_are_accepted():
+    lw, ll = torch.tensor([-3.0, -4.0]), torch.tensor([-5.0, -6.0])
+    a = L.dpo_loss(lw, ll, loss_type="ipo", chosen_lengths=[2, 3], rejected_lengths=[4, 0]).loss
+    b = L.dpo_loss(lw, ll, loss_type="ipo", chosen_lengths=torch.tensor([2.0, 3.0]),
+                   rejected_lengths=torch.tensor([4.0, 0.0])).loss
+    close(a, b, "f32")
+    with pytest.raises(TypeError, match="chosen_lengths must be a"):
+        L.dpo_loss(lw, ll, loss_type="ipo", chosen_lengths=object(), rejected_lengths=[1, 1])
+
+
+@pytest.mark.parametrize("bad", [None, 3, ["sigmoid", None]])
+def test_loss_type_not_a_str_names_the_argument(bad):
+    lw, ll = torch.tensor([-3.0]), torch.tensor([-5.0])
+    with pytest.raises(TypeError, match=r"loss_type must be a str.*sigmoid.*sft"):
+        L.dpo_loss(lw, ll, loss_type=bad)
+    with pytest.raises(TypeError, match="loss_type must be a str"):
+        L.is_pair_decomposable(bad)
+    if not isinstance(bad, list):
+        with pytest.raises(TypeError, match=r"loss_type must be a str.*simpo"):
+            L.cpo_loss(lw, ll, loss_type=bad)
+        with pytest.raises(TypeError, match=r"loss_type must be a str.*vespo"):
+            L.grpo_loss(torch.zeros(1, 2), torch.zeros(1), torch.ones(1, 2), loss_type=bad)
+
+
+def test_per_type_label_smoothing_and_ignored_options_warn():
+    lw, ll, lwr, llr, nw, nl = make_batch(P=5, seed=11)
+    out = L.dpo_loss(lw, ll, lwr, llr, loss_type=["sigmoid", "robust"], label_smoothing=[0.0, 0.1],
+                     reduction="none").losses
+    ref = ref_pair_loss("sigmoid", lw, ll, lwr, llr, beta=0.1) + ref_pair_loss("robust", lw, ll, lwr, llr, beta=0.1,
+                                                                               eps=0.1)
+    close(out, ref, "f64")
+    with pytest.raises(ValueError, match="label_smoothing has 1 entries"):
+        L.dpo_loss(lw, ll, loss_type=["sigmoid", "robust"], label_smoothing=[0.1])
+    with pytest.warns(UserWarning, match=r"label_smoothing is ignored by loss_type \['hinge'\]"):
+        L.dpo_loss(lw, ll, loss_type=["sigmoid", "hinge"], label_smoothing=[0.1, 0.1])
+    with pytest.warns(UserWarning, match=r"f_divergence_type='js_divergence' is ignored by loss_type \['nca_pair'\]"):
+        L.dpo_loss(lw, ll, loss_type=["sigmoid", "nca_pair"], f_divergence_type="js_divergence")
+
+
+def test_sft_chosen_logps_unweighted_term():
+    """The derived SFT term reads sft_chosen_logps (unweighted sums under LD-DPO); pair_loss_and_grads returns
+    its derivative separately."""
+    lw, ll, lwr, llr, nw, nl = make_batch(P=4, seed=12)
+    lu = lw - 1.5  # e.g. the plain sums, while lw are LD-weighted
+    kw = dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.7], chosen_lengths=nw, rejected_lengths=nl)
+    out = L.dpo_loss(lw, ll, lwr, llr, sft_chosen_logps=lu, reduction="none", **kw).losses
+    expect = ref_pair_loss("sigmoid", lw, ll, lwr, llr, beta=0.1) + 0.7 * (-lu.sum() / nw.to(D64).sum())
+    close(out.mean(), expect.mean(), "f64")
+    a = lw.clone().requires_grad_()
+    u = lu.clone().requires_grad_()
+    total = L.dpo_loss(a, ll, lwr, llr, sft_chosen_logps=u, **kw).loss
+    ga, gu = torch.autograd.grad(total, (a, u))
+    losses, dc, dr, du = L.pair_loss_and_grads(lw, ll, lwr, llr, sft_chosen_logps=lu, **kw)
+    close(dc, ga, "grad")
+    close(du, gu, "grad")
+    close(du, torch.full_like(du, -0.7 / nw.to(D64).sum()), "grad")
+    assert len(L.pair_loss_and_grads(lw, ll, lwr, llr, **kw)) == 3

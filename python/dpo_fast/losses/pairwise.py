@@ -101,7 +101,8 @@ def make_pairwise_config(
     """
     types, weights = normalize_loss_types(loss_type, loss_weights)
     beta = check_positive("beta", beta)
-    if isinstance(label_smoothing, Sequence) and not isinstance(label_smoothing, str):
+    per_type = isinstance(label_smoothing, Sequence) and not isinstance(label_smoothing, str)
+    if per_type:
         eps_list = [check_finite("label_smoothing", e) for e in label_smoothing]
         if len(eps_list) != len(types):
             raise ValueError(f"label_smoothing has {len(eps_list)} entries but loss_type has {len(types)} ({types}); "
@@ -113,7 +114,7 @@ def make_pairwise_config(
         if entry.eps_range is not None:
             check_range("label_smoothing", eps, *entry.eps_range, hint=f" for loss_type={lt!r}{entry.eps_hint}")
     ignored = [lt for lt, eps in zip(types, eps_list) if eps != 0.0 and R.pairwise(lt).eps_range is None]
-    if ignored and (len(set(eps_list)) > 1 or all(R.pairwise(lt).eps_range is None for lt in types)):
+    if ignored and (per_type or all(R.pairwise(lt).eps_range is None for lt in types)):
         warnings.warn(
             f"label_smoothing is ignored by loss_type {ignored}; it applies to {sorted(R.EPS_RANGES)}",
             stacklevel=stacklevel + 1,
