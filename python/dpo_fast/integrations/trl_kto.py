@@ -32,6 +32,7 @@ import contextlib
 import torch
 
 from ..hf import call_with_hidden_states, install_fused_forward, output_head
+from ..packing import shifted_labels
 from ._trainer_common import SUPPORTED_TRL, UnsupportedTRLVersion, check_trl_version, patch_instance
 
 try:
@@ -42,16 +43,6 @@ except ImportError as e:  # pragma: no cover - exercised only without trl
 __all__ = ["FastKTOTrainer", "patch_kto_trainer", "SUPPORTED_TRL", "UnsupportedTRLVersion"]
 
 _LOSS_TYPES = ("kto", "apo_zero_unpaired")
-
-
-def _shifted(input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) labels for the engine: labels[t] = input_ids[t+1] where t+1 is a completion token, else -100.
-
-    TRL scores position t+1 of ``input_ids.masked_fill(completion_mask == 0, -100)`` from hidden[t].
-    """
-    lab = torch.full_like(input_ids, -100)
-    lab[:, :-1] = input_ids[:, 1:].masked_fill(completion_mask[:, 1:] == 0, -100)
-    return lab
 
 
 class _FastKTOMixin:
@@ -86,7 +77,7 @@ class _FastKTOMixin:
         """(B,) completion log-probs through the 1-GEMM no-grad forward."""
         from .. import sequence_logprobs
 
-        labels = _shifted(ids, cm)
+        labels = shifted_labels(ids, cm)
 
         def fn(hidden, head):
             h, w, b = head.operands(hidden)
@@ -149,7 +140,7 @@ class _FastKTOMixin:
             kl = acc.gather_for_metrics((kl_logps - ref_kl).mean().detach()).mean().clamp(min=0)
         else:
             kl = torch.zeros((), device=acc.device)
-        labels = _shifted(ids, cm)
+        labels = shifted_labels(ids, cm)
         opts = self._dpo_fast_options
 
         def fn(hidden, head):
