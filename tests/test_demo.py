@@ -4,10 +4,7 @@ import io
 
 import pytest
 
-pytest.importorskip("transformers")
-pytest.importorskip("matplotlib")
-
-from dpo_fast.demo import data, main, run  # noqa: E402
+from dpo_fast.demo import data, main, run  # transformers and matplotlib come with `pip install ".[test]"`
 
 
 def test_rule_and_tokenizer():
