@@ -692,3 +692,18 @@ def test_sft_chosen_logps_unweighted_term():
     close(du, gu, "grad")
     close(du, torch.full_like(du, -0.7 / nw.to(D64).sum()), "grad")
     assert len(L.pair_loss_and_grads(lw, ll, lwr, llr, **kw)) == 3
+
+
+def test_readme_loss_table_is_the_registry():
+    """The README's loss table is the registry's rendering (regenerate: python -m dpo_fast.losses README.md)."""
+    import pathlib
+
+    from dpo_fast.losses import registry
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    start = text.index("\n", text.index("<!-- loss-table:")) + 1
+    assert text[start:text.index("<!-- /loss-table -->")] == registry.render_markdown_table()
+    assert set(L.LOSS_TYPES) == {e.name for e in registry.PAIRWISE} and len(L.LOSS_TYPES) == 15
+    # the docstring table is rendered from the registry too
+    for e in registry.PAIRWISE:
+        assert e.rst_formula in L.dpo_loss.__doc__

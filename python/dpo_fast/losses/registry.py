@@ -2,13 +2,13 @@
 
 This is the one file that spells the loss-type names (and the option values of the GRPO family). Everything
 else is derived from it: the valid-name lists and their validation, the ``dpo_loss`` docstring table, the
-README's loss table (:func:`render_markdown_table`; ``python -m dpo_fast.losses.registry`` prints it, a test
-checks that the README holds exactly that), the TRL integration's label-smoothing rule, and which losses the
+README's loss table (:func:`render_markdown_table`; ``python -m dpo_fast.losses README.md`` rewrites it, a
+test checks that the README holds exactly that), the TRL integration's label-smoothing rule, and which losses the
 fused modules may compute group by group.
 
 Adding a pairwise loss type: write its term in :mod:`.terms` (a function of a :class:`~.terms.PairBatch`),
 add one :class:`PairwiseLossType` entry below, add its float64 reference to ``tests/test_losses.py``, and
-regenerate the README table. See docs/DESIGN.md, "Adding a loss type".
+regenerate the README table (``python -m dpo_fast.losses README.md``). See docs/DESIGN.md, "Adding a loss type".
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class PairwiseLossType:
 
 PAIRWISE: tuple[PairwiseLossType, ...] = (
     PairwiseLossType(
-        "sigmoid", T.pair_sigmoid, "DPO; cDPO with label_smoothing",
+        "sigmoid", T.pair_sigmoid, "DPO; cDPO with label_smoothing (TRL's sigmoid ignores ε)",
         "−(1−ε) log σ(βΔ) − ε log σ(−βΔ)",
         r":math:`-(1-\varepsilon)\log\sigma(\beta\Delta) - \varepsilon\log\sigma(-\beta\Delta)`",
         "Rafailov et al. 2023, arXiv:2305.18290; cDPO: Mitchell 2023",
@@ -335,7 +335,3 @@ def render_rst_table(indent: str = "    ") -> str:
         lines.append(" " * w + f" ({e.method}; {e.paper})")
     lines.append(bar)
     return "\n".join(indent + ln if ln else ln for ln in lines)
-
-
-if __name__ == "__main__":  # python -m dpo_fast.losses.registry > table.md
-    print(render_markdown_table(), end="")
