@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from .logprobs import sequence_logprobs
+from .distributed import is_zero3_param
 
 __all__ = [
     "OutputHead",
@@ -186,7 +187,8 @@ def output_head(model: nn.Module) -> OutputHead:
             "logits = h @ W.T + b (with the config's softcap / logit scale). Compute log-probs from the model's "
             "logits with dpo_fast.logprobs_from_logits instead.")
     w = head.weight
-    if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.dim() != 2:
+    dims = len(w.ds_shape) if is_zero3_param(w) else getattr(w, "dim", lambda: 0)()  # ZeRO-3: 0-element partition
+    if not isinstance(w, torch.Tensor) or not w.is_floating_point() or dims != 2:
         raise UnsupportedHeadError(
             f"model: the output head's weight is {type(w).__name__} {getattr(w, 'dtype', '')} (quantized?); "
             "the fused engine needs a floating (V, H) weight")

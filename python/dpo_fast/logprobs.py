@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .distributed import distributed_head
 from ._validate import autocast_aware, check_cu_seqlens, check_same_device, check_scalars, check_tensor
 from .engine import (LogitsLabelLogprobs, get_workspace_bytes, make_rows, prepare, scored_logprobs,
                      scored_positions, segment_sum)
@@ -18,6 +19,7 @@ from .engine import (LogitsLabelLogprobs, get_workspace_bytes, make_rows, prepar
 
 
 @torch.compiler.disable  # data-dependent tiling: run eagerly inside compiled graphs
+@distributed_head()  # DTensor / ZeRO-3 / vocabulary-parallel heads (dpo_fast.distributed)
 @autocast_aware("hidden", "weight", "bias")
 def sequence_logprobs(hidden, weight, labels, *, bias=None, cu_seqlens=None, ignore_index=-100,
                       temperature=1.0, softcap=None, average=False, backend="auto") -> torch.Tensor:
@@ -72,6 +74,7 @@ def sequence_logprobs(hidden, weight, labels, *, bias=None, cu_seqlens=None, ign
 
 
 @torch.compiler.disable  # data-dependent tiling: run eagerly inside compiled graphs
+@distributed_head()  # DTensor / ZeRO-3 / vocabulary-parallel heads (dpo_fast.distributed)
 @autocast_aware("hidden", "weight", "bias")
 def token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, temperature=1.0, softcap=None,
                    backend="auto") -> torch.Tensor:

@@ -25,6 +25,7 @@ from . import workspace
 from .rows import RowOps, RowResult, TokenStats, acc_dtype, make_rows
 from .scored import Scored
 from .tiles import addmm_fp32_, linear_into, per_elem_bytes, tile, tile_dtype
+from ..distributed.state import active_shard
 
 
 def forward_tokens(hidden2, weight, bias, idx, labels_s, rows: RowOps, budget: int,
@@ -39,6 +40,9 @@ def forward_tokens(hidden2, weight, bias, idx, labels_s, rows: RowOps, budget: i
     Returns:
         :class:`RowResult` of (N,) tensors in the accumulation dtype (float32 for 16/32-bit inputs).
     """
+    if (shard := active_shard(weight)) is not None:  # dpo_fast.distributed: vocabulary-parallel head
+        from ..distributed.vocab_parallel import forward_tokens_vp
+        return forward_tokens_vp(hidden2, weight, bias, idx, labels_s, rows, budget, stats, shard)
     N = idx.numel()
     V = weight.shape[0]
     dev = hidden2.device
@@ -174,6 +178,10 @@ def scored_logprobs(sc: Scored, weight, bias, *, temperature=1.0, softcap=None, 
     ``stats_out``: optional dict filled with the forward's per-token stats, keys :data:`.rows.STAT_KEYS`
     and ``"lse"``, (N,) each (no gradient).
     """
+    if (shard := active_shard(weight)) is not None:  # dpo_fast.distributed: vocabulary-parallel head
+        from ..distributed.vocab_parallel import scored_logprobs_vp
+        return scored_logprobs_vp(sc, weight, bias, temperature=temperature, softcap=softcap, backend=backend,
+                                  stats_out=stats_out, shard=shard)
     rows = make_rows(backend, sc.hidden2.device, sc.hidden2.dtype, temperature, softcap)
     budget = workspace.get_workspace_bytes(sc.hidden2.device)
     return LinearLabelLogprobs.apply(sc.hidden2, weight, bias, sc.idx, sc.labels, rows, budget, stats_out)

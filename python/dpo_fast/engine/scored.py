@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .._validate import check_engine_inputs, check_labels_range
+from ..distributed.state import vocab_size
 
 
 @dataclass
@@ -58,5 +59,6 @@ def prepare(hidden, weight, labels, *, bias=None, cu_seqlens=None, ignore_index=
     One host sync: the scored count. Returns a :class:`Scored`.
     """
     S, T = check_engine_inputs(hidden, weight, labels, bias, cu_seqlens, ignore_index, temperature, softcap)
-    idx, labels_s, seq = scored_positions(labels, weight.shape[0], ignore_index, T, cu_seqlens)
+    V = vocab_size(weight)  # dpo_fast.distributed: the global V when weight is a vocabulary shard
+    idx, labels_s, seq = scored_positions(labels, V, ignore_index, T, cu_seqlens)
     return Scored(hidden.reshape(-1, hidden.shape[-1]), idx, labels_s, seq, S)
