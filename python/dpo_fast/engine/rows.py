@@ -225,8 +225,8 @@ class TritonRows:
 
     def fwd(self, z, labels, *, scratch: bool = True, stats: bool = False) -> RowResult:
         """See :meth:`RowOps.fwd`; the kernel never writes ``z``."""
-        res = self._k.logprob_fwd(z, labels, self.temperature, self.softcap, stats)
-        return RowResult(res[0], res[1], TokenStats(*res[2:6]) if stats else None)
+        logp, lse, st = self._k.logprob_fwd(z, labels, self.temperature, self.softcap, stats)
+        return RowResult(logp, lse, None if st is None else TokenStats(*st))
 
     def bwd(self, z, out, labels, lse, g, v_offset: int):
         """See :meth:`RowOps.bwd`."""

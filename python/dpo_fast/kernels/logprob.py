@@ -155,12 +155,31 @@ def _logprob_bwd_kernel(
     tl.store(dz_ptr + row * stride_dz_row + idx, dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
-def _block_v(n_cols: int, gpu_cap: int) -> int:
-    # Interpreted programs cost per program, not per lane: use wide blocks there. On the GPU, 4096 bf16
-    # columns per row program (forward) keep 16 KB in flight without register spills; the backward's 2-D
-    # grid uses 1024-column blocks.
-    cap = 8192 if _interpreting() else gpu_cap
-    return min(cap, max(16, triton.next_power_of_2(n_cols)))
+# ----------------------------------------------------------------------------------------------------------
+# launch variants: the one table that the launchers check their arguments against and that
+# tests/test_kernels_compile.py compiles for real GPU targets (so a variant only the interpreter accepts fails CI)
+
+#: dtypes of the logits tiles the engine hands the kernels (float64 runs on the torch backend)
+TILE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+#: per kernel: its constexpr flags with every value a launch can pass, the GPU block sizes, the tensor dtypes
+#: of each variant (forward: the tile; backward: (tile, gradient output), the gradient in the inputs' dtype,
+#: also from a float32 tile of 16-bit inputs) and num_warps as a function of the block size
+VARIANTS = {
+    "fwd": {
+        "flags": {"HAS_SOFTCAP": (False, True), "WITH_STATS": (False, True)},
+        "blocks": (4096,),  # 4096 columns per step (16 KB of bf16 in flight); narrower rows are masked
+        "dtypes": tuple((d,) for d in TILE_DTYPES),
+        "num_warps": lambda block: 8 if block >= 4096 else 4,
+    },
+    "bwd": {
+        "flags": {"HAS_SOFTCAP": (False, True)},
+        "blocks": (1024,),  # the backward's 2-D grid: 1024-column blocks
+        "dtypes": tuple((d, d) for d in TILE_DTYPES) + ((torch.float32, torch.float16),
+                                                         (torch.float32, torch.bfloat16)),
+        "num_warps": lambda block: 4,
+    },
+}
 
 
 def _interpreting() -> bool:
@@ -169,37 +188,53 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _launch_meta(kernel: str, n_cols: int, dtypes: tuple, **flags) -> dict:
+    """Constexpr kwargs (flags + BLOCK_V + num_warps) for a launch, checked against :data:`VARIANTS`.
+
+    Raises AssertionError for a flag, value or dtype combination the table does not list: every launch is a
+    variant the compile test covers. Interpreted runs (CPU tests) use wide blocks instead, since an
+    interpreted program costs per program, not per lane.
+    """
+    spec = VARIANTS[kernel]
+    assert set(flags) == set(spec["flags"]), (kernel, sorted(flags))
+    assert all(flags[k] in spec["flags"][k] for k in flags), (kernel, flags)
+    assert dtypes in spec["dtypes"], (kernel, dtypes)
+    if _interpreting():
+        block = min(8192, max(16, triton.next_power_of_2(n_cols)))
+    else:
+        block = next((b for b in spec["blocks"] if n_cols <= b), spec["blocks"][-1])
+    return {**flags, "BLOCK_V": block, "num_warps": spec["num_warps"](block)}
+
+
 def logprob_fwd(z: torch.Tensor, labels: torch.Tensor, temperature: float, softcap: float | None,
-                 stats: bool = False):
+                stats: bool = False):
     """Row log-probs of a full-vocabulary logits tile.
 
     Args:
         z: (n, V) logits, float32/bfloat16/float16, unit column stride.
         labels: (n,) int64 in [0, V).
+        temperature: divides the (capped) logits. softcap: cap c (c * tanh(z / c)) applied first, or None.
         stats: also return per-row entropy, top-1 hit, vocab-mean logit (the token metrics) and
-            logsumexp(2 z) (WPO's weights).
+            logsumexp(2 zc) (WPO's weights).
     Returns:
-        (logp, lse) or (logp, lse, entropy, hit, zmean, lse2): (n,) float32 tensors.
+        (logp, lse, stats): (n,) float32 tensors, and ``stats`` = (entropy, hit, zmean, lse2), (n,) float32
+        each, or None.
     """
     n, V = z.shape
     assert z.stride(1) == 1 and labels.dtype == torch.int64
-    logp = torch.empty(n, dtype=torch.float32, device=z.device)
-    lse = torch.empty(n, dtype=torch.float32, device=z.device)
-    ent = torch.empty(n if stats else 0, dtype=torch.float32, device=z.device)
-    hit = torch.empty(n if stats else 0, dtype=torch.float32, device=z.device)
-    zmean = torch.empty(n if stats else 0, dtype=torch.float32, device=z.device)
-    lse2 = torch.empty(n if stats else 0, dtype=torch.float32, device=z.device)
+    f32 = dict(dtype=torch.float32, device=z.device)
+    logp, lse = torch.empty(n, **f32), torch.empty(n, **f32)
+    st = tuple(torch.empty(n if stats else 0, **f32) for _ in range(4))  # entropy, hit, zmean, lse2
     if n > 0:
-        BLOCK_V = _block_v(V, gpu_cap=4096)
+        meta = _launch_meta("fwd", V, (z.dtype,), HAS_SOFTCAP=softcap is not None, WITH_STATS=bool(stats))
         _logprob_fwd_kernel[(n,)](
-            z, labels, logp, lse, ent, hit, zmean, lse2,
+            z, labels, logp, lse, *st,
             V,
             z.stride(0),
             1.0 / temperature, float(softcap or 1.0),
-            HAS_SOFTCAP=softcap is not None, WITH_STATS=stats, BLOCK_V=BLOCK_V,
-            num_warps=8 if BLOCK_V >= 4096 else 4,
+            **meta,
         )
-    return (logp, lse, ent, hit, zmean, lse2) if stats else (logp, lse)
+    return logp, lse, (st if stats else None)
 
 
 def logprob_bwd(
@@ -212,11 +247,13 @@ def logprob_bwd(
     temperature: float,
     softcap: float | None,
 ) -> torch.Tensor:
-    """Gradient of the logits tile ``z`` (columns ``v_offset..v_offset+Vs``) written into ``out``.
+    """Gradient of the raw logits tile ``z`` (columns ``v_offset..v_offset+Vs``) written into ``out``.
 
     Args:
-        z: (n, Vs) logits tile; out: (n, Vs) destination (may be ``z`` itself), unit column strides.
+        z: (n, Vs) logits tile; out: (n, Vs) destination (``z`` itself, or a 16-bit tile for a float32 ``z``),
+            unit column strides.
         labels: (n,) int64; lse, g: (n,) float32.
+        temperature, softcap: as in :func:`logprob_fwd`.
     Returns:
         ``out``.
     """
@@ -224,14 +261,13 @@ def logprob_bwd(
     assert z.stride(1) == 1 and out.stride(1) == 1 and out.shape == z.shape
     if n == 0 or Vs == 0:
         return out
-    BLOCK_V = _block_v(Vs, gpu_cap=1024)
-    grid = (n, triton.cdiv(Vs, BLOCK_V))
+    meta = _launch_meta("bwd", Vs, (z.dtype, out.dtype), HAS_SOFTCAP=softcap is not None)
+    grid = (n, triton.cdiv(Vs, meta["BLOCK_V"]))
     _logprob_bwd_kernel[grid](
         z, out, labels, lse, g,
         Vs, v_offset,
         z.stride(0), out.stride(0),
         1.0 / temperature, float(softcap or 1.0),
-        HAS_SOFTCAP=softcap is not None, BLOCK_V=BLOCK_V,
-        num_warps=4,
+        **meta,
     )
     return out
