@@ -707,3 +707,12 @@ def test_readme_loss_table_is_the_registry():
     # the docstring table is rendered from the registry too
     for e in registry.PAIRWISE:
         assert e.rst_formula in L.dpo_loss.__doc__
+
+
+def test_check_lengths_false_skips_only_the_value_check():
+    lw, ll = torch.tensor([-3.0, -4.0]), torch.tensor([-5.0, -6.0])
+    n = torch.tensor([2.0, 3.0])
+    a = L.dpo_loss(lw, ll, loss_type="ipo", chosen_lengths=n, rejected_lengths=n, check_lengths=False).loss
+    close(a, L.dpo_loss(lw, ll, loss_type="ipo", chosen_lengths=n, rejected_lengths=n).loss, "f32")
+    with pytest.raises(ValueError, match="chosen_lengths must have shape"):
+        L.dpo_loss(lw, ll, loss_type="ipo", chosen_lengths=n[:1], rejected_lengths=n, check_lengths=False)

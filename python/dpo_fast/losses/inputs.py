@@ -70,11 +70,13 @@ def compute_dtype(*tensors: Tensor | None) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def token_counts(name: str, x: Tensor | Sequence[int] | None, n: int, like: Tensor) -> Tensor | None:
+def token_counts(name: str, x: Tensor | Sequence[int] | None, n: int, like: Tensor,
+                 check_values: bool = True) -> Tensor | None:
     """Validated (n,) token counts |y| in ``like``'s dtype and device, clamped at 1; ``None`` passes through.
 
-    Counts must be finite, ≥ 0 and whole numbers (ints, or floats holding whole numbers). One host sync to
-    check the values. A completion with no scored token has ℓ = ℓ^ref = 0; max(|y|, 1) keeps s/|y| at 0.
+    Counts must be finite, ≥ 0 and whole numbers (ints, or floats holding whole numbers). Checking the values
+    costs one host sync on an accelerator; ``check_values=False`` skips it for counts known to be valid (e.g.
+    computed from a mask). A completion with no scored token has ℓ = ℓ^ref = 0; max(|y|, 1) keeps s/|y| at 0.
     """
     if x is None:
         return None
@@ -84,6 +86,8 @@ def token_counts(name: str, x: Tensor | Sequence[int] | None, n: int, like: Tens
         except (TypeError, ValueError, RuntimeError) as e:
             raise TypeError(f"{name} must be a (P,) tensor or sequence of token counts, got {type(x).__name__}") from e
     as_vector(name, x, n, floating=False)
+    if not check_values:
+        return x.to(device=like.device, dtype=like.dtype).clamp_min(1.0)
     if x.is_floating_point():
         bad = ~torch.isfinite(x) | (x < 0) | (x != torch.floor(x))
     else:
@@ -131,6 +135,7 @@ def pair_inputs(
     ref_rejected_logps: Tensor | None = None,
     chosen_lengths: Tensor | Sequence[int] | None = None,
     rejected_lengths: Tensor | Sequence[int] | None = None,
+    check_lengths: bool = True,
 ) -> PairInputs:
     """Check and normalise the (P,) inputs every pair loss takes."""
     as_vector("policy_chosen_logps", policy_chosen_logps)
@@ -158,6 +163,6 @@ def pair_inputs(
     else:
         lw_ref = ref_chosen_logps.to(device=lw.device, dtype=dt)
         ll_ref = ref_rejected_logps.to(device=lw.device, dtype=dt)
-    len_w = token_counts("chosen_lengths", chosen_lengths, P, lw)
-    len_l = token_counts("rejected_lengths", rejected_lengths, P, lw)
+    len_w = token_counts("chosen_lengths", chosen_lengths, P, lw, check_lengths)
+    len_l = token_counts("rejected_lengths", rejected_lengths, P, lw, check_lengths)
     return PairInputs(lw, ll, lw_ref, ll_ref, len_w, len_l)

@@ -259,6 +259,7 @@ def dpo_loss(
     rejected_logits_mean: Tensor | float | None = None,
     reduction: str = "mean",
     compute_metrics: bool = True,
+    check_lengths: bool = True,
 ) -> DPOOutput:
     r"""Direct Preference Optimization loss and its pairwise variants, on per-sequence log-probs.
 
@@ -312,6 +313,8 @@ def dpo_loss(
             vocab-mean logit (averaged token-weighted when lengths are given).
         reduction: ``"mean"`` (default), ``"sum"`` over pairs, or ``"none"`` (``loss`` is then (P,)).
         compute_metrics: fill ``metrics`` (one host sync); ``False`` leaves it empty.
+        check_lengths: check the values of the lengths (one host sync on an accelerator); ``False`` for counts
+            known to be valid, e.g. computed from a mask by a fused module.
 
     Shape:
         - all per-pair inputs: :math:`(P)`, P ≥ 1 pairs, float (bf16/fp16/fp32/fp64).
@@ -338,7 +341,7 @@ def dpo_loss(
         f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
         discopop_tau=discopop_tau, reduction=reduction, use_weighting=use_weighting, stacklevel=3)
     x = pair_inputs(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                    chosen_lengths, rejected_lengths)
+                    chosen_lengths, rejected_lengths, check_lengths)
     e = _extras(cfg, x, chosen_lengths, rejected_lengths, chosen_wpo_logweights, rejected_wpo_logweights, sft_nll,
                 sft_chosen_logps)
     losses = _combined_losses(cfg, x, e)
@@ -379,6 +382,7 @@ def pair_loss_and_grads(
     sft_nll: Tensor | float | None = None,
     sft_chosen_logps: Tensor | None = None,
     reduction: str = "mean",
+    check_lengths: bool = True,
 ) -> tuple[Tensor, ...]:
     r"""Per-pair losses and dL/dℓ of the total loss, for a fused kernel that forms gradients in its forward.
 
@@ -393,6 +397,7 @@ def pair_loss_and_grads(
         sft_chosen_logps: (P,) unweighted chosen sums for the derived sft term (see :func:`dpo_loss`); when
             given, its derivative is returned separately (4-tuple).
         reduction: ``"mean"`` or ``"sum"`` — the reduction of the total loss being differentiated.
+        check_lengths: as in :func:`dpo_loss` (``False`` skips a host sync per call on an accelerator).
 
     Returns:
         ``(losses, d_chosen, d_rejected)``, each (P,) in the compute dtype, detached:
@@ -427,7 +432,7 @@ def pair_loss_and_grads(
             lu = sft_chosen_logps.detach().to(device=lw.device, dtype=dt).requires_grad_(True)
             leaves.append(lu)
         sft = sft_nll.detach() if isinstance(sft_nll, Tensor) else sft_nll
-        x = pair_inputs(lw, ll, det[0], det[1], chosen_lengths, rejected_lengths)
+        x = pair_inputs(lw, ll, det[0], det[1], chosen_lengths, rejected_lengths, check_lengths)
         e = _extras(cfg, x, chosen_lengths, rejected_lengths, chosen_wpo_logweights, rejected_wpo_logweights, sft,
                     lu)
         n_tok = num_chosen_tokens
