@@ -52,6 +52,7 @@ def cpo_loss(
     chosen_logits_mean: Tensor | float | None = None,
     rejected_logits_mean: Tensor | float | None = None,
     compute_metrics: bool = True,
+    check_lengths: bool = True,
 ) -> DPOOutput:
     r"""CPO, SimPO and AlphaPO: reference-free preference losses with an optional NLL term.
 
@@ -85,6 +86,7 @@ def cpo_loss(
             :math:`-\sum\ell_w/\sum|y_w|`.
         chosen_logits_mean, rejected_logits_mean: optional, for the ``logits/*`` metrics (see dpo_loss).
         compute_metrics: fill ``metrics`` (one host sync).
+        check_lengths: check the lengths' values (see :func:`dpo_loss`).
 
     Shape:
         inputs :math:`(P)`; ``loss`` :math:`()`; other tensors :math:`(P)`.
@@ -109,7 +111,8 @@ def cpo_loss(
     gamma = check_finite("simpo_gamma", simpo_gamma)
     cpo_alpha = check_finite("cpo_alpha", cpo_alpha)
     alpha = check_finite("alpha", alpha)
-    x = pair_inputs(policy_chosen_logps, policy_rejected_logps, None, None, chosen_lengths, rejected_lengths)
+    x = pair_inputs(policy_chosen_logps, policy_rejected_logps, None, None, chosen_lengths, rejected_lengths,
+                    check_lengths)
     P = x.lw.shape[0]
     if entry.length_averaged:
         if x.len_w is None or x.len_l is None:
@@ -153,6 +156,7 @@ def orpo_loss(
     chosen_logits_mean: Tensor | float | None = None,
     rejected_logits_mean: Tensor | float | None = None,
     compute_metrics: bool = True,
+    check_lengths: bool = True,
 ) -> DPOOutput:
     r"""ORPO: odds-ratio preference optimisation, reference-free, with the SFT term built in.
 
@@ -174,6 +178,7 @@ def orpo_loss(
             :math:`-\sum\ell_w/\sum|y_w|` (TRL's).
         chosen_logits_mean, rejected_logits_mean: optional, for ``logits/*`` metrics.
         compute_metrics: fill ``metrics`` (one host sync).
+        check_lengths: check the lengths' values (see :func:`dpo_loss`).
 
     Shape:
         inputs :math:`(P)`; ``loss`` :math:`()`; other tensors :math:`(P)`.
@@ -192,7 +197,8 @@ def orpo_loss(
     beta = check_positive("beta", beta)
     if chosen_lengths is None or rejected_lengths is None:
         raise ValueError("orpo_loss length-averages the log-probs: pass chosen_lengths and rejected_lengths")
-    x = pair_inputs(policy_chosen_logps, policy_rejected_logps, None, None, chosen_lengths, rejected_lengths)
+    x = pair_inputs(policy_chosen_logps, policy_rejected_logps, None, None, chosen_lengths, rejected_lengths,
+                    check_lengths)
     P = x.lw.shape[0]
     cap = -torch.finfo(x.lw.dtype).eps
     aw = (x.lw / x.len_w).clamp(max=cap)
