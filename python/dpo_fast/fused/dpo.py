@@ -39,7 +39,7 @@ class DPOTask:
     ref_r: Tensor | None
     token_weights: Tensor | None  # (N,) LD-DPO weights, or None
     sft: bool  # "sft" in the loss list: its NLL uses the unweighted chosen sums (TRL)
-    n_chosen_tokens: Tensor  # () Σ max(|y_w|, 1) over the batch (dpo_loss counts |y| = 0 as 1)
+    n_chosen_tokens: Tensor  # () Σ max(|y_w|, 1) over the batch (dpo_loss counts |y| = 0 as 1), float64
     logits_mean: tuple[Tensor, Tensor] | None  # (P,) each, for the logits/* metrics
 
     def _loss(self, v: Values, reduction: str, compute_metrics: bool, logits_mean=(None, None)):
@@ -49,9 +49,12 @@ class DPOTask:
         if self.use_weighting:
             wpo = wpo_logweights(v)
             kw.update(chosen_wpo_logweights=wpo[:, 0], rejected_wpo_logweights=wpo[:, 1])
-        if self.sft:  # TRL: token-mean NLL of the chosen tokens, unweighted, split per pair (same mean)
+        if self.sft:  # TRL: the sft term is the token-mean NLL of the *unweighted* chosen log-probs
             plain = sums if self.token_weights is None else v.unit_sums()
-            kw["sft_nll"] = -plain[:, 0] * (self.len_w.shape[0] / self.n_chosen_tokens)
+            if reduction == "sum":  # a group: each pair's share of the batch NLL, with the batch's P and Σ|y_w|
+                kw["sft_nll"] = -plain[:, 0] * (self.len_w.shape[0] / self.n_chosen_tokens.to(plain.dtype))
+            elif self.token_weights is not None:  # the whole batch: dpo_loss derives the same shares
+                kw["sft_chosen_logps"] = plain[:, 0]
         ref_c = None if self.ref_c is None else self.ref_c[ids]
         ref_r = None if self.ref_r is None else self.ref_r[ids]
         return L.dpo_loss(sums[:, 0], sums[:, 1], ref_c, ref_r, **self.options, chosen_lengths=self.len_w[ids],
@@ -179,8 +182,8 @@ class DPOLoss(FusedLossModule):
             use_weighting=self.use_weighting, len_w=len_w, len_l=len_l,
             ref_c=None if ref_chosen_logps is None else ref_chosen_logps.detach(),
             ref_r=None if ref_rejected_logps is None else ref_rejected_logps.detach(),
-            token_weights=tokw, sft="sft" in self.config.types, n_chosen_tokens=len_w.clamp_min(1.0).sum(),
-            logits_mean=lm)
+            token_weights=tokw, sft="sft" in self.config.types,
+            n_chosen_tokens=len_w.clamp_min(1.0).sum().double(), logits_mean=lm)
         out, route, values = self.run(p, task, hidden)
         sums = add_pair_token_metrics(out, values, self.compute_metrics) if self.token_metrics else None
         return with_route(out, route, sums)

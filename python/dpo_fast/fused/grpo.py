@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import losses as L
+from ..engine import acc_dtype
 from .route import FusedLossModule, Values, autocast_entry, token_metrics, token_sums, with_route
 
 Tensor = torch.Tensor
@@ -95,10 +96,10 @@ class GRPOTask:
                            num_items_in_batch=self.num_items_in_batch, compute_metrics=compute_metrics)
 
 
-def aggregation_coefficients(options: L.GRPOOptions, mask: Tensor, num_items) -> Tensor:
+def aggregation_coefficients(options: L.GRPOOptions, mask: Tensor, num_items, dtype: torch.dtype) -> Tensor:
     """(S, C) c with loss = Σ c ⊙ per_token_loss, from one autograd call of the registry's (linear) aggregate."""
     entry = options.entry
-    m = mask.to(torch.float32 if mask.dtype == torch.bool else mask.dtype)
+    m = mask.to(dtype)  # the loss's compute dtype (float64 for float64 inputs)
     n_items = num_items if (entry.token_normalised and num_items is not None) else m.sum().clamp_min(1.0)
     with torch.enable_grad():
         x = torch.zeros_like(m, requires_grad=True)
@@ -233,7 +234,7 @@ class GRPOLoss(FusedLossModule):
         quantile = o.top_entropy_quantile < 1.0
         task = GRPOTask(units=torch.arange(S, device=dev)[:, None], options=o, row=sc.seq, col=col, num_cols=T,
                         per_token=per_token, per_seq=per_seq,
-                        coef=aggregation_coefficients(o, mask, num_items_in_batch),
+                        coef=aggregation_coefficients(o, mask, num_items_in_batch, acc_dtype(sc.hidden2.dtype)),
                         num_items_in_batch=num_items_in_batch, want_stats=self.token_metrics or quantile,
                         decomposable=o.entry.local and not quantile)
         out, route, values = self.run(p, task, hidden)

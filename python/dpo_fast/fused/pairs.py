@@ -68,14 +68,15 @@ def logits_means(sc: Scored, weight, bias, counts, c_seq, r_seq, temperature) ->
     Softcap is not applied (it does not commute with the mean); with ``token_metrics`` the modules take
     ``logits/*`` from the pass's own (capped) logits instead.
     """
+    acc = acc_dtype(sc.hidden2.dtype)  # float64 for float64 inputs
     with torch.no_grad():
-        wbar = weight.detach().float().mean(0).to(weight.dtype)  # (H,)
-        bbar = None if bias is None else bias.detach().float().mean()
+        wbar = weight.detach().to(acc).mean(0).to(weight.dtype)  # (H,)
+        bbar = None if bias is None else bias.detach().to(acc).mean()
         if (shard := active_shard(weight)) is not None:  # dpo_fast.distributed: means over the whole vocabulary
             wbar, bbar = vocab_mean_row(weight, bias, shard)
-        m = torch.mv(sc.hidden2.detach(), wbar).index_select(0, sc.idx).float()  # (N,): a GEMV, no copy of h
+        m = torch.mv(sc.hidden2.detach(), wbar).index_select(0, sc.idx).to(acc)  # (N,): a GEMV, no copy of h
         if bias is not None:
-            m = m + bbar.float()
+            m = m + bbar.to(acc)
         m = m / temperature
         per_seq = segment_sum(m, sc.seq, sc.num_seqs) / counts.clamp_min(1.0)
     return per_seq[c_seq], per_seq[r_seq]

@@ -36,7 +36,8 @@ class ReferenceFreeTask:
     def group_loss(self, v: Values) -> Tensor:
         ids, P = v.units, self.len_w.shape[0]
         sums = v.unit_sums()  # (G, 2)
-        nll = -sums[:, 0] * (P / self.n_chosen_tokens)  # each pair's share of the batch token-mean NLL
+        # each pair's share of the batch token-mean NLL
+        nll = -sums[:, 0] * (P / self.n_chosen_tokens.to(sums.dtype))
         out = self.loss_fn(sums[:, 0], sums[:, 1], self.len_w[ids], self.len_l[ids], nll, None, None, False)
         return out.losses.sum() / P
 
@@ -73,7 +74,7 @@ class _ReferenceFreePairLoss(FusedLossModule):
             if self.compute_metrics and not self.token_metrics else None
         len_w = counts[c_seq]
         task = ReferenceFreeTask(torch.stack([c_seq, r_seq], 1), self._loss, len_w, counts[r_seq],
-                                 len_w.clamp_min(1.0).sum(), lm, want_stats=self.token_metrics)
+                                 len_w.clamp_min(1.0).sum().double(), lm, want_stats=self.token_metrics)
         out, route, values = self.run(p, task, hidden)
         sums = add_pair_token_metrics(out, values, self.compute_metrics) if self.token_metrics else None
         return with_route(out, route, sums)
