@@ -62,6 +62,14 @@ BAD = {
     "bad_backend": (dict(backend="cuda"), ValueError, "backend: expected one of"),
     "bad_average": (dict(average="yes"), TypeError, "average: expected a bool"),
     "bad_ignore_index": (dict(ignore_index=1.5), TypeError, "ignore_index: expected an int"),
+    "hidden_h_zero": (dict(hidden=torch.randn(2, 3, 0), weight=torch.randn(V, 0)), ValueError,
+                      "hidden: expected a non-empty last (hidden) dimension H = hidden.shape[-1] >= 1"),
+    "cu_float_list": (dict(hidden=PACKED_H, labels=PACKED_L, cu_seqlens=[0.0, 5.0]), TypeError,
+                      "cu_seqlens: expected a 1-D integer torch.Tensor (or a list or numpy array of ints)"),
+    "cu_string": (dict(hidden=PACKED_H, labels=PACKED_L, cu_seqlens="0,5"), TypeError,
+                  "cu_seqlens: expected a 1-D integer torch.Tensor"),
+    "cu_list_bad_end": (dict(hidden=PACKED_H, labels=PACKED_L, cu_seqlens=[0, 4]), ValueError,
+                        "cu_seqlens: expected the last entry to equal the number of tokens N=5"),
 }
 if torch.device("meta").type == "meta":
     BAD["mixed_devices"] = (dict(weight=torch.randn(V, H, device="meta")), ValueError,
@@ -89,6 +97,25 @@ def test_bad_input_logits_and_token_api():
         dpo_fast.logprobs_from_logits(torch.ones(2, 3, V, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="nbytes"):
         dpo_fast.set_workspace_bytes(10)
+
+
+def test_cu_seqlens_as_list_or_numpy_is_accepted():
+    np = pytest.importorskip("numpy")
+    cu = torch.tensor([0, 2, 2, 5])
+    want = dpo_fast.sequence_logprobs(PACKED_H, torch.randn(V, H, generator=torch.Generator().manual_seed(0)),
+                                      PACKED_L, cu_seqlens=cu)
+    w = torch.randn(V, H, generator=torch.Generator().manual_seed(0))
+    for given in ([0, 2, 2, 5], (0, 2, 2, 5), np.array([0, 2, 2, 5], dtype=np.int32), np.array([0, 2, 2, 5], np.uint64),
+                  [np.int64(0), np.int64(2), np.int64(2), np.int64(5)]):
+        got = dpo_fast.sequence_logprobs(PACKED_H, w, PACKED_L, cu_seqlens=given)
+        assert torch.equal(got, want), given
+    logits = torch.randn(5, V)
+    assert torch.equal(dpo_fast.logprobs_from_logits(logits, PACKED_L, cu_seqlens=[0, 2, 2, 5]),
+                       dpo_fast.logprobs_from_logits(logits, PACKED_L, cu_seqlens=cu))
+    with pytest.raises(TypeError, match="cu_seqlens: expected .* numpy array of dtype float64"):
+        dpo_fast.sequence_logprobs(PACKED_H, w, PACKED_L, cu_seqlens=np.array([0.0, 5.0]))
+    with pytest.raises(ValueError, match="H = hidden.shape"):
+        dpo_fast.token_logprobs(torch.randn(5, 0), torch.randn(V, 0), PACKED_L)
 
 
 def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error():

@@ -47,8 +47,33 @@ def check_same_device(**tensors) -> None:
             )
 
 
+def as_cu_seqlens(cu_seqlens, device=None):
+    """``cu_seqlens`` as a tensor: tensors pass through unchanged; a list/tuple of ints or a numpy integer
+    array becomes an int64 tensor on ``device``. Anything else raises a TypeError naming ``cu_seqlens``."""
+    if cu_seqlens is None or isinstance(cu_seqlens, torch.Tensor):
+        return cu_seqlens
+    expected = "a 1-D integer torch.Tensor (or a list or numpy array of ints) of S+1 sequence boundaries"
+    if type(cu_seqlens).__module__ == "numpy" and hasattr(cu_seqlens, "dtype"):
+        if cu_seqlens.dtype.kind not in "iu":
+            raise TypeError(f"cu_seqlens: expected {expected}, got a numpy array of dtype {cu_seqlens.dtype}")
+        if cu_seqlens.dtype.kind == "u" and cu_seqlens.size and int(cu_seqlens.max()) > 2**63 - 1:
+            raise ValueError(f"cu_seqlens: expected boundaries < 2**63, got {int(cu_seqlens.max())}")
+        return torch.tensor(cu_seqlens.astype("int64"), dtype=torch.int64, device=device)
+    if isinstance(cu_seqlens, (list, tuple)):
+        for i, v in enumerate(cu_seqlens):
+            if isinstance(v, bool) or not (isinstance(v, int) or type(v).__module__ == "numpy"
+                                           and getattr(getattr(v, "dtype", None), "kind", "") in "iu"):
+                raise TypeError(f"cu_seqlens: expected {expected}, got {type(v).__name__} {v!r} at index {i}")
+        try:
+            return torch.tensor([int(v) for v in cu_seqlens], dtype=torch.int64, device=device)
+        except RuntimeError as e:  # out of int64 range
+            raise ValueError(f"cu_seqlens: expected boundaries that fit int64 ({e})") from None
+    raise TypeError(f"cu_seqlens: expected {expected}, got {type(cu_seqlens).__name__}")
+
+
 def check_cu_seqlens(cu_seqlens, n_tokens: int) -> int:
     """Validate packed boundaries; returns the number of sequences S. One host sync (small tensor)."""
+    cu_seqlens = as_cu_seqlens(cu_seqlens)
     check_tensor("cu_seqlens", cu_seqlens, dims=(1,), floating=False)
     if cu_seqlens.numel() < 2:
         raise ValueError(
@@ -84,8 +109,15 @@ def check_labels_range(labels_scored: torch.Tensor, vocab: int, ignore_index: in
 
 
 def check_engine_inputs(hidden, weight, labels, bias, cu_seqlens, ignore_index, temperature, softcap):
-    """Validate engine inputs. Returns (S, T) where T is the padded row length (None when packed)."""
+    """Validate engine inputs. Returns (S, T) where T is the padded row length (None when packed).
+
+    ``cu_seqlens`` may be a tensor, a list of ints or a numpy integer array (see :func:`as_cu_seqlens`).
+    """
     check_tensor("hidden", hidden, dims=(2, 3), floating=True)
+    if hidden.shape[-1] == 0:
+        raise ValueError(f"hidden: expected a non-empty last (hidden) dimension H = hidden.shape[-1] >= 1, "
+                         f"got {_desc(hidden)}")
+    cu_seqlens = as_cu_seqlens(cu_seqlens, hidden.device)
     check_tensor("weight", weight, dims=(2,), floating=True)
     check_tensor("labels", labels, floating=False)
     if bias is not None:

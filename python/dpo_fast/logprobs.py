@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from .distributed import distributed_head
-from ._validate import autocast_aware, check_cu_seqlens, check_same_device, check_scalars, check_tensor
+from ._validate import (as_cu_seqlens, autocast_aware, check_cu_seqlens, check_same_device, check_scalars,
+                        check_tensor)
 from .engine import (LogitsLabelLogprobs, get_workspace_bytes, make_rows, prepare, scored_logprobs,
                      scored_positions, segment_sum)
 
@@ -37,7 +38,8 @@ def sequence_logprobs(hidden, weight, labels, *, bias=None, cu_seqlens=None, ign
         weight: lm_head weight (V, H), same dtype and device as ``hidden``.
         labels: (B, T) or (N,) integer token ids in [0, V), or ``ignore_index`` for unscored positions.
         bias: optional (V,) lm_head bias.
-        cu_seqlens: (S+1,) int32/int64 boundaries of the packed sequences: 0 = cu[0] <= ... <= cu[S] = N.
+        cu_seqlens: (S+1,) int32/int64 boundaries of the packed sequences: 0 = cu[0] <= ... <= cu[S] = N
+            (a tensor, or a list / numpy array of ints).
         ignore_index: label value of positions that are not scored (default -100).
         temperature: sampling temperature (> 0): the (capped) logits are divided by it.
         softcap: optional Gemma-2/3 style final-logit cap (> 0), applied before the temperature.
@@ -120,7 +122,7 @@ def logprobs_from_logits(logits, labels, *, ignore_index=-100, temperature=1.0, 
         labels: (B, T) or (N,) integer ids in [0, V), or ``ignore_index``.
         ignore_index: label value of unscored positions.
         temperature: logits are divided by it (> 0).
-        cu_seqlens: (S+1,) boundaries of packed sequences.
+        cu_seqlens: (S+1,) boundaries of packed sequences (integer tensor, list or numpy array).
         reduction: ``"sum"`` -> (B,)/(S,) per-sequence sums; ``"mean"`` -> per-sequence means over scored
             tokens (0 for none); ``"none"`` -> float32 shaped like labels, 0 at ignored positions.
 
@@ -132,6 +134,7 @@ def logprobs_from_logits(logits, labels, *, ignore_index=-100, temperature=1.0, 
         raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
     check_tensor("logits", logits, dims=(2, 3), floating=True)
     check_tensor("labels", labels, floating=False)
+    cu_seqlens = as_cu_seqlens(cu_seqlens, logits.device)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
     check_scalars(temperature, None)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._validate import check_engine_inputs, check_labels_range
+from .._validate import as_cu_seqlens, check_engine_inputs, check_labels_range
 from ..distributed.state import vocab_size
 
 
@@ -48,7 +48,8 @@ def scored_positions(labels, vocab: int, ignore_index: int, row_len: int | None,
     if row_len is not None:
         seq = torch.div(idx, row_len, rounding_mode="floor")
     else:
-        seq = torch.searchsorted(cu_seqlens[1:].to(torch.int64).contiguous(), idx, right=True)
+        cu = as_cu_seqlens(cu_seqlens, labels.device)  # a list / numpy array of ints is accepted
+        seq = torch.searchsorted(cu[1:].to(torch.int64).contiguous(), idx, right=True)
     return idx, labels_s, seq
 
 
