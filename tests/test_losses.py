@@ -716,3 +716,17 @@ def test_check_lengths_false_skips_only_the_value_check():
     close(a, L.dpo_loss(lw, ll, loss_type="ipo", chosen_lengths=n, rejected_lengths=n).loss, "f32")
     with pytest.raises(ValueError, match="chosen_lengths must have shape"):
         L.dpo_loss(lw, ll, loss_type="ipo", chosen_lengths=n[:1], rejected_lengths=n, check_lengths=False)
+
+
+def test_kto_loss_types():
+    lp, lr = torch.tensor([-3.0, -5.0], dtype=D64), torch.tensor([-3.5, -4.0], dtype=D64)
+    des = torch.tensor([True, False])
+    out = L.kto_loss(lp, lr, des, kl=0.2, beta=0.5, loss_type="apo_zero_unpaired", desirable_weight=2.0)
+    r = lp - lr
+    expect = torch.stack([2.0 * (1 - torch.sigmoid(0.5 * r[0])), torch.sigmoid(0.5 * r[1])])
+    close(out.losses, expect, "f64")
+    assert out.metrics["kl"] == pytest.approx(0.2)
+    with pytest.raises(ValueError, match=r"unknown loss_type 'apo' for kto_loss.*apo_zero_unpaired"):
+        L.kto_loss(lp, lr, des, loss_type="apo")
+    with pytest.raises(TypeError, match="loss_type must be a str"):
+        L.kto_loss(lp, lr, des, loss_type=None)

@@ -195,3 +195,88 @@ def test_trl_smoothed_set_and_f_divergence_set_match_trl_source():
     names = {n.strip().strip('"') for n in accepted.split(",")}
     assert names == {e.name for e in R.PAIRWISE if e.trl_accepts_f_divergence}
     assert set(R.LOSS_TYPES) == set(reads)
+
+
+# ------------------------------------------------------------------------------------------------ CPO / ORPO
+@pytest.mark.parametrize("alpha", [0.0, 0.3])
+@pytest.mark.parametrize("loss_type", R.CPO_LOSS_TYPES)
+def test_cpo_loss_matches_trl_experimental(loss_type, alpha):
+    """cpo_loss's preference term and rewards against trl.experimental's CPOTrainer.cpo_loss (its inputs are the
+    length-averaged log-probs for ipo / simpo, as the trainer's forward passes them)."""
+    cpo = pytest.importorskip("trl.experimental.cpo.cpo_trainer")
+    g = torch.Generator().manual_seed(7)
+    P = 6
+    lw = -10 - 5 * torch.rand(P, generator=g, dtype=torch.float64)
+    ll = -11 - 5 * torch.rand(P, generator=g, dtype=torch.float64)
+    nw, nl = torch.randint(1, 20, (P,), generator=g), torch.randint(1, 20, (P,), generator=g)
+    avg = R.cpo_entry(loss_type).length_averaged
+    eps = 0.1 if R.cpo_entry(loss_type).uses_label_smoothing else 0.0
+    s = types.SimpleNamespace(alpha=alpha, beta=0.3, loss_type=loss_type, simpo_gamma=0.5, label_smoothing=eps,
+                              accelerator=_Accelerator())
+    tw, tl = (lw / nw, ll / nl) if avg else (lw, ll)
+    losses, cr, rr = cpo.CPOTrainer.cpo_loss(s, tw, tl)
+    out = L.cpo_loss(lw, ll, beta=0.3, loss_type=loss_type, label_smoothing=eps, simpo_gamma=0.5, cpo_alpha=0.0,
+                     alpha=alpha, chosen_lengths=nw, rejected_lengths=nl)
+    torch.testing.assert_close(out.losses, losses, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(out.chosen_rewards, cr, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(out.rejected_rewards, rr, rtol=1e-9, atol=1e-12)
+
+
+def test_orpo_loss_matches_trl_experimental():
+    orpo = pytest.importorskip("trl.experimental.orpo.orpo_trainer")
+    g = torch.Generator().manual_seed(8)
+    P = 6
+    nw, nl = torch.randint(1, 20, (P,), generator=g), torch.randint(1, 20, (P,), generator=g)
+    lw = -nw * (0.05 + 2 * torch.rand(P, generator=g, dtype=torch.float64))
+    ll = -nl * (0.05 + 2 * torch.rand(P, generator=g, dtype=torch.float64))
+    s = types.SimpleNamespace(beta=0.2, accelerator=_Accelerator())
+    aw, al = (lw / nw).float(), (ll / nl).float()  # TRL computes in float32
+    losses, cr, rr, ratio, log_odds = orpo.ORPOTrainer.odds_ratio_loss(s, aw, al)
+    out = L.orpo_loss(lw.float(), ll.float(), chosen_lengths=nw, rejected_lengths=nl, beta=0.2, chosen_nll=0.0)
+    torch.testing.assert_close(out.losses, -losses, rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(out.metrics["log_odds_ratio"], ratio.item(), rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(out.metrics["log_odds_chosen"], log_odds.item(), rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(out.chosen_rewards, cr, rtol=2e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------ KTO
+@pytest.mark.parametrize("calculate_kl", [True, False])
+@pytest.mark.parametrize("loss_type", R.KTO_LOSS_TYPES)
+def test_kto_loss_matches_trl(loss_type, calculate_kl):
+    """kto_loss against TRL 1.16's own KTOTrainer._compute_loss on a stub (precomputed reference log-probs)."""
+    kto = pytest.importorskip("trl.trainer.kto_trainer")
+    N, T = 7, 8
+    g = torch.Generator().manual_seed(9 + calculate_kl)
+    mask = torch.zeros(N, T, dtype=torch.long)
+    for i in range(N):
+        mask[i, 2:2 + int(torch.randint(1, T - 2, (1,), generator=g))] = 1
+    shift = mask[:, 1:].bool()
+    tok = torch.where(shift, -torch.rand(N, T - 1, generator=g, dtype=torch.float64) * 2, 0.0)
+    ref = tok.sum(-1) + 0.5 * torch.randn(N, generator=g, dtype=torch.float64)
+    kl_pol = -5 - torch.rand(N, generator=g, dtype=torch.float64)
+    kl_ref = kl_pol - 0.3 * torch.rand(N, generator=g, dtype=torch.float64)  # mean KL > 0
+    label = torch.tensor([True, False, True, True, False, False, True])
+    heads = dict(entropy=torch.rand(N, T - 1, dtype=torch.float64), mean_logits=torch.randn(N, T - 1, generator=g))
+    t_trl = tok.clone().requires_grad_()
+    s = types.SimpleNamespace(
+        model=_Model().eval(), accelerator=_Accelerator(), aux_loss_enabled=False, precompute_ref_logps=True,
+        calculate_KL=calculate_kl, loss_type=loss_type, beta=0.3, desirable_weight=1.2, undesirable_weight=0.8,
+        _total_train_tokens=0, _tp_size=1, _metrics={"train": defaultdict(list), "eval": defaultdict(list)})
+    s._compute_kl_logps = lambda model, batch: kl_pol if calculate_kl else None
+    batch = dict(input_ids=torch.zeros_like(mask), attention_mask=torch.ones_like(mask), completion_mask=mask,
+                 label=label, ref_logps=ref, ref_KL_logps=kl_ref)
+    out_trl = types.SimpleNamespace(log_probs=t_trl, **heads)
+    loss_trl = kto.KTOTrainer._compute_loss(s, lambda **kw: out_trl, batch, False)
+    m_trl = {k: v[-1] for k, v in s._metrics["eval"].items()}
+
+    t_ours = tok.clone().requires_grad_()
+    kl_args = (kl_pol, kl_ref) if calculate_kl else (None, None)
+    out = L.kto_loss(t_ours.sum(-1), ref, label, *kl_args, beta=0.3, desirable_weight=1.2, undesirable_weight=0.8,
+                     loss_type=loss_type)
+    torch.testing.assert_close(out.loss, loss_trl, rtol=1e-10, atol=1e-12)
+    (g_trl,) = torch.autograd.grad(loss_trl, t_trl)
+    (g_ours,) = torch.autograd.grad(out.loss, t_ours)
+    torch.testing.assert_close(g_ours[shift], g_trl[shift], rtol=1e-10, atol=1e-12)
+    for k in ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
+        torch.testing.assert_close(torch.tensor(out.metrics[k], dtype=torch.float64),
+                                   torch.tensor(m_trl[k], dtype=torch.float64), rtol=1e-7, atol=1e-9, msg=k)

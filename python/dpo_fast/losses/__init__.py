@@ -33,7 +33,7 @@ from .policy_gradient import (GRPOOptions, GRPOTerms, grpo_loss, grpo_token_term
                               vllm_importance_sampling)
 from .reference_free import cpo_loss, orpo_loss
 from .registry import (BATCH_COUPLED, CPO_LOSS_TYPES, EPS_RANGES, F_DIVERGENCE_TYPES, GRPO_LOSS_TYPES, IS_LEVELS,
-                       LOSS_TYPES, NEEDS_LENGTHS, TRL_SMOOTHED, VLLM_IS_MODES, render_markdown_table)
+                       KTO_LOSS_TYPES, LOSS_TYPES, NEEDS_LENGTHS, TRL_SMOOTHED, VLLM_IS_MODES, render_markdown_table)
 from .unpaired import BCORunningMean, bco_loss, kto_loss
 from .weighting import ld_dpo_logps, ld_dpo_token_weights, wpo_logweights_from_logits
 
@@ -42,6 +42,7 @@ __all__ = [
     "F_DIVERGENCE_TYPES",
     "CPO_LOSS_TYPES",
     "GRPO_LOSS_TYPES",
+    "KTO_LOSS_TYPES",
     "VLLM_IS_MODES",
     "IS_LEVELS",
     "NEEDS_LENGTHS",

@@ -26,7 +26,8 @@ Tensor = torch.Tensor
 __all__ = [
     "PairwiseLossType", "PAIRWISE", "LOSS_TYPES", "DEFAULT_LOSS_TYPE", "NEEDS_LENGTHS", "BATCH_COUPLED",
     "EPS_RANGES", "TRL_SMOOTHED", "FDivergence", "F_DIVERGENCES", "F_DIVERGENCE_TYPES", "DEFAULT_F_DIVERGENCE",
-    "CPOLossType", "CPO_LOSSES", "CPO_LOSS_TYPES", "DEFAULT_CPO_LOSS_TYPE", "GRPOLossType", "GRPO_LOSSES",
+    "CPOLossType", "CPO_LOSSES", "CPO_LOSS_TYPES", "DEFAULT_CPO_LOSS_TYPE", "KTOLossType", "KTO_LOSSES",
+    "KTO_LOSS_TYPES", "DEFAULT_KTO_LOSS_TYPE", "kto_entry", "GRPOLossType", "GRPO_LOSSES",
     "GRPO_LOSS_TYPES", "DEFAULT_GRPO_LOSS_TYPE", "TRL_DEFAULT_GRPO_LOSS_TYPE", "IS_LEVELS", "DEFAULT_IS_LEVEL",
     "SEQUENCE_IS_LEVEL", "VLLM_IS_MODES", "VLLM_IS_TRUNCATE_MODES", "VLLM_IS_SEQUENCE_MODES", "REDUCTIONS",
     "pairwise", "grpo_entry", "cpo_entry", "check_name", "render_markdown_table", "render_rst_table",
@@ -229,6 +230,34 @@ DEFAULT_CPO_LOSS_TYPE = CPO_LOSSES[0].name
 
 def cpo_entry(name: str) -> CPOLossType:
     return _CPO_BY_NAME[check_name("loss_type", name, CPO_LOSS_TYPES, " for cpo_loss", "loss types")]
+
+
+# ============================================================================================== KTO family
+@dataclass(frozen=True)
+class KTOLossType:
+    """A loss type of :func:`dpo_fast.kto_loss` (TRL 1.16 ``KTOConfig.loss_type``): per-example losses of the
+    log-ratio r and the reference point z for desirable and undesirable examples."""
+
+    name: str
+    desirable: Callable[[Tensor, Tensor, float], Tensor]
+    undesirable: Callable[[Tensor, Tensor, float], Tensor]
+    formula: str
+    paper: str
+
+
+KTO_LOSSES: tuple[KTOLossType, ...] = (
+    KTOLossType("kto", T.kto_desirable, T.kto_undesirable, "λ_D(1 − σ(β(r − z))) / λ_U(1 − σ(β(z − r)))",
+                "Ethayarajh et al. 2024, arXiv:2402.01306"),
+    KTOLossType("apo_zero_unpaired", T.apo_zero_unpaired_desirable, T.apo_zero_unpaired_undesirable,
+                "λ_D(1 − σ(βr)) / λ_U σ(βr) (no reference point)", "D'Oosterlinck et al. 2024, arXiv:2408.06266"),
+)
+_KTO_BY_NAME = {e.name: e for e in KTO_LOSSES}
+KTO_LOSS_TYPES: tuple[str, ...] = tuple(e.name for e in KTO_LOSSES)
+DEFAULT_KTO_LOSS_TYPE = KTO_LOSSES[0].name
+
+
+def kto_entry(name: str) -> KTOLossType:
+    return _KTO_BY_NAME[check_name("loss_type", name, KTO_LOSS_TYPES, " for kto_loss", "loss types")]
 
 
 # ============================================================================================== GRPO family

@@ -213,3 +213,22 @@ def cpo_ipo(h: Tensor, beta: float, eps: float, gamma: float) -> Tensor:
 
 def cpo_simpo(h: Tensor, beta: float, eps: float, gamma: float) -> Tensor:
     return smoothed_sigmoid_loss(beta * h - gamma, eps)
+
+
+# ---------------------------------------------------------------------------------------------- KTO family
+# (desirable, undesirable) per-example losses of r = ℓ − ℓ^ref and the reference point z; 1 − σ(x) = σ(−x)
+def kto_desirable(r: Tensor, z: Tensor, beta: float) -> Tensor:
+    return torch.sigmoid(-beta * (r - z))
+
+
+def kto_undesirable(r: Tensor, z: Tensor, beta: float) -> Tensor:
+    return torch.sigmoid(-beta * (z - r))
+
+
+def apo_zero_unpaired_desirable(r: Tensor, z: Tensor, beta: float) -> Tensor:
+    return torch.sigmoid(-beta * r)
+
+
+def apo_zero_unpaired_undesirable(r: Tensor, z: Tensor, beta: float) -> Tensor:
+    return torch.sigmoid(beta * r)
+

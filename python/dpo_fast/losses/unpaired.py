@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import registry as R
 from .inputs import as_vector, check_finite, check_positive, compute_dtype
 from .outputs import UnpairedOutput
 
@@ -65,6 +66,7 @@ def kto_loss(
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
     kl: Tensor | float | None = None,
+    loss_type: str = R.DEFAULT_KTO_LOSS_TYPE,
     compute_metrics: bool = True,
 ) -> UnpairedOutput:
     r"""KTO: Kahneman–Tversky optimisation on unpaired thumbs-up / thumbs-down examples.
@@ -78,6 +80,9 @@ def kto_loss(
         L_i = \lambda_D (1 - \sigma(\beta(r_i - z)))\ \text{(desirable)},\qquad
         L_i = \lambda_U (1 - \sigma(\beta(z - r_i)))\ \text{(undesirable)},\qquad L = \mathrm{mean}_i L_i
 
+    ``loss_type="apo_zero_unpaired"`` (APO-zero, unpaired; D'Oosterlinck et al. 2024, arXiv:2408.06266) uses
+    :math:`\lambda_D(1 - \sigma(\beta r_i))` and :math:`\lambda_U\sigma(\beta r_i)` instead (z is still reported).
+
     Args:
         policy_logps: (N,) summed completion log-probs under the policy.
         ref_logps: (N,) under the reference, or ``None`` (zeros).
@@ -88,6 +93,7 @@ def kto_loss(
         desirable_weight, undesirable_weight: λ_D, λ_U ≥ 0.
         kl: the reference point z given directly (e.g. already all-reduced across processes); it is
             clamped at 0 and detached. Overrides the KL log-probs.
+        loss_type: ``kto`` (default) or ``apo_zero_unpaired`` (TRL 1.16's ``KTOConfig.loss_type``).
         compute_metrics: fill ``metrics`` (one host sync).
 
     Shape:
@@ -105,6 +111,7 @@ def kto_loss(
         ...                torch.tensor([-14.0, -13.0, -15.0]), torch.tensor([-14.5, -13.0, -15.5]))
         >>> out.loss.backward()
     """
+    entry = R.kto_entry(loss_type)
     beta = check_positive("beta", beta)
     for name, w in (("desirable_weight", desirable_weight), ("undesirable_weight", undesirable_weight)):
         if check_finite(name, w) < 0:
@@ -130,9 +137,8 @@ def kto_loss(
     else:
         z = torch.zeros((), dtype=lp.dtype, device=lp.device)
     r = lp - lr
-    # 1 − σ(x) = σ(−x): no cancellation when σ(x) ≈ 1
-    loss_des = desirable_weight * torch.sigmoid(-beta * (r - z))
-    loss_und = undesirable_weight * torch.sigmoid(-beta * (z - r))
+    loss_des = desirable_weight * entry.desirable(r, z, beta)
+    loss_und = undesirable_weight * entry.undesirable(r, z, beta)
     losses = torch.where(des, loss_des, loss_und)
     loss = losses.mean()
     rewards = (beta * r).detach()
