@@ -75,11 +75,3 @@ __all__ = [
     "render_markdown_table",
 ]
 
-
-def _make_spec(beta, loss_type, loss_weights, label_smoothing, f_divergence_type, f_alpha_divergence_coef,
-               discopop_tau, reduction, use_weighting):  # pragma: no cover - transitional alias, see make_pairwise_config
-    """Deprecated private alias of :func:`make_pairwise_config` (kept while callers move)."""
-    return make_pairwise_config(beta=beta, loss_type=loss_type, loss_weights=loss_weights,
-                                label_smoothing=label_smoothing, f_divergence_type=f_divergence_type,
-                                f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau,
-                                reduction=reduction, use_weighting=use_weighting)
