@@ -6,9 +6,9 @@ README's loss table (:func:`render_markdown_table`; ``python -m dpo_fast.losses 
 test checks that the README holds exactly that), the TRL integration's label-smoothing rule, and which losses the
 fused modules may compute group by group.
 
-Adding a pairwise loss type: write its term in :mod:`.terms` (a function of a :class:`~.terms.PairBatch`),
-add one :class:`PairwiseLossType` entry below, add its float64 reference to ``tests/test_losses.py``, and
-regenerate the README table (``python -m dpo_fast.losses README.md``). See docs/DESIGN.md, "Adding a loss type".
+Adding a pairwise loss type: add one :class:`PairwiseLossType` entry below with its function of a
+:class:`~.terms.PairBatch` (a lambda here, or a function in :mod:`.terms`), add its float64 reference to
+``tests/test_losses.py``, and regenerate the README table (``python -m dpo_fast.losses README.md``). See docs/DESIGN.md, "Adding a loss type".
 """
 
 from __future__ import annotations
