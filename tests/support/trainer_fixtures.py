@@ -117,7 +117,7 @@ def grpo_for_memory(kind, out_dir, vocab=8192, **cfg):
     from pathlib import Path
 
     path = saved_tiny_llama(Path(out_dir) / "model", vocab=vocab)
-    opts = dict(beta=0.1, use_bias_correction_kl=False, num_iterations=2, max_completion_length=32, max_steps=4)
+    opts = dict(beta=0.1, use_bias_correction_kl=False, num_iterations=2, max_completion_length=24, max_steps=2)
     opts.update(cfg)
     return make_grpo_trainer(kind, Path(out_dir) / "run", path, **opts)
 

@@ -21,18 +21,21 @@ What changes, per optimisation step:
 
 Every metric TRL's ``_compute_loss`` logs is logged under TRL's name with TRL's definition (``kl``,
 ``entropy``, ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean``,
-``clip_ratio/low_min``, ``clip_ratio/high_max``); the rest (``reward``, ``completions/*``, ``num_tokens`` ...)
+``clip_ratio/low_min``, ``clip_ratio/high_max``, ``cispo_clip_ratio``, ``vespo/phi_seq_mean``); the rest (``reward``, ``completions/*``, ``num_tokens`` ...)
 come from TRL's generation step.
 
 Routes (the route of the last step is ``trainer.dpo_fast_route``; steps per route ``trainer.dpo_fast_routes``):
 
-* ``"fused"`` — what :class:`dpo_fast.GRPOLoss` computes: ``loss_type`` in :data:`FUSED_LOSS_TYPES`, token- or
-  sequence-level importance sampling, ``num_iterations``, ``beta`` (with ``use_bias_correction_kl=False``),
-  ``epsilon``/``epsilon_high``, ``max_completion_length``.
-* ``"two_pass"`` — any other active option (``delta``, ``top_entropy_quantile < 1``, vLLM importance-sampling
-  correction, ``off_policy_mask_threshold``, ``use_bias_correction_kl`` with ``beta > 0``, the loss types
-  GRPOLoss lacks, per-token advantages): dpo_fast's engine gives the policy's per-token log-probs
-  (differentiable) and entropies (from the same pass), then TRL's own ``_compute_loss`` formula runs on them.
+* ``"fused"`` — everything :class:`dpo_fast.GRPOLoss` computes in one pass: every TRL loss type
+  (:data:`FUSED_LOSS_TYPES`: grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, vespo), token- or sequence-level
+  importance sampling, ``num_iterations``, ``beta`` with or without ``use_bias_correction_kl``, ``delta``,
+  ``off_policy_mask_threshold``, ``epsilon``/``epsilon_high``, the SAPO / VESPO parameters,
+  ``max_completion_length``.
+* ``"two_pass"`` — ``top_entropy_quantile < 1`` (TRL takes the entropy quantile over every process's tokens),
+  vLLM importance-sampling correction (TRL's own ratio, applied as TRL applies it; vLLM cannot be exercised
+  in this repository's CPU tests) and per-token advantages: dpo_fast's engine gives the policy's per-token
+  log-probs (differentiable) and entropies (from the same pass), then TRL's own ``_compute_loss`` formula runs
+  on them.
 * ``"trl"`` — the entropy bonus (``entropy_coef != 0`` or ``use_adaptive_entropy``), which differentiates the
   entropy: TRL's head and loss.
 
@@ -67,8 +70,8 @@ logger = logging.getLogger(__name__)
 
 #: TRL 1.16's GRPO loss types.
 TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
-# loss types whose metrics (clip ratios) this module logs with TRL's definitions
-_CLIPPED_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+# loss types whose logged metrics are the clip ratios
+_CLIPPED_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 
 
 def _grpo_loss_accepts(loss_type: str) -> bool:
@@ -81,8 +84,11 @@ def _grpo_loss_accepts(loss_type: str) -> bool:
     return True
 
 
-#: loss types that take the fused route (TRL's clipped family that :class:`dpo_fast.GRPOLoss` computes).
-FUSED_LOSS_TYPES = tuple(t for t in _CLIPPED_TYPES if _grpo_loss_accepts(t))
+#: loss types that take the fused route (the TRL loss types :class:`dpo_fast.GRPOLoss` computes).
+FUSED_LOSS_TYPES = tuple(t for t in TRL_LOSS_TYPES if _grpo_loss_accepts(t))
+
+# loss types TRL normalises by num_items_in_batch (already per accumulation window): no division by the steps
+_ITEM_NORMALISED = ("dapo", "cispo", "vespo")
 
 _MODALITY_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "num_tiles",
                   "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids", "num_images")
@@ -126,18 +132,12 @@ class _FastGRPOMixin:
         reasons = []
         if self.loss_type not in FUSED_LOSS_TYPES:
             reasons.append(f"loss_type={self.loss_type!r}")
-        if getattr(args, "delta", None) is not None:
-            reasons.append(f"delta={args.delta}")
-        if self.top_entropy_quantile < 1.0:
+        if self.top_entropy_quantile < 1.0:  # TRL's threshold is a quantile over every process's tokens
             reasons.append(f"top_entropy_quantile={self.top_entropy_quantile}")
         if getattr(self, "_entropy_bonus_enabled", False):
             reasons.append("the entropy bonus (entropy_coef / use_adaptive_entropy)")
-        if self.use_vllm and self.vllm_importance_sampling_correction:
+        if self.use_vllm and self.vllm_importance_sampling_correction:  # TRL's ratio kept as TRL applies it
             reasons.append("vllm_importance_sampling_correction")
-        if self.off_policy_mask_threshold is not None:
-            reasons.append(f"off_policy_mask_threshold={self.off_policy_mask_threshold}")
-        if self.beta != 0.0 and getattr(args, "use_bias_correction_kl", False):
-            reasons.append("use_bias_correction_kl (with beta != 0)")
         self.dpo_fast_fallback_reasons = reasons
         # TRL differentiates the entropy only for its entropy bonus: then TRL's head computes the policy's log-probs
         self._dpo_fast_trl_loss = bool(getattr(self, "_entropy_bonus_enabled", False))
@@ -159,9 +159,15 @@ class _FastGRPOMixin:
             install_fused_forward(self.ref_model)
 
     def _dpo_fast_loss_options(self) -> dict:
+        args = self.args
         return dict(beta=self.beta, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
                     importance_sampling_level=self.importance_sampling_level, loss_type=self.loss_type,
-                    max_completion_length=self.max_completion_length)
+                    max_completion_length=self.max_completion_length, delta=args.delta,
+                    sapo_temperature_pos=args.sapo_temperature_pos, sapo_temperature_neg=args.sapo_temperature_neg,
+                    vespo_k_pos=args.vespo_k_pos, vespo_lambda_pos=args.vespo_lambda_pos,
+                    vespo_k_neg=args.vespo_k_neg, vespo_lambda_neg=args.vespo_lambda_neg,
+                    use_bias_correction_kl=bool(args.use_bias_correction_kl),
+                    off_policy_mask_threshold=self.off_policy_mask_threshold)
 
     # TRL hook: per-token log-probs (old policy / reference under no_grad; the policy inside TRL's own loss)
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
@@ -210,9 +216,10 @@ class _FastGRPOMixin:
         advantages = inputs["advantages"]  # (B,)
         old = inputs.get("old_per_token_logps")
         ref = inputs.get("ref_per_token_logps") if self.beta != 0.0 else None
+        sampling = inputs.get("sampling_per_token_logps") if self.off_policy_mask_threshold is not None else None
         accum = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         n_items = None
-        if self.loss_type == "dapo":  # TRL's normaliser: the generation batch's tokens, per accumulation window
+        if self.loss_type in _ITEM_NORMALISED:  # TRL's normaliser: the batch's tokens, per accumulation window
             n_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
                 n_items = n_items * self.current_gradient_accumulation_steps / self.args.steps_per_generation
@@ -221,12 +228,13 @@ class _FastGRPOMixin:
         def fn(hidden, head):
             h, w, b = head.operands(hidden[:, -C - 1:-1])
             loss_fn = GRPOLoss(**opts, **head.engine_kwargs(self.temperature), token_metrics=True)
-            out = loss_fn(h, w, labels.to(h.device), advantages, old, ref, bias=b, num_items_in_batch=n_items)
+            out = loss_fn(h, w, labels.to(h.device), advantages, old, ref, bias=b, num_items_in_batch=n_items,
+                          sampling_logps=sampling)
             return out, loss_fn
 
         out, loss_fn = call_with_hidden_states(model, fn, input_ids, attention_mask=attention_mask)
         self._dpo_fast_record(out.route)
-        loss = out.loss if self.loss_type == "dapo" else out.loss / accum
+        loss = out.loss if self.loss_type in _ITEM_NORMALISED else out.loss / accum
         with torch.no_grad():  # out.token_logps: (B, C) detached policy log-probs from the same pass
             self._dpo_fast_log(mode, out.token_logps, old, ref, mask, advantages, out)
         return loss
@@ -242,22 +250,38 @@ class _FastGRPOMixin:
         lp = logps.to(torch.float32)
         old = lp if old is None else old.to(lp.dtype)
         A = advantages.to(lp.dtype).unsqueeze(1)  # (B, 1)
-        log_ratio = lp - old
+        tok_log_ratio = lp - old
+        log_ratio = tok_log_ratio
         if self.importance_sampling_level == "sequence":
             log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
         coef_1 = torch.exp(log_ratio)
         if self.beta != 0.0:
             d = ref.to(lp.dtype) - lp
-            m["kl"].append(_masked_mean(acc, torch.exp(d) - d - 1, mask))
+            kl = torch.exp(d) - d - 1
+            if self.args.use_bias_correction_kl:
+                kl = kl * coef_1
+            m["kl"].append(_masked_mean(acc, kl, mask))
         # per-process sums from the loss's own pass, summed over processes
         m["entropy"].append(reduced_mean(acc, out.token_sums["entropy_sum"], out.token_sums["tokens"]))
-        low = ((coef_1 < 1 - self.epsilon_low) & (A < 0)).float()
-        high = ((coef_1 > 1 + self.epsilon_high) & (A > 0)).float()
-        m["clip_ratio/low_mean"].append(_masked_mean(acc, low, mask))
-        m["clip_ratio/high_mean"].append(_masked_mean(acc, high, mask))
-        m["clip_ratio/region_mean"].append(_masked_mean(acc, (low.bool() | high.bool()).float(), mask))
-        m["clip_ratio/low_min"].append(nanmin(acc.gather(_seq_mean(low, mask))).item())
-        m["clip_ratio/high_max"].append(nanmax(acc.gather(_seq_mean(high, mask))).item())
+        if self.loss_type in _CLIPPED_TYPES:
+            if self.args.delta is not None:  # TRL logs the ratio after the two-sided clip
+                coef_1 = torch.clamp(coef_1, max=self.args.delta)
+            low = ((coef_1 < 1 - self.epsilon_low) & (A < 0)).float()
+            high = ((coef_1 > 1 + self.epsilon_high) & (A > 0)).float()
+            m["clip_ratio/low_mean"].append(_masked_mean(acc, low, mask))
+            m["clip_ratio/high_mean"].append(_masked_mean(acc, high, mask))
+            m["clip_ratio/region_mean"].append(_masked_mean(acc, (low.bool() | high.bool()).float(), mask))
+            m["clip_ratio/low_min"].append(nanmin(acc.gather(_seq_mean(low, mask))).item())
+            m["clip_ratio/high_max"].append(nanmax(acc.gather(_seq_mean(high, mask))).item())
+        elif self.loss_type == "cispo":
+            m["cispo_clip_ratio"].append(_masked_mean(acc, ((coef_1 > self.epsilon_high) & (A > 0)).float(), mask))
+        elif self.loss_type == "vespo":
+            a = self.args
+            phi = self.get_gamma_weights(advantages=A, log_ratio_per_token=tok_log_ratio, mask=mask,
+                                         importance_sampling_ratio=None, k_pos=a.vespo_k_pos,
+                                         lambda_pos=a.vespo_lambda_pos, k_neg=a.vespo_k_neg,
+                                         lambda_neg=a.vespo_lambda_neg)
+            m["vespo/phi_seq_mean"].append(_masked_mean(acc, phi, mask))
 
 
 class FastGRPOTrainer(_FastGRPOMixin, GRPOTrainer):
