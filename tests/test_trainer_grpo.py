@@ -19,8 +19,8 @@ pytest.importorskip("datasets")
 pytest.importorskip("tokenizers")
 
 from dpo_fast.integrations import trl_grpo  # noqa: E402
-from support.trainer_fixtures import (assert_same_logs, logged, make_grpo_trainer, rss_growth_script,  # noqa: E402
-                                      saved_tiny_llama)
+from support.trainer_fixtures import (assert_same_logs, logged, make_grpo_trainer, make_rloo_trainer,  # noqa: E402
+                                      rss_growth_script, saved_tiny_llama)
 
 try:
     trl_grpo.check_trl_version()
@@ -184,3 +184,16 @@ def test_token_logprobs_and_entropy_vs_float64():
     rh, rw = torch.autograd.grad(ref_lp.sum(), (h, w))
     torch.testing.assert_close(gh, rh.float(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(gw, rw.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_rloo_matches_stock(tmp_path, model_path):
+    """RLOO shares the log-prob hook (not the loss): old/ref no-grad forward, policy via the engine, TRL's loss."""
+    opts = dict(beta=0.05, **MOVING)
+    stock = make_rloo_trainer("trl", tmp_path / "a", model_path, **opts)
+    stock.train()
+    fast = make_rloo_trainer("fast", tmp_path / "b", model_path, **opts)
+    fast.train()
+    a, b = logged(stock), logged(fast)
+    assert_same_logs(a, b)
+    assert {"entropy", *CLIP} <= set(b[0])
+    assert trl_grpo.patch_rloo_trainer(fast) is fast

@@ -12,7 +12,7 @@ from .trl_fixtures import char_tokenizer, logged, sums_dataset, tiny_llama
 
 __all__ = ["char_tokenizer", "logged", "saved_tiny_llama", "prompts_dataset", "unpaired_dataset", "digit_reward",
            "assert_same_logs", "rss_growth_script", "make_grpo_trainer", "grpo_for_memory", "make_pair_trainer",
-           "make_kto_trainer"]
+           "make_kto_trainer", "make_rloo_trainer"]
 
 
 def saved_tiny_llama(path, vocab=64, seed=0) -> str:
@@ -109,6 +109,20 @@ def make_grpo_trainer(kind, out_dir, model_path, *, reward=digit_reward, n_promp
     if kind == "patched":
         tr = trl_grpo.patch_grpo_trainer(tr)
     return tr
+
+
+def make_rloo_trainer(kind, out_dir, model_path, *, reward=digit_reward, **cfg):
+    """An RLOO trainer (stock trl.RLOOTrainer or FastRLOOTrainer) on the saved tiny Llama at ``model_path``."""
+    from trl import RLOOConfig, RLOOTrainer
+
+    from dpo_fast.integrations import trl_grpo
+
+    opts = dict(GRPO_DEFAULTS, model_init_kwargs={"dtype": torch.float32})
+    opts.update(cfg)
+    args = RLOOConfig(output_dir=str(out_dir), **opts)
+    cls = trl_grpo.FastRLOOTrainer if kind == "fast" else RLOOTrainer
+    return cls(model=str(model_path), reward_funcs=reward, args=args, train_dataset=prompts_dataset(),
+               processing_class=char_tokenizer())
 
 
 def grpo_for_memory(kind, out_dir, vocab=8192, **cfg):

@@ -42,6 +42,11 @@ Routes (the route of the last step is ``trainer.dpo_fast_route``; steps per rout
 Options off the fused route are logged with a warning naming them — never silently ignored. A loss type
 or importance-sampling level TRL does not have raises ``ValueError`` at construction.
 
+``FastRLOOTrainer`` / ``patch_rloo_trainer`` (``trl.RLOOTrainer``) share the log-prob hook but not the loss
+(RLOO clips a ratio of summed sequence log-probs, with the KL folded into the reward, which ``GRPOLoss`` does
+not compute): old/reference log-probs through the no-grad forward, the policy's through the engine (route
+``"two_pass"``), TRL's RLOO loss and metrics on them.
+
 Not supported (clear errors): vision-language models, the MoE router aux loss, ``cast_lm_head_to_fp32``.
 Supported TRL releases: :data:`SUPPORTED_TRL`.
 """
@@ -58,12 +63,12 @@ from ._trainer_common import (SUPPORTED_TRL, UnsupportedTRLVersion, check_trl_ve
                               patch_instance, reduced_mean, reject_multimodal, token_logprobs_and_entropy)
 
 try:
-    from trl import GRPOTrainer
+    from trl import GRPOTrainer, RLOOTrainer
     from trl.trainer.utils import nanmax, nanmin
 except ImportError as e:  # pragma: no cover - exercised only without trl
     raise ImportError("dpo_fast.integrations.trl_grpo needs TRL: pip install 'trl>=1.16,<1.17'") from e
 
-__all__ = ["FastGRPOTrainer", "patch_grpo_trainer", "FUSED_LOSS_TYPES", "TRL_LOSS_TYPES", "SUPPORTED_TRL",
+__all__ = ["FastGRPOTrainer", "patch_grpo_trainer", "FastRLOOTrainer", "patch_rloo_trainer", "FUSED_LOSS_TYPES", "TRL_LOSS_TYPES", "SUPPORTED_TRL",
            "UnsupportedTRLVersion"]
 
 logger = logging.getLogger(__name__)
@@ -108,21 +113,60 @@ def _seq_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum(-1) / mask.sum(-1)
 
 
-class _FastGRPOMixin:
+class _HiddenStateLogpsMixin:
+    """TRL's per-token log-prob hook (shared by GRPOTrainer and RLOOTrainer) through dpo_fast's engine."""
+
+    _dpo_fast_trl_loss = False  # True: the policy's log-probs inside TRL's loss come from TRL's head
+
+    # TRL hook: per-token log-probs (old policy / reference under no_grad; the policy inside TRL's own loss)
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **modality):
+        grad = torch.is_grad_enabled()
+        if compute_aux_loss or any(v is not None for v in modality.values()) or (grad and self._dpo_fast_trl_loss):
+            # multimodal inputs, or TRL's own loss with the entropy bonus (entropy needs its gradient): TRL's head
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **modality)
+        if not grad:
+            logps = no_grad_token_logprobs(model, input_ids, attention_mask, logits_to_keep,
+                                           temperature=self.temperature, batch_size=batch_size,
+                                           autocast=self.accelerator.autocast)
+            return logps, None, None
+        # two-pass route: the policy's log-probs (differentiable) and entropies (no gradient) from one engine pass,
+        # then TRL's own loss formula on them
+        C = int(logits_to_keep)
+        labels = input_ids[:, -C:].masked_fill(attention_mask[:, -C:] == 0, -100)
+
+        def fn(hidden, head):
+            h, w, b = head.operands(hidden[:, -C - 1:-1])
+            return token_logprobs_and_entropy(h, w, labels.to(h.device), bias=b, **head.engine_kwargs(self.temperature))
+
+        with self.accelerator.autocast():
+            logps, ent = call_with_hidden_states(model, fn, input_ids, attention_mask=attention_mask)
+        return logps, (ent if compute_entropy else None), None
+
+
+def _check_common(self) -> None:
+    """Options neither trainer integration supports: clear errors."""
+    who = type(self).__name__
+    if getattr(self, "_is_vlm", False):
+        raise NotImplementedError(f"{who}: vision-language models are not supported; use TRL's trainer")
+    if getattr(self, "aux_loss_enabled", False):
+        raise NotImplementedError(f"{who}: the MoE router aux loss is not supported; set router_aux_loss_coef=0.0 "
+                                  "or use TRL's trainer")
+    if getattr(self.args, "cast_lm_head_to_fp32", False):
+        raise NotImplementedError(f"{who}: cast_lm_head_to_fp32=True is not supported (dpo_fast already "
+                                  "accumulates the head in float32); unset it or use TRL's trainer")
+
+
+class _FastGRPOMixin(_HiddenStateLogpsMixin):
     """The methods FastGRPOTrainer overrides; mixed into a GRPOTrainer (sub)class."""
 
     def _dpo_fast_init(self) -> None:
         check_trl_version()
         who = type(self).__name__
         args = self.args
-        if getattr(self, "_is_vlm", False):
-            raise NotImplementedError(f"{who}: vision-language models are not supported; use trl.GRPOTrainer")
-        if getattr(self, "aux_loss_enabled", False):
-            raise NotImplementedError(f"{who}: the MoE router aux loss is not supported; set router_aux_loss_coef=0.0 "
-                                      "or use trl.GRPOTrainer")
-        if getattr(args, "cast_lm_head_to_fp32", False):
-            raise NotImplementedError(f"{who}: cast_lm_head_to_fp32=True is not supported (dpo_fast already "
-                                      "accumulates the head in float32); unset it or use trl.GRPOTrainer")
+        _check_common(self)
         if self.loss_type not in TRL_LOSS_TYPES:
             raise ValueError(f"loss_type: {self.loss_type!r} is not a TRL GRPO loss type; expected one of "
                              f"{list(TRL_LOSS_TYPES)}")
@@ -168,33 +212,6 @@ class _FastGRPOMixin:
                     vespo_k_neg=args.vespo_k_neg, vespo_lambda_neg=args.vespo_lambda_neg,
                     use_bias_correction_kl=bool(args.use_bias_correction_kl),
                     off_policy_mask_threshold=self.off_policy_mask_threshold)
-
-    # TRL hook: per-token log-probs (old policy / reference under no_grad; the policy inside TRL's own loss)
-    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
-                                           compute_entropy=False, compute_aux_loss=False, **modality):
-        grad = torch.is_grad_enabled()
-        if compute_aux_loss or any(v is not None for v in modality.values()) or (grad and self._dpo_fast_trl_loss):
-            # multimodal inputs, or TRL's own loss with the entropy bonus (entropy needs its gradient): TRL's head
-            return super()._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
-                compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **modality)
-        if not grad:
-            logps = no_grad_token_logprobs(model, input_ids, attention_mask, logits_to_keep,
-                                           temperature=self.temperature, batch_size=batch_size,
-                                           autocast=self.accelerator.autocast)
-            return logps, None, None
-        # two-pass route: the policy's log-probs (differentiable) and entropies (no gradient) from one engine pass,
-        # then TRL's own loss formula on them
-        C = int(logits_to_keep)
-        labels = input_ids[:, -C:].masked_fill(attention_mask[:, -C:] == 0, -100)
-
-        def fn(hidden, head):
-            h, w, b = head.operands(hidden[:, -C - 1:-1])
-            return token_logprobs_and_entropy(h, w, labels.to(h.device), bias=b, **head.engine_kwargs(self.temperature))
-
-        with self.accelerator.autocast():
-            logps, ent = call_with_hidden_states(model, fn, input_ids, attention_mask=attention_mask)
-        return logps, (ent if compute_entropy else None), None
 
     # TRL hook: the loss and the metrics of one micro-batch
     def _compute_loss(self, model, inputs):
@@ -284,6 +301,18 @@ class _FastGRPOMixin:
             m["vespo/phi_seq_mean"].append(_masked_mean(acc, phi, mask))
 
 
+class _FastRLOOMixin(_HiddenStateLogpsMixin):
+    """FastRLOOTrainer's methods: TRL's RLOO loss on dpo_fast's log-probs (see :class:`FastRLOOTrainer`)."""
+
+    def _dpo_fast_init(self) -> None:
+        check_trl_version()
+        _check_common(self)
+        self.dpo_fast_route = "two_pass"
+        install_fused_forward(self.model)
+        if getattr(self, "ref_model", None) is not None:
+            install_fused_forward(self.ref_model)
+
+
 class FastGRPOTrainer(_FastGRPOMixin, GRPOTrainer):
     """``trl.GRPOTrainer`` with the policy's log-probs and loss computed by the fused :class:`dpo_fast.GRPOLoss`.
 
@@ -299,6 +328,27 @@ class FastGRPOTrainer(_FastGRPOMixin, GRPOTrainer):
         check_trl_version()
         super().__init__(*args, **kwargs)
         self._dpo_fast_init()
+
+
+class FastRLOOTrainer(_FastRLOOMixin, RLOOTrainer):
+    """``trl.RLOOTrainer`` with the policy's, old-policy and reference log-probs from dpo_fast's engine.
+
+    RLOO shares GRPO's generation and log-prob hook but not its loss: a clipped ratio of *summed* sequence
+    log-probs (KL folded into the reward), which :class:`dpo_fast.GRPOLoss` does not compute. So the policy's
+    per-token log-probs and entropies come from one engine pass (differentiable log-probs, no logits tensor) and
+    TRL's own RLOO loss runs on them (route ``"two_pass"``); old and reference log-probs use the 1-GEMM no-grad
+    forward. Same constructor as ``trl.RLOOTrainer``; errors as :class:`FastGRPOTrainer`.
+    """
+
+    def __init__(self, *args, **kwargs):
+        check_trl_version()
+        super().__init__(*args, **kwargs)
+        self._dpo_fast_init()
+
+
+def patch_rloo_trainer(trainer: RLOOTrainer) -> RLOOTrainer:
+    """Make an existing ``trl.RLOOTrainer`` instance use :class:`FastRLOOTrainer`'s methods (state kept)."""
+    return patch_instance(trainer, RLOOTrainer, _FastRLOOMixin, _FastRLOOMixin._dpo_fast_init)
 
 
 def patch_grpo_trainer(trainer: GRPOTrainer) -> GRPOTrainer:
