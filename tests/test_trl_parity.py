@@ -72,7 +72,8 @@ def _trl(loss_types, weights, eps, fdiv, alpha, ld_alpha, weighting, beta, mask,
     s = types.SimpleNamespace(
         args=args, accelerator=_Accelerator(), model=_Model().eval(),
         ref_model=lambda **kw: types.SimpleNamespace(log_probs=ref), aux_loss_enabled=False,
-        precompute_ref_logps=False, _total_train_tokens=0, _tp_size=1, ld_alpha=ld_alpha, f_divergence_type=fdiv, f_alpha_divergence_coef=alpha,
+        precompute_ref_logps=False, _total_train_tokens=0, _tp_size=1, ld_alpha=ld_alpha, f_divergence_type=fdiv,
+        f_alpha_divergence_coef=alpha,
         loss_types=loss_types, loss_weights=weights, beta=beta, label_smoothing=eps, use_weighting=weighting,
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)})
     inputs = dict(input_ids=torch.zeros_like(mask), attention_mask=torch.ones_like(mask), completion_mask=mask)

@@ -66,7 +66,7 @@ def term_cispo(x: TokenTermInputs) -> PolicyTerm:
 
 
 def term_sapo(x: TokenTermInputs) -> PolicyTerm:
-    """SAPO: −(4/τ)·σ(τ(ρ − 1))·A, τ = τ_pos where A > 0 else τ_neg (a soft gate instead of a hard clip)."""
+    """SAPO: −(4/τ)·σ(τ(ρ − 1))·A, τ = τ_pos where A > 0 else τ_neg (a soft gate, not a hard clip)."""
     o = x.options
     tau = torch.where(x.advantages > 0, o.sapo_temperature_pos, o.sapo_temperature_neg).to(x.coef.dtype)
     return PolicyTerm(-(torch.sigmoid(tau * (x.coef - 1.0)) * 4.0 / tau) * x.advantages, x.coef)

@@ -8,7 +8,8 @@ fused modules may compute group by group.
 
 Adding a pairwise loss type: add one :class:`PairwiseLossType` entry below with its function of a
 :class:`~.terms.PairBatch` (a lambda here, or a function in :mod:`.terms`), add its float64 reference to
-``tests/test_losses.py``, and regenerate the README table (``python -m dpo_fast.losses README.md``). See docs/DESIGN.md, "Adding a loss type".
+``tests/test_losses.py``, and regenerate the README table (``python -m dpo_fast.losses README.md``). See
+docs/LOSSES.md, "Adding a loss type".
 """
 
 from __future__ import annotations
@@ -95,8 +96,10 @@ PAIRWISE: tuple[PairwiseLossType, ...] = (
         r":math:`(s_w/|y_w| - s_l/|y_l| - 1/(2\beta))^2`", "Azar et al. 2023, arXiv:2310.12036",
         needs_lengths=True, uses_f_divergence=True),
     PairwiseLossType(
-        "exo_pair", T.pair_exo, "EXO", "q_w (log q_w − log(1−ε)) + q_l (log q_l − log ε), q_w = σ(βΔ) = 1 − q_l",
-        r":math:`q_w(\log q_w - \log(1-\varepsilon)) + q_l(\log q_l - \log\varepsilon)`, :math:`q_w = \sigma(\beta\Delta)`",
+        "exo_pair", T.pair_exo, "EXO",
+        "q_w (log q_w − log(1−ε)) + q_l (log q_l − log ε), q_w = σ(βΔ) = 1 − q_l",
+        r":math:`q_w(\log q_w - \log(1-\varepsilon)) + q_l(\log q_l - \log\varepsilon)`, "
+        r":math:`q_w = \sigma(\beta\Delta)`",
         "Ji et al. 2024, arXiv:2402.00856", eps_range=(0.0, False, 0.5, True), trl_uses_label_smoothing=True,
         uses_f_divergence=True, eps_hint=" (the EXO paper uses 1e-3)"),
     PairwiseLossType(
@@ -123,7 +126,8 @@ PAIRWISE: tuple[PairwiseLossType, ...] = (
         trl_uses_label_smoothing=True),
     PairwiseLossType(
         "aot_unpaired", T.pair_aot_unpaired, "AOT, unpaired (sorts over the batch)",
-        "as aot with δ = sort(r_w) − sort(r_l)", r"as aot with :math:`\delta = \mathrm{sort}(r_w) - \mathrm{sort}(r_l)`",
+        "as aot with δ = sort(r_w) − sort(r_l)",
+        r"as aot with :math:`\delta = \mathrm{sort}(r_w) - \mathrm{sort}(r_l)`",
         "Melnyk et al. 2024, arXiv:2406.05882", batch_coupled=True, eps_range=_HALF_CLOSED,
         trl_uses_label_smoothing=True),
     PairwiseLossType(
@@ -249,7 +253,8 @@ KTO_LOSSES: tuple[KTOLossType, ...] = (
     KTOLossType("kto", T.kto_desirable, T.kto_undesirable, "λ_D(1 − σ(β(r − z))) / λ_U(1 − σ(β(z − r)))",
                 "Ethayarajh et al. 2024, arXiv:2402.01306"),
     KTOLossType("apo_zero_unpaired", T.apo_zero_unpaired_desirable, T.apo_zero_unpaired_undesirable,
-                "λ_D(1 − σ(βr)) / λ_U σ(βr) (no reference point)", "D'Oosterlinck et al. 2024, arXiv:2408.06266"),
+                "λ_D(1 − σ(βr)) / λ_U σ(βr) (no reference point)",
+                "D'Oosterlinck et al. 2024, arXiv:2408.06266"),
 )
 _KTO_BY_NAME = {e.name: e for e in KTO_LOSSES}
 KTO_LOSS_TYPES: tuple[str, ...] = tuple(e.name for e in KTO_LOSSES)
@@ -309,7 +314,8 @@ GRPO_LOSSES: tuple[GRPOLossType, ...] = (
                  "as grpo (meant for sequence-level ρ)", "mean over sequences of Σ_t l_t (length-weighted)",
                  "LUSPO, arXiv:2602.05261"),
     GRPOLossType("vespo", G.term_vespo, G.agg_global_tokens, G.metrics_vespo,
-                 "−sg(φ(w)) · A · log π, φ(w) = e^{λ} w^{k} e^{−λw}, w the sequence ratio", "Σ l / num_items_in_batch",
+                 "−sg(φ(w)) · A · log π, φ(w) = e^{λ} w^{k} e^{−λw}, w the sequence ratio",
+                 "Σ l / num_items_in_batch",
                  "VESPO, arXiv:2602.10693", folds_is_ratio=True, token_normalised=True),
 )
 _GRPO_BY_NAME = {e.name: e for e in GRPO_LOSSES}
