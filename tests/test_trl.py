@@ -178,4 +178,6 @@ def test_mixed_label_smoothing_raises(tmp_path):
 def test_shifted_labels():
     ids = torch.tensor([[5, 6, 7, 8, 0]])
     cm = torch.tensor([[0, 0, 1, 1, 0]])
-    assert fast_trl._shifted_labels(ids, cm).tolist() == [[-100, 7, 8, -100, -100]]
+    from dpo_fast.packing import shifted_labels
+
+    assert shifted_labels(ids, cm).tolist() == [[-100, 7, 8, -100, -100]]

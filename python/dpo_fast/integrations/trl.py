@@ -35,7 +35,10 @@ import torch
 
 from ..fused import DPOLoss, pair_logprobs
 from ..hf import call_with_hidden_states, install_fused_forward
+from ..losses.registry import TRL_SMOOTHED
+from ..packing import shifted_labels
 from ._trainer_common import SUPPORTED_TRL, UnsupportedTRLVersion, check_trl_version
+from .padding_free import PaddingFreePreferenceCollator, check_packed_attention, token_budget_sampler
 
 try:
     from trl import DPOTrainer
@@ -46,26 +49,32 @@ __all__ = ["FastDPOTrainer", "patch_trainer", "SUPPORTED_TRL", "UnsupportedTRLVe
 
 
 # loss types whose TRL formula uses label_smoothing (TRL's "sigmoid" does not, unlike dpo_fast's cDPO)
-_SMOOTHED = {"robust", "exo_pair", "aot", "aot_unpaired"}
+_SMOOTHED = set(TRL_SMOOTHED)
 
 
-def _shifted_labels(input_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
-    """(2P, T) labels for the engine: labels[t] = input_ids[t+1] where t+1 is a completion token, else -100.
+def _packed_layout(inputs) -> dict[str, Any] | None:
+    """``cu_seqlens``/``pairs`` of a packed batch (from :class:`PaddingFreePreferenceCollator`), else None."""
+    if "cu_seqlens" not in inputs:
+        return None
+    return {"cu_seqlens": inputs["cu_seqlens"], "pairs": inputs["pairs"]}
 
-    TRL scores position t+1 of ``input_ids.masked_fill(completion_mask == 0, -100)`` from hidden[t]; this is
-    the same set of tokens, already shifted.
-    """
-    lab = torch.full_like(input_ids, -100)
-    lab[:, :-1] = input_ids[:, 1:].masked_fill(completion_mask[:, 1:] == 0, -100)
-    return lab
+
+def _engine_layout(h, labels, packed):
+    """(hidden, labels, layout kwargs) for the engine: (2P, T, H) as is, or packed rows flattened to (N, H)."""
+    if packed is None:
+        return h, labels.to(h.device), {}
+    layout = {k: v.to(h.device) for k, v in packed.items()}
+    return h.reshape(-1, h.shape[-1]), labels.reshape(-1).to(h.device), layout
 
 
 class _FastDPOMixin:
     """The methods FastDPOTrainer overrides; mixed into a DPOTrainer (sub)class."""
 
-    def _dpo_fast_init(self, token_metrics: bool = True) -> None:
+    def _dpo_fast_init(self, token_metrics: bool = True, token_budget: int | None = None,
+                       packed_row_tokens: int | str | None = None) -> None:
         check_trl_version()
         self.dpo_fast_token_metrics = bool(token_metrics)
+        self._dpo_fast_setup_padding_free(token_budget, packed_row_tokens)
         if getattr(self, "_is_vision_dataset", False) or getattr(self, "_is_vlm", False):
             raise NotImplementedError("FastDPOTrainer: vision-language models/datasets are not supported; use "
                                       "trl.DPOTrainer")
@@ -94,6 +103,97 @@ class _FastDPOMixin:
             install_fused_forward(self.ref_model)
 
     # ------------------------------------------------------------------------------------------------------
+    # padding-free batches (DPOConfig(padding_free=True)); see dpo_fast.integrations.padding_free
+
+    def _dpo_fast_setup_padding_free(self, token_budget, row_tokens) -> None:
+        self._dpo_fast_padding_free = bool(getattr(self.args, "padding_free", False))
+        self._dpo_fast_row_tokens = row_tokens
+        if token_budget is not None and not self._dpo_fast_padding_free:
+            raise ValueError("token_budget: token-budget batching packs each micro-batch into rows; it needs "
+                             "DPOConfig(padding_free=True)")
+        if token_budget is not None:
+            from ..packing.options import check_budget
+
+            token_budget = check_budget("token_budget", token_budget)
+            if self.args.max_length is not None and token_budget < 2 * self.args.max_length:
+                raise ValueError(f"token_budget: {token_budget} tokens cannot hold a pair of two max_length="
+                                 f"{self.args.max_length} sequences; use token_budget >= {2 * self.args.max_length}")
+        self._dpo_fast_token_budget = token_budget
+        if self._dpo_fast_padding_free:
+            self._dpo_fast_install_collator()
+            self.padding_free = True  # TRL turned it off; the packed path below honours it
+        if token_budget is not None:
+            self.loss_is_scaled_for_ga = True  # compute_loss divides by the step's pair count itself
+
+    def _dpo_fast_install_collator(self) -> None:
+        """Replace TRL's padded collator with the packed one (same truncation); check the attention once."""
+        if isinstance(self.data_collator, PaddingFreePreferenceCollator):
+            return
+        from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+        dc = self.data_collator
+        if not isinstance(dc, DataCollatorForPreference):
+            raise ValueError(f"padding_free=True replaces TRL's DataCollatorForPreference with dpo_fast's packed "
+                             f"collator; a custom data_collator ({type(dc).__name__}) cannot be packed. Drop the "
+                             "data_collator argument, pass a dpo_fast.integrations.padding_free."
+                             "PaddingFreePreferenceCollator, or set padding_free=False.")
+        # No probe under DeepSpeed/FSDP: the unprepared model may be sharded; the implementation check still runs.
+        probe = not (getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False))
+        impl = check_packed_attention(self.model, probe=probe)
+        if getattr(self, "ref_model", None) is not None:
+            check_packed_attention(self.ref_model, probe=probe)
+        row = self._dpo_fast_row_tokens
+        if getattr(self, "_dpo_fast_token_budget", None) is not None:
+            row = "one_row"  # a micro-batch is <= token_budget tokens: one row
+        elif row is None and "flash" in impl:
+            row = "one_row"  # varlen attention: one row costs nothing extra
+        self.data_collator = PaddingFreePreferenceCollator(
+            pad_token_id=dc.pad_token_id, max_length=dc.max_length, truncation_mode=dc.truncation_mode,
+            row_tokens=row, pad_to_multiple_of=dc.pad_to_multiple_of)
+
+    # TRL hook: inside DPOTrainer.__init__, before training; pack the reference pass too
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        if getattr(self, "_dpo_fast_pf_request", None) is not None:  # FastDPOTrainer(padding_free=True) init
+            token_budget, row_tokens = self._dpo_fast_pf_request
+            self._dpo_fast_row_tokens, self._dpo_fast_token_budget = row_tokens, token_budget
+            self._dpo_fast_install_collator()
+        return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    def get_train_dataloader(self):
+        if getattr(self, "_dpo_fast_token_budget", None) is None:
+            return super().get_train_dataloader()
+        from torch.utils.data import DataLoader
+
+        dataset = self._remove_unused_columns(self.train_dataset, description="training")
+        sampler = token_budget_sampler(dataset, self._dpo_fast_token_budget, max_length=self.args.max_length,
+                                       seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed)
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=self.data_collator,
+                            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
+        return self.accelerator.prepare(loader)
+
+    def _get_num_items_in_batch(self, batch_samples, device):
+        """Token-budget mode: the pairs of the whole optimizer step (all micro-batches, all processes)."""
+        if getattr(self, "_dpo_fast_token_budget", None) is None:
+            return super()._get_num_items_in_batch(batch_samples, device)
+        n = torch.tensor([sum(int(b["pairs"].shape[0]) for b in batch_samples)], device=device)
+        return self.accelerator.gather(n).sum()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._dpo_fast_step_pairs = num_items_in_batch
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    @staticmethod
+    def _dpo_fast_forward(inputs) -> dict[str, Any]:
+        """Decoder arguments of a padded (attention_mask) or packed (position_ids, cu_seqlens) batch."""
+        if "cu_seqlens" in inputs:
+            return dict(attention_mask=None, position_ids=inputs["position_ids"], cu_seqlens=inputs["cu_seqlens"],
+                        max_seqlen=inputs["max_seqlen"])
+        skip = {"input_ids", "attention_mask", "completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
+        kw = {k: v for k, v in inputs.items() if k not in skip}
+        kw["attention_mask"] = inputs.get("attention_mask")
+        return kw
+
+    # ------------------------------------------------------------------------------------------------------
     def _dpo_fast_ref_context(self, model):
         """(model to run, adapter context) for the reference: ref_model, or the PEFT model without adapter."""
         from accelerate.utils import is_peft_model
@@ -107,36 +207,37 @@ class _FastDPOMixin:
         return (model if model is not None else (self.ref_model or self.model)), contextlib.nullcontext()
 
     def _dpo_fast_reference(self, model, inputs, labels):
-        """(ref_chosen_logps, ref_rejected_logps), each (P,), through the 1-GEMM no-grad forward."""
+        """(ref_chosen_logps, ref_rejected_logps), each (P,) in pair order, through the 1-GEMM no-grad forward."""
         from trl.models.utils import disable_gradient_checkpointing
 
         run, adapter = self._dpo_fast_ref_context(model)
         ld_alpha = self.ld_alpha
+        packed = _packed_layout(inputs)
 
         def fn(hidden, head):
             h, w, b = head.operands(hidden)  # summed exactly as DPOLoss sums the policy (LD-DPO included)
-            return pair_logprobs(h, w, labels, bias=b, ld_alpha=ld_alpha, **head.engine_kwargs())
+            h, lab, layout = _engine_layout(h, labels, packed)
+            return pair_logprobs(h, w, lab, bias=b, ld_alpha=ld_alpha, **layout, **head.engine_kwargs())
 
         with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
               adapter, self.accelerator.autocast()):
-            return call_with_hidden_states(run, fn, inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                                           **self._dpo_fast_model_kwargs(inputs))
+            return call_with_hidden_states(run, fn, inputs["input_ids"], **self._dpo_fast_forward(inputs))
 
-    @staticmethod
-    def _dpo_fast_model_kwargs(inputs) -> dict[str, Any]:
-        skip = {"input_ids", "attention_mask", "completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
-        return {k: v for k, v in inputs.items() if k not in skip}
-
-    # TRL hook: reference log-probs of one padded batch (precompute_ref_log_probs and evaluation)
+    # TRL hook: reference log-probs of one batch (precompute_ref_log_probs), in the batch's example order
     def compute_ref_log_probs(self, model, inputs):
-        labels = _shifted_labels(inputs["input_ids"], inputs["completion_mask"])
-        return self._dpo_fast_reference(model, inputs, labels)
+        if "cu_seqlens" not in inputs:
+            return self._dpo_fast_reference(model, inputs, shifted_labels(inputs["input_ids"], inputs["completion_mask"]))
+        c, r = self._dpo_fast_reference(model, inputs, inputs["labels"])
+        order = torch.argsort(inputs["example_index"].to(c.device))  # pair order -> example order
+        return c[order], r[order]
 
     # TRL hook: the loss and the metrics of one batch
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
-        input_ids, completion_mask = inputs["input_ids"], inputs["completion_mask"]
-        labels = _shifted_labels(input_ids, completion_mask)  # (2P, T)
+        input_ids = inputs["input_ids"]
+        packed = _packed_layout(inputs)
+        # (2P, T) padded, or (R, L) packed rows whose labels the collator derived by the same rule
+        labels = inputs["labels"] if packed else shifted_labels(input_ids, inputs["completion_mask"])
         if self.precompute_ref_logps:
             ref_c, ref_r = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:
@@ -145,18 +246,25 @@ class _FastDPOMixin:
 
         def fn(hidden, head):
             h, w, b = head.operands(hidden)
+            h, lab, layout = _engine_layout(h, labels, packed)
             kw = head.engine_kwargs()
             loss_fn = DPOLoss(**opts, **kw, token_metrics=want_stats)  # token stats from the same pass
-            out = loss_fn(h, w, labels, ref_c.float(), ref_r.float(), bias=b)
+            out = loss_fn(h, w, lab, ref_c.float(), ref_r.float(), bias=b, **layout)
             return out, out.token_sums
 
-        out, stats = call_with_hidden_states(model, fn, input_ids, attention_mask=inputs.get("attention_mask"),
-                                             **self._dpo_fast_model_kwargs(inputs))
+        fwd = self._dpo_fast_forward(inputs)
+        out, stats = call_with_hidden_states(model, fn, input_ids, **fwd)
         self._dpo_fast_log(mode, inputs, labels, out, stats)
         loss = out.loss
+        n_step = getattr(self, "_dpo_fast_step_pairs", None)
+        if mode == "train" and getattr(self, "_dpo_fast_token_budget", None) is not None and n_step is not None:
+            # Token-budget micro-batches hold different numbers of pairs: weight each by its share of the step's
+            # pairs, so the step's gradient is TRL's mean over all of them (x processes: DDP averages gradients).
+            loss = loss * (out.losses.shape[0] * self.accelerator.num_processes / n_step)
         if return_outputs:  # deprecated in TRL too: logits for compute_metrics need a plain forward
             with torch.no_grad():
-                outputs = model(input_ids=input_ids, attention_mask=inputs.get("attention_mask"), use_cache=False)
+                outputs = model(input_ids=input_ids, attention_mask=fwd.get("attention_mask"),
+                                position_ids=fwd.get("position_ids"), use_cache=False)
             return loss, outputs
         return loss
 
@@ -170,7 +278,8 @@ class _FastDPOMixin:
             n_tok = total("tokens")
             m["entropy"].append(total("entropy_sum") / n_tok if n_tok > 0 else 0.0)
         if mode == "train":
-            n = acc.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            real = inputs["seq_lens"] if "cu_seqlens" in inputs else inputs["attention_mask"]
+            n = acc.gather_for_metrics(real.sum()).sum().item()
             self._total_train_tokens += n // self._tp_size
         m["num_tokens"] = [self._total_train_tokens]
         if stats is not None:
@@ -195,26 +304,66 @@ class FastDPOTrainer(_FastDPOMixin, DPOTrainer):
     Args:
         token_metrics: log ``entropy``, ``mean_token_accuracy`` and ``logits/*`` like TRL (default True);
             computed in the loss's own logits pass (no extra GEMM). False skips them.
+        token_budget: with ``DPOConfig(padding_free=True)``, micro-batches of at most this many tokens (after
+            TRL's truncation) instead of ``per_device_train_batch_size`` pairs (a
+            :class:`dpo_fast.TokenBudgetBatchSampler`); each micro-batch is one packed row. The loss of a
+            micro-batch is weighted by its share of the optimizer step's pairs, so the step's gradient is TRL's
+            mean over all the step's pairs whatever the micro-batch sizes (see the README, "Padding-free training").
+        packed_row_tokens: capacity of a packed row with ``padding_free=True``: None (default) -- one row per
+            batch under flash-attention (varlen), else rows of up to the batch's longest pair (dense sdpa/eager
+            masks cost rows x length^2); an int; or ``"one_row"``.
+
+    With ``DPOConfig(padding_free=True)`` (which stock TRL 1.16 switches off), every batch -- training,
+    evaluation and ``precompute_ref_log_probs`` -- keeps TRL's pairs and truncation but is packed by the Rust
+    packer: no decoder FLOPs on padding. Attention keeps the sequences apart (flash varlen arguments, or the
+    block-diagonal mask transformers builds from ``position_ids`` for sdpa/eager); another implementation raises.
 
     Raises:
         UnsupportedTRLVersion: the installed TRL is outside :data:`SUPPORTED_TRL`.
+        ValueError: padding_free with a custom ``data_collator`` or an attention implementation that cannot keep
+            packed sequences apart; ``token_budget`` without ``padding_free`` or below ``2 * max_length``.
     """
 
-    def __init__(self, *args, token_metrics: bool = True, **kwargs):
+    def __init__(self, *args, token_metrics: bool = True, token_budget: int | None = None,
+                 packed_row_tokens: int | str | None = None, **kwargs):
         check_trl_version()
         self.dpo_fast_token_metrics = bool(token_metrics)
-        super().__init__(*args, **kwargs)
-        self._dpo_fast_init(token_metrics)
+        self._dpo_fast_pf_request = None
+        cfg = _bound_args(args, kwargs)
+        pf = bool(getattr(cfg, "padding_free", False))
+        if pf:
+            # TRL 1.16 would log that padding_free is unavailable and fall back to padding; this class honours
+            # it. Hide the flag from TRL's __init__ only, and give the caller's config back unchanged.
+            cfg.padding_free = False
+            self._dpo_fast_pf_request = (token_budget, packed_row_tokens)
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            if pf:
+                cfg.padding_free = True
+        self._dpo_fast_pf_request = None
+        self._dpo_fast_init(token_metrics, token_budget, packed_row_tokens)
+
+
+def _bound_args(args, kwargs):
+    """The DPOConfig passed to DPOTrainer(model, ref_model, args, ...) positionally or by keyword, or None."""
+    if "args" in kwargs:
+        return kwargs["args"]
+    return args[2] if len(args) > 2 else None
 
 
 _PATCHED_CLASSES: dict[type, type] = {}
 
 
-def patch_trainer(trainer: DPOTrainer, *, token_metrics: bool = True) -> DPOTrainer:
+def patch_trainer(trainer: DPOTrainer, *, token_metrics: bool = True, token_budget: int | None = None,
+                  packed_row_tokens: int | str | None = None) -> DPOTrainer:
     """Make an existing ``trl.DPOTrainer`` (or subclass) instance compute its loss with ``DPOLoss``.
 
     The instance's class is swapped for a subclass that adds :class:`FastDPOTrainer`'s methods; its
-    state (model, datasets, optimizer, callbacks) is kept. Call it before ``trainer.train()``.
+    state (model, datasets, optimizer, callbacks) is kept. Call it before ``trainer.train()``. With
+    ``trainer.args.padding_free=True`` its batches are packed from then on (``token_budget`` and
+    ``packed_row_tokens`` as in :class:`FastDPOTrainer`); reference log-probs that stock TRL precomputed while
+    building the trainer were computed padded (the same numbers up to float rounding).
 
     Returns:
         The same trainer object.
@@ -230,5 +379,5 @@ def patch_trainer(trainer: DPOTrainer, *, token_metrics: bool = True) -> DPOTrai
         new = type(f"Fast{cls.__name__}", (_FastDPOMixin, cls), {"__module__": __name__})
         _PATCHED_CLASSES[cls] = new
     trainer.__class__ = new
-    trainer._dpo_fast_init(token_metrics)
+    trainer._dpo_fast_init(token_metrics, token_budget, packed_row_tokens)
     return trainer
