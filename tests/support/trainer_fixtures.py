@@ -12,7 +12,7 @@ from .trl_fixtures import char_tokenizer, logged, sums_dataset, tiny_llama
 
 __all__ = ["char_tokenizer", "logged", "saved_tiny_llama", "prompts_dataset", "unpaired_dataset", "digit_reward",
            "assert_same_logs", "rss_growth_script", "make_grpo_trainer", "grpo_for_memory", "make_pair_trainer",
-           "make_kto_trainer", "make_rloo_trainer"]
+           "make_kto_trainer", "make_rloo_trainer", "pair_for_memory"]
 
 
 def saved_tiny_llama(path, vocab=64, seed=0) -> str:
@@ -174,3 +174,14 @@ def make_kto_trainer(kind, out_dir, model_path, **cfg):
     cls = trl_kto.FastKTOTrainer if kind == "fast" else KTOTrainer
     tr = cls(model=str(model_path), args=args, train_dataset=unpaired_dataset(), processing_class=char_tokenizer())
     return trl_kto.patch_kto_trainer(tr) if kind == "patched" else tr
+
+
+def pair_for_memory(algo, kind, out_dir, vocab=8192, **cfg):
+    """For peak-memory comparisons: a CPO / ORPO (``algo``) or KTO (``"kto"``) trainer of ``kind`` on a tiny Llama
+    with vocabulary ``vocab`` (saved under ``out_dir`` for KTO's reference copy)."""
+    from pathlib import Path
+
+    if algo == "kto":
+        path = saved_tiny_llama(Path(out_dir) / "model", vocab=vocab)
+        return make_kto_trainer(kind, Path(out_dir) / "run", path, **cfg)
+    return make_pair_trainer(algo, kind, Path(out_dir) / "run", vocab=vocab, **cfg)
