@@ -1,4 +1,4 @@
-"""TRL: ``FastGRPOTrainer`` and ``patch_grpo_trainer`` — TRL's GRPOTrainer with the policy head and loss fused.
+"""TRL: ``FastGRPOTrainer`` / ``patch_grpo_trainer`` (and RLOO) — TRL's GRPOTrainer with the policy head fused.
 
 One-line change::
 
@@ -21,8 +21,8 @@ What changes, per optimisation step:
 
 Every metric TRL's ``_compute_loss`` logs is logged under TRL's name with TRL's definition (``kl``,
 ``entropy``, ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean``,
-``clip_ratio/low_min``, ``clip_ratio/high_max``, ``cispo_clip_ratio``, ``vespo/phi_seq_mean``); the rest (``reward``, ``completions/*``, ``num_tokens`` ...)
-come from TRL's generation step.
+``clip_ratio/low_min``, ``clip_ratio/high_max``, ``cispo_clip_ratio``, ``vespo/phi_seq_mean``); the rest
+(``reward``, ``completions/*``, ``num_tokens`` ...) come from TRL's generation step.
 
 Routes (the route of the last step is ``trainer.dpo_fast_route``; steps per route ``trainer.dpo_fast_routes``):
 
@@ -68,8 +68,8 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without trl
     raise ImportError("dpo_fast.integrations.trl_grpo needs TRL: pip install 'trl>=1.16,<1.17'") from e
 
-__all__ = ["FastGRPOTrainer", "patch_grpo_trainer", "FastRLOOTrainer", "patch_rloo_trainer", "FUSED_LOSS_TYPES", "TRL_LOSS_TYPES", "SUPPORTED_TRL",
-           "UnsupportedTRLVersion"]
+__all__ = ["FastGRPOTrainer", "patch_grpo_trainer", "FastRLOOTrainer", "patch_rloo_trainer", "FUSED_LOSS_TYPES",
+           "TRL_LOSS_TYPES", "SUPPORTED_TRL", "UnsupportedTRLVersion"]
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,6 @@ class _FastGRPOMixin(_HiddenStateLogpsMixin):
     def _dpo_fast_init(self) -> None:
         check_trl_version()
         who = type(self).__name__
-        args = self.args
         _check_common(self)
         if self.loss_type not in TRL_LOSS_TYPES:
             raise ValueError(f"loss_type: {self.loss_type!r} is not a TRL GRPO loss type; expected one of "
