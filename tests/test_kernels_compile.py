@@ -30,18 +30,18 @@ def test_every_variant_compiles_for_sm80_sm90_sm100(tmp_path):
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     n = int(out.split("variants ", 1)[1].split()[0])
-    assert n >= 34 and f"compiled {n * len(ARCHS)}/{n * len(ARCHS)} variants" in out, out[-2000:]
+    assert n >= 22 and f"compiled {n * len(ARCHS)}/{n * len(ARCHS)} variants" in out, out[-2000:]
     assert "BAD" not in out
 
 
 def test_launches_are_checked_against_the_table():
     from dpo_fast.kernels import logprob as k
 
-    meta = k._launch_meta("bwd", 300, (torch.float32, torch.float16), HAS_SOFTCAP=True)
+    meta = k.launch_meta("bwd", 300, (torch.float32, torch.float16), HAS_SOFTCAP=True)
     assert meta["HAS_SOFTCAP"] is True and meta["BLOCK_V"] >= 16
     with pytest.raises(AssertionError):  # a dtype pair the table does not list
-        k._launch_meta("bwd", 300, (torch.float16, torch.float32), HAS_SOFTCAP=True)
+        k.launch_meta("bwd", 300, (torch.float16, torch.float32), HAS_SOFTCAP=True)
     with pytest.raises(AssertionError):  # a flag the table does not list
-        k._launch_meta("fwd", 300, (torch.float32,), HAS_SOFTCAP=True, WITH_STATS=False, NEW_FLAG=1)
+        k.launch_meta("fwd", 300, (torch.float32,), HAS_SOFTCAP=True, WITH_STATS=False, NEW_FLAG=1)
     with pytest.raises(AssertionError):  # a flag left out
-        k._launch_meta("fwd", 300, (torch.float32,), HAS_SOFTCAP=True)
+        k.launch_meta("fwd", 300, (torch.float32,), HAS_SOFTCAP=True)

@@ -26,9 +26,9 @@ _FLOAT_SCALARS = ("inv_temp", "softcap")
 
 
 def _kernel_fn(kernel: str):
-    from . import logprob
+    from .logprob import VARIANTS
 
-    return {"fwd": logprob._logprob_fwd_kernel, "bwd": logprob._logprob_bwd_kernel}[kernel]
+    return VARIANTS[kernel]["fn"]
 
 
 def constexpr_names(fn) -> list[str]:

@@ -162,17 +162,19 @@ def _logprob_bwd_kernel(
 #: dtypes of the logits tiles the engine hands the kernels (float64 runs on the torch backend)
 TILE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-#: per kernel: its constexpr flags with every value a launch can pass, the GPU block sizes, the tensor dtypes
+#: per kernel: the jit function, its constexpr flags with every value a launch can pass, the GPU block sizes, the tensor dtypes
 #: of each variant (forward: the tile; backward: (tile, gradient output), the gradient in the inputs' dtype,
 #: also from a float32 tile of 16-bit inputs) and num_warps as a function of the block size
 VARIANTS = {
     "fwd": {
+        "fn": _logprob_fwd_kernel,
         "flags": {"HAS_SOFTCAP": (False, True), "WITH_STATS": (False, True)},
         "blocks": (4096,),  # 4096 columns per step (16 KB of bf16 in flight); narrower rows are masked
         "dtypes": tuple((d,) for d in TILE_DTYPES),
         "num_warps": lambda block: 8 if block >= 4096 else 4,
     },
     "bwd": {
+        "fn": _logprob_bwd_kernel,
         "flags": {"HAS_SOFTCAP": (False, True)},
         "blocks": (1024,),  # the backward's 2-D grid: 1024-column blocks
         "dtypes": tuple((d, d) for d in TILE_DTYPES) + ((torch.float32, torch.float16),
@@ -188,7 +190,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _launch_meta(kernel: str, n_cols: int, dtypes: tuple, **flags) -> dict:
+def launch_meta(kernel: str, n_cols: int, dtypes: tuple, **flags) -> dict:
     """Constexpr kwargs (flags + BLOCK_V + num_warps) for a launch, checked against :data:`VARIANTS`.
 
     Raises AssertionError for a flag, value or dtype combination the table does not list: every launch is a
@@ -226,7 +228,7 @@ def logprob_fwd(z: torch.Tensor, labels: torch.Tensor, temperature: float, softc
     logp, lse = torch.empty(n, **f32), torch.empty(n, **f32)
     st = tuple(torch.empty(n if stats else 0, **f32) for _ in range(4))  # entropy, hit, zmean, lse2
     if n > 0:
-        meta = _launch_meta("fwd", V, (z.dtype,), HAS_SOFTCAP=softcap is not None, WITH_STATS=bool(stats))
+        meta = launch_meta("fwd", V, (z.dtype,), HAS_SOFTCAP=softcap is not None, WITH_STATS=bool(stats))
         _logprob_fwd_kernel[(n,)](
             z, labels, logp, lse, *st,
             V,
@@ -261,7 +263,7 @@ def logprob_bwd(
     assert z.stride(1) == 1 and out.stride(1) == 1 and out.shape == z.shape
     if n == 0 or Vs == 0:
         return out
-    meta = _launch_meta("bwd", Vs, (z.dtype, out.dtype), HAS_SOFTCAP=softcap is not None)
+    meta = launch_meta("bwd", Vs, (z.dtype, out.dtype), HAS_SOFTCAP=softcap is not None)
     grid = (n, triton.cdiv(Vs, meta["BLOCK_V"]))
     _logprob_bwd_kernel[grid](
         z, out, labels, lse, g,
