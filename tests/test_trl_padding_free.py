@@ -100,20 +100,17 @@ def test_packed_equals_padded_every_metric(tmp_path, impl, truncation):
 
 
 def test_packed_reference_paths(tmp_path):
-    """precompute_ref_log_probs (packed reference pass) and the PEFT adapter-off reference, packed == padded."""
-    padded, packed = run_pair(tmp_path, precompute_ref_log_probs=True, max_steps=2)
-    assert_same_logs(padded, packed)
+    """precompute_ref_log_probs (a packed reference pass, columns back in example order) and the PEFT adapter-off
+    reference: packed == padded."""
+    trainers = [trainer(tmp_path, padding_free=pf, precompute_ref_log_probs=True, max_steps=2) for pf in (False, True)]
+    for name in ("ref_chosen_logps", "ref_rejected_logps"):
+        a, b = (torch.tensor(t.train_dataset[name]) for t in trainers)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for t in trainers:
+        t.train()
+    assert_same_logs(logged(trainers[0]), logged(trainers[1]))
     padded, packed = run_pair(tmp_path, peft=True, max_steps=2)
     assert_same_logs(padded, packed)
-
-
-def test_precomputed_columns_equal_and_in_example_order(tmp_path):
-    cols = []
-    for pf in (False, True):
-        tr = trainer(tmp_path, padding_free=pf, precompute_ref_log_probs=True, max_steps=1)
-        cols.append((torch.tensor(tr.train_dataset["ref_chosen_logps"]), torch.tensor(tr.train_dataset["ref_rejected_logps"])))
-    torch.testing.assert_close(cols[0][0], cols[1][0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(cols[0][1], cols[1][1], rtol=1e-5, atol=1e-5)
 
 
 def test_patch_trainer_and_no_prompt_column(tmp_path):
