@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..distributed import distributed_head
 from .. import losses as L
 from .._validate import autocast_aware, check_engine_inputs, check_tensor
 from ..engine import Scored, forward_tokens, get_workspace_bytes, make_rows, prepare, scored_logprobs, segment_sum
@@ -209,6 +210,7 @@ class DPOLoss(FusedLossModule):
 
 
 @torch.compiler.disable
+@distributed_head()  # DTensor / ZeRO-3 / vocabulary-parallel heads (dpo_fast.distributed)
 @autocast_aware("hidden", "weight", "bias")
 def pair_logprobs(hidden, weight, labels, *, bias=None, cu_seqlens=None, pairs=None, ld_alpha=None,
                   ignore_index=-100, temperature=1.0, softcap=None, backend="auto") -> tuple[Tensor, Tensor]:

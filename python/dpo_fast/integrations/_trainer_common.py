@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..distributed import distributed_head
 from .._validate import autocast_aware
 
 __all__ = ["SUPPORTED_TRL", "UnsupportedTRLVersion", "check_trl_version", "patch_instance",
@@ -132,6 +133,7 @@ def no_grad_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch
     return torch.cat(out, 0)
 
 
+@distributed_head()  # DTensor / ZeRO-3 / vocabulary-parallel heads (dpo_fast.distributed)
 @autocast_aware("hidden", "weight", "bias")
 def token_logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, bias=None,
                                temperature: float = 1.0, softcap: float | None = None, ignore_index: int = -100):
