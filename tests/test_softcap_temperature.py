@@ -82,3 +82,40 @@ def test_fused_dpo_and_grpo_follow_the_same_order(backend):
     torch.testing.assert_close(out.rejected_logps.detach(), tok.sum(-1)[2:], rtol=1e-5, atol=1e-5)
     seq = dpo_fast.sequence_logprobs(h.detach(), w, y, bias=b, temperature=T, softcap=c, backend=backend)
     torch.testing.assert_close(seq, tok.sum(-1), rtol=1e-5, atol=1e-5)
+
+
+def test_hf_gemma2_sampling_temperature_matches_capped_logits_over_t():
+    """hf: a Gemma-2 head at sampling temperature T gives log_softmax(model logits / T), as generate() samples."""
+    transformers = pytest.importorskip("transformers")
+    from dpo_fast import hf
+
+    torch.manual_seed(0)
+    cfg = transformers.Gemma2Config(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                    max_position_embeddings=64, final_logit_softcapping=2.0)
+    cfg._attn_implementation = "eager"
+    model = transformers.Gemma2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)  # logits well beyond the cap
+    ids = torch.randint(0, 48, (2, 7))
+    labels = ids.roll(-1, 1)
+    labels[:, -1] = -100
+    T = 0.7
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.double()  # the model's own (capped) logits
+        want = (torch.log_softmax(logits / T, -1).gather(-1, labels.clamp_min(0)[..., None]).squeeze(-1)
+                * (labels != -100)).sum(-1)
+        got = hf.sequence_logprobs_from_model(model, ids, labels, temperature=T)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_hf_rejects_a_cap_with_a_logit_scale():
+    transformers = pytest.importorskip("transformers")
+    from dpo_fast import hf
+
+    cfg = transformers.Gemma2Config(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                    max_position_embeddings=64, final_logit_softcapping=2.0)
+    cfg.logit_scale = 0.5  # not expressible: the engine divides after the cap
+    with pytest.raises(hf.UnsupportedHeadError, match="final_logit_softcapping"):
+        hf.output_head(transformers.Gemma2ForCausalLM(cfg))
