@@ -27,7 +27,8 @@ fp32 inside each GEMM, one 16-bit rounding of the running sum per group. Measure
 An fp32 V x H buffer would remove it but costs 2 GiB at llama3-8b, so it is not used. With an fp32 weight —
 including an fp32 master weight under ``torch.autocast`` — dW is accumulated directly in fp32 in the weight's
 own gradient buffer (no 16-bit rounding between groups): 3.2e-3 / 3.6e-3 at 16 / 64 groups in the same
-measurement, i.e. no growth with the group count.
+measurement, i.e. no growth with the group count (on CUDA cuBLAS's fp32 epilogue adds each group's product;
+the CPU fallback rounds each group's product to bf16 once, never the running sum).
 
 Non-finite data. Every per-token and per-unit value is row-local or unit-local: NaN/inf in one unit's hidden
 states stays in that unit's log-probs, losses and hidden-state gradients. The scalar loss (a mean) and the
