@@ -18,7 +18,7 @@ import pytest
 
 HERE = os.path.dirname(__file__)
 
-MAIN = ["ddp", "fsdp_root", "fsdp_head_unit", "fsdp_noreshard_tied", "fsdp_direct", "tp_dtensor", "tp_explicit",
+MAIN = ["ddp", "fsdp_root", "fsdp_head_unit", "fsdp_noreshard_tied", "fsdp_direct", "fsdp_peft", "tp_dtensor", "tp_explicit",
         "tp_modules", "bad_input"]
 ZERO3 = ["z3_fused", "z3_two_pass", "z3_tied", "z3_direct"]
 

@@ -73,13 +73,23 @@ def ddp(rank, world):
     return _dp_step_check(DDP(model), batch, *ref, rank, world, _plain_dpo)
 
 
-def _fsdp(rank, world, *, head_unit: bool, reshard: bool, tied: bool, direct: bool = False):
+def _fsdp(rank, world, *, head_unit: bool, reshard: bool, tied: bool, direct: bool = False, peft: bool = False):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     model, batch = tiny_llama(tied=tied), pair_batch()
+    if peft:  # LoRA on the attention projections; the head (and everything else) frozen
+        from peft import LoraConfig, get_peft_model
+        torch.manual_seed(7)
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                 init_lora_weights=False))
     ref = reference_run(model, batch)
     mesh = init_device_mesh("cpu", (world,))
+    if peft:
+        for layer in model.base_model.model.model.layers:
+            fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
+        fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+        return _dp_step_check(model, batch, *ref, rank, world, _plain_dpo)
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
     if head_unit:
@@ -127,6 +137,10 @@ def _shard_rows(world, rank):
     chunk = -(-V // world)
     start = min(V, rank * chunk)
     return start, min(V, start + chunk)
+
+
+def fsdp_peft(rank, world):
+    return _fsdp(rank, world, head_unit=False, reshard=True, tied=False, peft=True)
 
 
 def tp_dtensor(rank, world):
@@ -287,7 +301,7 @@ def bad_input(rank, world):
     return record(errs)
 
 
-SCENARIOS = {f.__name__: f for f in (ddp, fsdp_root, fsdp_head_unit, fsdp_noreshard_tied, fsdp_direct, tp_dtensor,
+SCENARIOS = {f.__name__: f for f in (ddp, fsdp_root, fsdp_head_unit, fsdp_noreshard_tied, fsdp_direct, fsdp_peft, tp_dtensor,
                                      tp_explicit, tp_modules, bad_input)}
 
 if __name__ == "__main__":
