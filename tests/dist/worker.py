@@ -237,6 +237,24 @@ def tp_modules(rank, world):
     errs += [(e, f"packed {d}") for e, d in _run_both(
         lambda h, w, bb: dpo_fast.sequence_logprobs(h.reshape(-1, H), w, labels.reshape(-1), bias=bb,
                                                     cu_seqlens=cu, average=True), hidden, W, b, rank, world)]
+    # NaN in one sequence's hidden states stays in that sequence (forward values and hidden-state gradients)
+    hn = hidden.clone()
+    hn[2, 5, 0] = float("nan")
+    s, e = _shard_rows(world, rank)
+    wl = vocab_parallel(W[s:e].clone(), vocab_start=s)
+    for name, w_ in (("full", W), ("split", wl)):
+        h_ = hn.clone().requires_grad_(True)
+        v = dpo_fast.sequence_logprobs(h_, w_, labels, bias=b if name == "full" else b[s:e])
+        v.sum().backward()
+        if name == "full":
+            want_v, want_g = v.detach(), h_.grad
+        else:
+            ok_nan = bool(torch.isnan(v[2])) and bool(torch.isfinite(v[[0, 1, 3, 4, 5]]).all())
+            ok_g = bool(torch.isfinite(h_.grad[[0, 1, 3, 4, 5]]).all())
+            errs.append((0.0 if ok_nan and ok_g else 1.0, f"NaN isolated (values {ok_nan}, dh {ok_g})"))
+            keep = [0, 1, 3, 4, 5]
+            errs.append((max_err(v[keep], want_v[keep]), "NaN batch: other sequences"))
+            errs.append((max_err(h_.grad[keep], want_g[keep]), "NaN batch: other sequences' dh"))
     # token statistics straight from the shard's partial reductions vs the single-process row pass
     s, e = _shard_rows(world, rank)
     shard = VocabShard(dist.group.WORLD, s, e - s, V, rank, world)
