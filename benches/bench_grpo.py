@@ -24,7 +24,12 @@ growth of the peak resident set during the timed steps in that fresh process (``
 with glibc's mmap threshold at 64 KiB so freed blocks leave the resident set. Gradients w.r.t. hidden and
 weight are included; every method's loss and gradients are compared with ``trl_stock``'s.
 
-Usage: ``python benches/bench_grpo.py [--B 8 --P 128 --C 384 --H 256 --V 32000 --reps 5] [--json out.json]``
+On CUDA (``--device cuda``): CUDA-synchronised wall clock and ``torch.cuda.max_memory_allocated`` above the inputs;
+``trl_stock`` then equals ``trl_compact``'s token set only if TRL's Triton path is taken (TRL scores completion
+tokens only on Triton devices), so read ``trl_compact`` as TRL's GPU path. Not yet run on a GPU.
+
+Usage: ``python benches/bench_grpo.py [--B 8 --P 128 --C 384 --H 256 --V 32000 --reps 5] [--device cuda]
+[--json out.json]``
 """
 
 from __future__ import annotations
@@ -127,30 +132,46 @@ def _status(key):
     return int(re.search(key + r":\s+(\d+)", open("/proc/self/status").read()).group(1)) * 1024
 
 
-def measure(method, B, P, C, H, V, reps):
-    """In a fresh process: {"ms", "peak_bytes", "loss", "entropy", "gh", "gw"} (the warm-up step's gradients)."""
+def measure(method, B, P, C, H, V, reps, device="cpu"):
+    """In a fresh process: {"ms", "peak_bytes", "loss", "entropy", "gh", "gw"} (the warm-up step's gradients).
+
+    CPU: wall clock and the growth of the peak resident set. CUDA: wall clock after a synchronize and the peak
+    of ``torch.cuda.max_memory_allocated`` above what the inputs hold.
+    """
     torch.manual_seed(0)
-    hidden, weight, ids, am, cm, adv = make_inputs(B, P, C, H, V)
+    cuda = device.startswith("cuda")
+    inputs = make_inputs(B, P, C, H, V)
+    if cuda:
+        inputs = tuple(t.detach().to(device).requires_grad_(t.requires_grad) for t in inputs)
+    hidden, weight, ids, am, cm, adv = inputs
     step(method, hidden, weight, ids, am, cm, adv, C)  # warm-up (and the gradients compared below)
-    gh, gw = hidden.grad.clone(), weight.grad.clone()
+    gh, gw = hidden.grad.cpu().clone(), weight.grad.cpu().clone()
     loss = entropy = None
     times = []
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _status("VmRSS")
+    hidden.grad = weight.grad = None
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _status("VmRSS")
     for _ in range(reps):
         hidden.grad = weight.grad = None
         t0 = time.perf_counter()
         loss, entropy = step(method, hidden, weight, ids, am, cm, adv, C)
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    peak = _status("VmHWM") - base
+    peak = (torch.cuda.max_memory_allocated() if cuda else _status("VmHWM")) - base
     return {"ms": 1e3 * statistics.median(times), "peak_bytes": peak, "loss": loss, "entropy": entropy,
             "gh": gh, "gw": gw}
 
 
 def _child(args):
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "0")) or torch.get_num_threads())
-    r = measure(args.child, args.B, args.P, args.C, args.H, args.V, args.reps)
+    r = measure(args.child, args.B, args.P, args.C, args.H, args.V, args.reps, args.device)
     torch.save({"gh": r.pop("gh"), "gw": r.pop("gw")}, args.grads)
     print("RESULT " + json.dumps(r))
 
@@ -181,6 +202,7 @@ def main(argv=None):
     ap.add_argument("--H", type=int, default=256)
     ap.add_argument("--V", type=int, default=32000)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--json")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -195,7 +217,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         for m in args.methods.split(","):
             gpath = os.path.join(tmp, f"{m}.pt")
-            cmd = [sys.executable, __file__, "--child", m, "--grads", gpath, "--reps", str(args.reps)]
+            cmd = [sys.executable, __file__, "--child", m, "--grads", gpath, "--reps", str(args.reps),
+                   "--device", args.device]
             for k in ("B", "P", "C", "H", "V"):
                 cmd += [f"--{k}", str(getattr(args, k))]
             p = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -207,8 +230,8 @@ def main(argv=None):
             results[m] = json.loads(line[0][7:])
             grads[m] = torch.load(gpath)
     base = results.get("trl_stock", {})
-    print(f"GRPO step head work: B {args.B} completions x C {args.C} tokens after P {args.P} prompt tokens, "
-          f"H {args.H}, V {args.V}, float32, dapo, beta {BETA}, median of {args.reps}")
+    print(f"GRPO step head work on {args.device}: B {args.B} completions x C {args.C} tokens after P {args.P} "
+          f"prompt tokens, H {args.H}, V {args.V}, float32, dapo, beta {BETA}, median of {args.reps}")
     print("| method | ms / step | x trl_stock time | peak MiB | x trl_stock memory | loss diff | max |dh| diff | "
           "max |dW| diff |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
