@@ -103,3 +103,38 @@ def test_family_token_metrics_and_no_grad():
     assert out2.route == "two_pass"
     assert_close(out2.loss, out.loss, torch.float32, "no-grad loss")
     assert out2.metrics["entropy"] == pytest.approx(out.metrics["entropy"], rel=1e-5)
+
+
+@pytest.mark.parametrize("cls, fn", [("CPOLoss", "cpo_loss"), ("ORPOLoss", "orpo_loss"), ("KTOLoss", "kto_loss"),
+                                     ("GRPOLoss", None), ("DPOLoss", "dpo_loss")])
+def test_group_gradient_sees_only_the_groups_units(cls, fn, monkeypatch):
+    """The per-group gradient is the loss on that group's units only (batch constants given), and the
+    whole-batch loss runs once, for the value: never the whole batch once per group."""
+    from dpo_fast import losses as L
+
+    name = fn or "grpo_token_terms"
+    real = getattr(L, name)
+    sizes = []
+
+    def spy(first, *args, **kwargs):
+        sizes.append(first.shape[0])
+        return real(first, *args, **kwargs)
+
+    P = 6
+    h, w, b, labels = _batch(9, P=P)
+    S = 2 * P
+    m = getattr(dpo_fast, cls)(workspace_bytes=20 * w.shape[0] * 8)  # a few units per group
+    monkeypatch.setattr(L, name, spy)  # after construction (which validates options with a tiny call)
+    hh = h.clone().requires_grad_()
+    if cls == "KTOLoss":
+        out = m(hh, w, labels, torch.arange(S) % 2 == 0, kl=0.1)
+    elif cls == "GRPOLoss":
+        out = m(hh, w, labels, torch.randn(S))
+    else:
+        out = m(hh, w, labels)
+    assert out.route == "fused"
+    units = S if cls in ("KTOLoss", "GRPOLoss") else P
+    group_calls = sizes if cls == "GRPOLoss" else sizes[:-1]  # grpo_loss (the value) is not spied there
+    assert len(group_calls) > 1 and sum(group_calls) == units and max(group_calls) < units
+    if cls != "GRPOLoss":
+        assert sizes[-1] == units  # the value: once, on the whole batch
