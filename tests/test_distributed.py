@@ -23,11 +23,11 @@ MAIN = ["ddp", "fsdp_root", "fsdp_head_unit", "fsdp_noreshard_tied", "fsdp_direc
 ZERO3 = ["z3_fused", "z3_two_pass", "z3_tied", "z3_direct"]
 
 
-def _launch(worker: str, names: list[str], extra_env: dict | None = None, timeout: int = 300) -> dict:
+def _launch(worker: str, names: list[str], extra_env: dict | None = None, timeout: int = 300, nproc: int = 2) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1", **(extra_env or {}))
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            os.path.join(HERE, "dist", worker), ",".join(names)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     results = {}
@@ -67,3 +67,9 @@ def test_ddp_fsdp2_tp(main_results, name):
 @pytest.mark.parametrize("name", ZERO3)
 def test_deepspeed_zero3(zero3_results, name):
     _check(zero3_results, name)
+
+
+def test_tp_x_dp_four_processes():
+    """TP x DP on a (dp=2, tp=2) mesh: vocabulary-parallel head per TP pair, pairs split over DP."""
+    results = _launch("worker.py", ["tp_dp"], nproc=4)
+    _check(results, "tp_dp")

@@ -170,6 +170,36 @@ def tp_dtensor(rank, world):
     return record(errs)
 
 
+def tp_dp(rank, world):
+    """TP x DP on a (dp=world/2, tp=2) mesh: lm_head ColwiseParallel on the "tp" sub-mesh, pairs split over "dp",
+    gradients averaged over "dp" by hand (what DDP/FSDP would do over that dimension)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (world // 2, 2), mesh_dim_names=("dp", "tp"))
+    model, batch = tiny_llama(), pair_batch()
+    ref_out, ref_grads, _ = reference_run(model, batch)
+    parallelize_module(model, mesh["tp"], {"lm_head": ColwiseParallel(use_local_output=False)})
+    dp = mesh["dp"]
+    out = dpo_loss_through_model(model, local_pairs(batch, dp.get_local_rank(), dp.size()), dpo_fast.DPOLoss(beta=0.1))
+    out.loss.backward()
+    dp_group = dp.get_group()
+    loss = out.loss.detach().clone()
+    dist.all_reduce(loss, group=dp_group)
+    grads = {}
+    for n, p in model.named_parameters():
+        g = p.grad.to_local().clone() if isinstance(p.grad, DTensor) else p.grad.clone()
+        dist.all_reduce(g, group=dp_group)
+        g /= dp.size()
+        if isinstance(p.grad, DTensor):  # the dp-averaged slice back into the (unevenly sharded) DTensor
+            p.grad.to_local().copy_(g)
+            g = p.grad.full_tensor()
+        grads[n] = g
+    errs = [(max_err(loss / dp.size(), ref_out.loss), "loss"), compare_dicts(grads, ref_grads, "grads")]
+    return record(errs, extra=f" (dp rank {dp.get_local_rank()}, tp rank {mesh['tp'].get_local_rank()})")
+
+
 def tp_explicit(rank, world):
     """Megatron style: a plain local slice marked with vocab_parallel(weight, group, vocab_start)."""
     model, batch = tiny_llama(), pair_batch()
@@ -320,7 +350,7 @@ def bad_input(rank, world):
 
 
 SCENARIOS = {f.__name__: f for f in (ddp, fsdp_root, fsdp_head_unit, fsdp_noreshard_tied, fsdp_direct, fsdp_peft, tp_dtensor,
-                                     tp_explicit, tp_modules, bad_input)}
+                                     tp_dp, tp_explicit, tp_modules, bad_input)}
 
 if __name__ == "__main__":
     main(SCENARIOS)
