@@ -143,9 +143,7 @@ class _FastDPOMixin:
         if getattr(self, "ref_model", None) is not None:
             check_packed_attention(self.ref_model, probe=probe)
         row = self._dpo_fast_row_tokens
-        if getattr(self, "_dpo_fast_token_budget", None) is not None:
-            row = "one_row"  # a micro-batch is <= token_budget tokens: one row
-        elif row is None and "flash" in impl:
+        if row is None and "flash" in impl:
             row = "one_row"  # varlen attention: one row costs nothing extra
         self.data_collator = PaddingFreePreferenceCollator(
             pad_token_id=dc.pad_token_id, max_length=dc.max_length, truncation_mode=dc.truncation_mode,
@@ -306,7 +304,7 @@ class FastDPOTrainer(_FastDPOMixin, DPOTrainer):
             computed in the loss's own logits pass (no extra GEMM). False skips them.
         token_budget: with ``DPOConfig(padding_free=True)``, micro-batches of at most this many tokens (after
             TRL's truncation) instead of ``per_device_train_batch_size`` pairs (a
-            :class:`dpo_fast.TokenBudgetBatchSampler`); each micro-batch is one packed row. The loss of a
+            :class:`dpo_fast.TokenBudgetBatchSampler`), packed into rows as below. The loss of a
             micro-batch is weighted by its share of the optimizer step's pairs, so the step's gradient is TRL's
             mean over all the step's pairs whatever the micro-batch sizes (see the README, "Padding-free training").
         packed_row_tokens: capacity of a packed row with ``padding_free=True``: None (default) -- one row per
