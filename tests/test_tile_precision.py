@@ -87,3 +87,27 @@ def test_exact_logits_knob_validation(monkeypatch):
         dpo_fast.get_exact_logits()
     monkeypatch.setenv("DPO_FAST_EXACT_LOGITS", "1")
     assert dpo_fast.get_exact_logits()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_16bit_gemms_run_as_fp32_blocks_rounded_once(dtype, monkeypatch):
+    """On CPU the 16-bit GEMMs run as float32 GEMMs on upcast blocks: equal to the fp32 product rounded once."""
+    from dpo_fast.engine import addmm_fp32_, linear_into, matmul
+    from dpo_fast.engine import tiles
+
+    monkeypatch.setattr(tiles, "_CPU_BLOCK_BYTES", 4096)  # many blocks in every dimension
+    gen = torch.Generator().manual_seed(7)
+    a = torch.randn(37, 300, generator=gen).to(dtype)
+    b = torch.randn(300, 45, generator=gen).to(dtype)
+    bias = torch.randn(45, generator=gen).to(dtype)
+    ref = a.float() @ b.float()
+    torch.testing.assert_close(matmul(a, b).float(), ref.to(dtype).float(), rtol=2e-3, atol=2e-3)
+    out = torch.empty(45, 37, dtype=dtype)
+    torch.testing.assert_close(matmul(b.t(), a.t(), out=out).float(), ref.t().to(dtype).float(), rtol=2e-3, atol=2e-3)
+    z16 = linear_into(torch.empty(37, 45, dtype=dtype), a, b.t().contiguous(), bias)
+    torch.testing.assert_close(z16.float(), (ref + bias.float()).to(dtype).float(), rtol=2e-3, atol=2e-3)
+    z32 = linear_into(torch.empty(37, 45), a, b.t().contiguous(), bias)
+    torch.testing.assert_close(z32, ref + bias.float(), rtol=1e-5, atol=1e-4)
+    acc = torch.ones(37, 45)
+    addmm_fp32_(acc, a, b)
+    torch.testing.assert_close(acc, 1 + ref.to(dtype).float(), rtol=2e-3, atol=2e-3)  # one 16-bit rounding

@@ -24,7 +24,7 @@ import torch
 from . import workspace
 from .rows import RowOps, RowResult, TokenStats, acc_dtype, make_rows
 from .scored import Scored
-from .tiles import addmm_fp32_, linear_into, per_elem_bytes, tile, tile_dtype
+from .tiles import addmm_fp32_, linear_into, matmul, per_elem_bytes, tile, tile_dtype
 from ..distributed.state import active_shard
 
 
@@ -123,14 +123,14 @@ def backward_tokens(g, hidden2, weight, bias, idx, labels_s, lse, rows: RowOps, 
             dz = rows.bwd(z, z if gbuf is None else tile(gbuf, n, v1 - v0), lab, ls, gg, v0)  # (n, vs), input dtype
             if need_dh:
                 if dh_acc is None:
-                    dh_chunk = torch.mm(dz, w_s)  # (n, H): the only slice
+                    dh_chunk = matmul(dz, w_s)  # (n, H): the only slice
                 elif dt == acc:
                     dh_acc.addmm_(dz, w_s)
                 else:
                     addmm_fp32_(dh_acc, dz, w_s)
             if need_dw:
                 if dw_acc is None:
-                    torch.mm(dz.t(), hc, out=dw_out[v0:v1])  # (vs, H), written once
+                    matmul(dz.t(), hc, out=dw_out[v0:v1])  # (vs, H), written once
                 elif dw_acc.dtype == dt:
                     dw_acc[v0:v1].addmm_(dz.t(), hc)
                 else:

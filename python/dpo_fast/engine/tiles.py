@@ -25,29 +25,83 @@ def tile_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
+#: bytes of float32 temporaries per block of the CPU 16-bit GEMM paths
+_CPU_BLOCK_BYTES = 8 << 20
+
+
+def _cpu_16bit(t: torch.Tensor) -> bool:
+    """CPU tensor in float16/bfloat16: torch's CPU GEMMs in these dtypes are 2-40x slower than in float32
+    (measured on the 2-core CI machines, worst for (n, V) @ (V, H)), so the engine upcasts blocks instead."""
+    return t.device.type == "cpu" and t.dtype in (torch.float16, torch.bfloat16)
+
+
 def linear_into(out: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """out (n, v) = h (n, H) @ w (v, H)^T (+ b (v,)) with fp32 accumulation. Returns out.
 
     ``out`` is in the inputs' dtype, or float32 for 16-bit inputs (:func:`tile_dtype`): then cuBLAS writes
-    its fp32 accumulator directly (``out_dtype``) where available; elsewhere (CPU) the product runs in
-    float32 on upcast blocks of at most 8 MiB of ``w`` (on CPU that is faster than a 16-bit GEMM).
+    its fp32 accumulator directly (``out_dtype``) where available. On CPU, 16-bit inputs always run as float32
+    GEMMs on upcast blocks of at most 8 MiB of ``w`` (much faster than torch's 16-bit CPU GEMM), rounded once
+    into a 16-bit ``out``.
     """
-    if out.dtype == h.dtype:
+    if out.dtype == h.dtype and not _cpu_16bit(h):
         if b is None:
             return torch.mm(h, w.t(), out=out)
         return torch.addmm(b, h, w.t(), out=out)
-    if _mm_out_dtype_ok(h.device, h.dtype):
+    if out.dtype != h.dtype and _mm_out_dtype_ok(h.device, h.dtype):
         torch.mm(h, w.t(), out_dtype=out.dtype, out=out)
-    else:
-        hf = h.to(out.dtype)
-        V = w.shape[0]
-        step = max(1, min(V, (8 << 20) // max(1, w.shape[1] * out.dtype.itemsize)))
-        for v0 in range(0, V, step):
-            v1 = min(V, v0 + step)
-            torch.mm(hf, w[v0:v1].to(out.dtype).t(), out=out[:, v0:v1])
-    if b is not None:
-        out.add_(b)
+        if b is not None:
+            out.add_(b)
+        return out
+    hf = h.to(torch.float32)
+    V = w.shape[0]
+    step = max(1, min(V, _CPU_BLOCK_BYTES // max(1, w.shape[1] * 4)))
+    for v0 in range(0, V, step):
+        v1 = min(V, v0 + step)
+        wb = w[v0:v1].to(torch.float32)
+        if out.dtype == torch.float32:
+            if b is None:
+                torch.mm(hf, wb.t(), out=out[:, v0:v1])
+            else:
+                torch.addmm(b[v0:v1].to(torch.float32), hf, wb.t(), out=out[:, v0:v1])
+        else:  # 16-bit tile on CPU: one rounding of the fp32 block
+            blk = hf @ wb.t() if b is None else torch.addmm(b[v0:v1].to(torch.float32), hf, wb.t())
+            out[:, v0:v1].copy_(blk)
     return out
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a (m, j) @ b (j, k) with fp32 accumulation, into ``out`` (m, k) when given, in the operands' dtype.
+
+    ``torch.mm`` except for 16-bit operands on CPU: float32 GEMMs on upcast blocks (at most ~8 MiB of float32
+    temporaries each), one rounding per output element.
+    """
+    if not _cpu_16bit(a):
+        return torch.mm(a, b, out=out)
+    if out is None:
+        out = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype)
+    _cpu_addmm_f32(a, b, out=out)
+    return out
+
+
+def _cpu_addmm_f32(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None,
+                   acc: torch.Tensor | None = None, round_to: torch.dtype | None = None) -> None:
+    """out = a @ b (rounded once to out's dtype) or acc (float32) += a @ b (the product first rounded to
+    ``round_to`` when given, as a 16-bit GEMM would), as float32 GEMMs on upcast blocks."""
+    m, j = a.shape
+    k = b.shape[1]
+    rb = max(16, min(m, _CPU_BLOCK_BYTES // (4 * max(k, 1))))  # output rows per block: rb x k float32
+    jb = max(16, min(j, _CPU_BLOCK_BYTES // (4 * max(k, rb))))  # inner block: jb x k and rb x jb float32
+    for r0 in range(0, m, rb):
+        r1 = min(m, r0 + rb)
+        direct = acc is not None and round_to is None
+        part = acc[r0:r1] if direct else torch.zeros(r1 - r0, k, dtype=torch.float32)
+        for j0 in range(0, j, jb):
+            j1 = min(j, j0 + jb)
+            part.addmm_(a[r0:r1, j0:j1].to(torch.float32), b[j0:j1].to(torch.float32))
+        if acc is None:
+            out[r0:r1].copy_(part)
+        elif not direct:
+            acc[r0:r1] += part.to(round_to)
 
 
 _MM_OUT_OK: dict[tuple, bool] = {}
@@ -111,6 +165,9 @@ def addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         ok = _EPILOGUE_OK[key] = _probe_epilogue(acc.device, a.dtype)
     if ok:
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    elif _cpu_16bit(a):
+        # as below (the product rounded once to 16 bits, then added), but as fp32 GEMMs on upcast blocks
+        _cpu_addmm_f32(a, b, acc=acc, round_to=a.dtype)
     else:
         acc.add_(torch.mm(a, b))  # 16-bit product, added into fp32 without an fp32 temporary
 
