@@ -360,7 +360,9 @@ def autocast_entry(*float_args: str):
                 _MASTER_WEIGHT.reset(token)
 
         # dpo_fast.distributed: DTensor / ZeRO-3 / vocabulary-parallel heads resolved before anything else
-        heads = [("hidden", "weight", "bias")] + [("ref_hidden", "ref_weight", "ref_bias")] * ("ref_weight" in float_args)
+        heads = [("hidden", "weight", "bias")]
+        if "ref_weight" in float_args:
+            heads.append(("ref_hidden", "ref_weight", "ref_bias"))
         return distributed_head(*heads)(wrapper)
 
     return deco
@@ -427,7 +429,8 @@ class FusedLossModule(nn.Module):
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (hidden, p.master, p.bias))
         groups = None
-        if self.fused and task.decomposable and needs_grad and active_shard(p.weight) is None:  # vocab-parallel: two-pass
+        # a vocabulary-parallel head (dpo_fast.distributed) takes the two-pass route
+        if self.fused and task.decomposable and needs_grad and active_shard(p.weight) is None:
             budget = self.workspace_bytes or 8 * get_workspace_bytes(sc.idx.device)
             max_tokens = budget // (p.weight.shape[0] * per_elem_bytes(p.rows, sc.hidden2.dtype, grad=True))
             groups = plan_groups(sc.counts(), task.units, max_tokens, sc.idx.device)
