@@ -48,7 +48,8 @@ def _one_clear_line(stderr: str, module: str, extra: str) -> str:
 
 def test_require_returns_the_module_or_names_the_extra(monkeypatch):
     assert require("json", "bench") is json
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    for name in ("matplotlib", "matplotlib.pyplot"):  # an earlier test may have imported pyplot already
+        monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(MissingExtraError) as e:
         require("matplotlib.pyplot", "bench", feature="the plot")
     assert isinstance(e.value, ModuleNotFoundError) and e.value.name == "matplotlib" and e.value.extra == "bench"
