@@ -22,29 +22,13 @@ import torch
 
 from dpo_fast import losses as L
 from dpo_fast.losses import registry as R
+from support.trl_oracle import (DPO_METRICS, StubAccelerator, StubModel, case_precision, dpo_cases,
+                                 trl_epsilon)
 
 trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
 DPOTrainer = trl_dpo.DPOTrainer
 
-EPS = {"exo_pair": 1e-3, "robust": 0.1, "aot": 0.1, "aot_unpaired": 0.1, "sigmoid": 0.2}
-METRICS = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-           "logps/rejected", "logits/chosen", "logits/rejected"]
-
-
-class _Accelerator:
-    device = torch.device("cpu")
-
-    @staticmethod
-    def gather(x):
-        return x
-
-    gather_for_metrics = gather
-
-
-class _Model(torch.nn.Module):
-    """What TRL asks of the policy module outside the forward (PEFT check, gradient checkpointing, mode)."""
-
-    is_gradient_checkpointing = False
+METRICS = DPO_METRICS
 
 
 def _layout(P, T, seed, dtype):
@@ -70,7 +54,7 @@ def _trl(loss_types, weights, eps, fdiv, alpha, ld_alpha, weighting, beta, mask,
     args = types.SimpleNamespace(discopop_tau=0.05, gradient_checkpointing_kwargs=None)
     out = types.SimpleNamespace(log_probs=tok, **heads)
     s = types.SimpleNamespace(
-        args=args, accelerator=_Accelerator(), model=_Model().eval(),
+        args=args, accelerator=StubAccelerator(), model=StubModel().eval(),
         ref_model=lambda **kw: types.SimpleNamespace(log_probs=ref), aux_loss_enabled=False,
         precompute_ref_logps=False, _total_train_tokens=0, _tp_size=1, ld_alpha=ld_alpha, f_divergence_type=fdiv,
         f_alpha_divergence_coef=alpha,
@@ -106,35 +90,12 @@ def _ours(loss_types, weights, eps, fdiv, alpha, ld_alpha, weighting, beta, mask
                       rejected_logits_mean=logit_mean[P:], **kw)
 
 
-def _cases():
-    for e in R.PAIRWISE:
-        fdivs = R.F_DIVERGENCE_TYPES if e.trl_accepts_f_divergence else (R.DEFAULT_F_DIVERGENCE,)
-        for fdiv in fdivs:
-            for ld_alpha in (None, 0.5):
-                for weighting in (False, True):
-                    if weighting and e.batch_coupled:
-                        continue  # TRL raises NotImplementedError (sorting misaligns the weights)
-                    yield pytest.param([e.name], fdiv, ld_alpha, weighting,
-                                       id=f"{e.name}-{fdiv}-ld{ld_alpha}-w{int(weighting)}")
-    for types_, fdiv in ((["sigmoid", "sft"], "reverse_kl"), (["sigmoid", "ipo", "sft"], "js_divergence"),
-                         (["robust", "sigmoid"], "forward_kl"), (["apo_zero", "bco_pair", "sft"], "reverse_kl"),
-                         (["sigmoid_norm", "exo_pair"], "alpha_divergence")):
-        for ld_alpha in (None, 0.5):
-            yield pytest.param(types_, fdiv, ld_alpha, False, id=f"{'+'.join(types_)}-{fdiv}-ld{ld_alpha}")
-
-
-@pytest.mark.parametrize("loss_types,fdiv,ld_alpha,weighting", list(_cases()))
+@pytest.mark.parametrize("loss_types,fdiv,ld_alpha,weighting", list(dpo_cases()))
 def test_dpo_loss_matches_trl(loss_types, fdiv, ld_alpha, weighting):
-    # TRL's alpha-divergence clamp table has no float64 entry: that case runs in float32
-    dtype = torch.float32 if fdiv == "alpha_divergence" else torch.float64
-    tol = dict(rtol=2e-5, atol=2e-6) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-11)
-    if "exo_pair" in loss_types and dtype == torch.float64:
-        tol = dict(rtol=1e-7, atol=1e-9)  # TRL forms log(1 − ε), log ε from a float32 tensor of ε
+    dtype, tol = case_precision(loss_types, fdiv)
     P, T = 5, 9
     mask, tok, ref, heads = _layout(P, T, sum(map(ord, "".join(loss_types) + fdiv + str(ld_alpha))), dtype)
-    eps = max([EPS.get(lt, 0.0) for lt in loss_types if R.pairwise(lt).trl_uses_label_smoothing] + [0.0])
-    if "exo_pair" in loss_types and "robust" not in loss_types:
-        eps = EPS["exo_pair"]
+    eps = trl_epsilon(loss_types)
     weights = [1.0] if len(loss_types) == 1 else [1.0 + 0.5 * i for i in range(len(loss_types))]
     common = (loss_types, weights, eps, fdiv, 0.3, ld_alpha, weighting, 0.4, mask)
     t_trl = tok.clone().requires_grad_()
@@ -213,7 +174,7 @@ def test_cpo_loss_matches_trl_experimental(loss_type, alpha):
     avg = R.cpo_entry(loss_type).length_averaged
     eps = 0.1 if R.cpo_entry(loss_type).uses_label_smoothing else 0.0
     s = types.SimpleNamespace(alpha=alpha, beta=0.3, loss_type=loss_type, simpo_gamma=0.5, label_smoothing=eps,
-                              accelerator=_Accelerator())
+                              accelerator=StubAccelerator())
     tw, tl = (lw / nw, ll / nl) if avg else (lw, ll)
     losses, cr, rr = cpo.CPOTrainer.cpo_loss(s, tw, tl)
     out = L.cpo_loss(lw, ll, beta=0.3, loss_type=loss_type, label_smoothing=eps, simpo_gamma=0.5, cpo_alpha=0.0,
@@ -230,7 +191,7 @@ def test_orpo_loss_matches_trl_experimental():
     nw, nl = torch.randint(1, 20, (P,), generator=g), torch.randint(1, 20, (P,), generator=g)
     lw = -nw * (0.05 + 2 * torch.rand(P, generator=g, dtype=torch.float64))
     ll = -nl * (0.05 + 2 * torch.rand(P, generator=g, dtype=torch.float64))
-    s = types.SimpleNamespace(beta=0.2, accelerator=_Accelerator())
+    s = types.SimpleNamespace(beta=0.2, accelerator=StubAccelerator())
     aw, al = (lw / nw).float(), (ll / nl).float()  # TRL computes in float32
     losses, cr, rr, ratio, log_odds = orpo.ORPOTrainer.odds_ratio_loss(s, aw, al)
     out = L.orpo_loss(lw.float(), ll.float(), chosen_lengths=nw, rejected_lengths=nl, beta=0.2, chosen_nll=0.0)
@@ -260,7 +221,7 @@ def test_kto_loss_matches_trl(loss_type, calculate_kl):
     heads = dict(entropy=torch.rand(N, T - 1, dtype=torch.float64), mean_logits=torch.randn(N, T - 1, generator=g))
     t_trl = tok.clone().requires_grad_()
     s = types.SimpleNamespace(
-        model=_Model().eval(), accelerator=_Accelerator(), aux_loss_enabled=False, precompute_ref_logps=True,
+        model=StubModel().eval(), accelerator=StubAccelerator(), aux_loss_enabled=False, precompute_ref_logps=True,
         calculate_KL=calculate_kl, loss_type=loss_type, beta=0.3, desirable_weight=1.2, undesirable_weight=0.8,
         _total_train_tokens=0, _tp_size=1, _metrics={"train": defaultdict(list), "eval": defaultdict(list)})
     s._compute_kl_logps = lambda model, batch: kl_pol if calculate_kl else None

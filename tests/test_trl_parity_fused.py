@@ -21,30 +21,14 @@ import torch
 
 import dpo_fast
 from dpo_fast.losses import registry as R
+from support.trl_oracle import (DPO_METRICS, StubAccelerator, StubModel, case_precision, dpo_cases,
+                                 trl_epsilon)
 
 trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
 DPOTrainer = trl_dpo.DPOTrainer
 
-EPS = {"exo_pair": 1e-3, "robust": 0.1, "aot": 0.1, "aot_unpaired": 0.1, "sigmoid": 0.2}
-METRICS = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-           "logps/rejected", "logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy"]
+METRICS = DPO_METRICS + ["entropy", "mean_token_accuracy"]
 P, T, H, V = 3, 8, 6, 19  # T positions per row; TRL scores positions 1..T-1 from hidden 0..T-2
-
-
-class _Accelerator:
-    device = torch.device("cpu")
-
-    @staticmethod
-    def gather(x):
-        return x
-
-    gather_for_metrics = gather
-
-
-class _Model(torch.nn.Module):
-    """What TRL asks of the policy module outside the forward (PEFT check, gradient checkpointing, mode)."""
-
-    is_gradient_checkpointing = False
 
 
 def _batch(seed, dtype=torch.float64):
@@ -83,7 +67,7 @@ def _trl(cfg, mask, ids, labels, h, ref_h, w):
     args = types.SimpleNamespace(discopop_tau=0.05, gradient_checkpointing_kwargs=None)
     ref_out = _head(ref_h, w.detach(), labels)
     s = types.SimpleNamespace(
-        args=args, accelerator=_Accelerator(), model=_Model().eval(),
+        args=args, accelerator=StubAccelerator(), model=StubModel().eval(),
         ref_model=lambda **kw: types.SimpleNamespace(log_probs=ref_out.log_probs.detach()), aux_loss_enabled=False,
         precompute_ref_logps=False, _total_train_tokens=0, _tp_size=1, ld_alpha=ld_alpha, f_divergence_type=fdiv,
         f_alpha_divergence_coef=alpha, loss_types=loss_types, loss_weights=weights, beta=beta, label_smoothing=eps,
@@ -94,37 +78,12 @@ def _trl(cfg, mask, ids, labels, h, ref_h, w):
     return loss, {k: v[-1] for k, v in s._metrics["eval"].items()}
 
 
-def _cases():
-    for e in R.PAIRWISE:
-        fdivs = R.F_DIVERGENCE_TYPES if e.trl_accepts_f_divergence else (R.DEFAULT_F_DIVERGENCE,)
-        for fdiv in fdivs:
-            for ld_alpha in (None, 0.5):
-                for weighting in (False, True):
-                    if weighting and e.batch_coupled:
-                        continue  # TRL raises NotImplementedError (sorting misaligns the weights)
-                    if weighting and ld_alpha is not None and fdiv != R.DEFAULT_F_DIVERGENCE:
-                        continue  # keeps the suite small: WPO x LD is covered with the default f-divergence
-                    yield pytest.param([e.name], fdiv, ld_alpha, weighting,
-                                       id=f"{e.name}-{fdiv}-ld{ld_alpha}-w{int(weighting)}")
-    for types_, fdiv in ((["sigmoid", "sft"], "reverse_kl"), (["sigmoid", "ipo", "sft"], "js_divergence"),
-                         (["robust", "sigmoid"], "forward_kl"), (["apo_zero", "bco_pair", "sft"], "reverse_kl"),
-                         (["sigmoid_norm", "exo_pair"], "alpha_divergence")):
-        for ld_alpha in (None, 0.5):
-            yield pytest.param(types_, fdiv, ld_alpha, False, id=f"{'+'.join(types_)}-{fdiv}-ld{ld_alpha}")
-
-
-@pytest.mark.parametrize("loss_types,fdiv,ld_alpha,weighting", list(_cases()))
+@pytest.mark.parametrize("loss_types,fdiv,ld_alpha,weighting", list(dpo_cases(wpo_ld_default_fdiv_only=True)))
 def test_fused_dpo_loss_matches_trl(loss_types, fdiv, ld_alpha, weighting):
-    # TRL's alpha-divergence clamp table has no float64 entry: that case runs in float32
-    dtype = torch.float32 if fdiv == "alpha_divergence" else torch.float64
-    tol = dict(rtol=2e-5, atol=2e-6) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-11)
-    if "exo_pair" in loss_types and dtype == torch.float64:
-        tol = dict(rtol=1e-7, atol=1e-9)  # TRL forms log(1 − ε), log ε from a float32 tensor of ε
+    dtype, tol = case_precision(loss_types, fdiv)
     seed = sum(map(ord, "".join(loss_types) + fdiv + str(ld_alpha) + str(weighting)))
     mask, ids, labels, h, ref_h, w = _batch(seed, dtype)
-    eps = max([EPS.get(lt, 0.0) for lt in loss_types if R.pairwise(lt).trl_uses_label_smoothing] + [0.0])
-    if "exo_pair" in loss_types and "robust" not in loss_types:
-        eps = EPS["exo_pair"]
+    eps = trl_epsilon(loss_types)
     weights = [1.0] if len(loss_types) == 1 else [1.0 + 0.5 * i for i in range(len(loss_types))]
     cfg = (loss_types, weights, eps, fdiv, 0.3, ld_alpha, weighting, 0.4)
     h_t, w_t = h.clone().requires_grad_(), w.clone().requires_grad_()
