@@ -1,0 +1,1 @@
+../python/dpo_fast/kernels/logprob.py
