@@ -14,11 +14,31 @@ Methods (forward + backward, gradients to hidden and weight, unless marked no-gr
   ``liger_dpo`` (Liger's LigerFusedLinearDPOLoss, when installed); SimPO task: ``simpo_naive`` /
   ``simpo_fused`` (CPOLoss); GRPO task (DAPO aggregation): ``grpo_naive`` / ``grpo_fused`` (GRPOLoss).
 
-Timing: CUDA events on CUDA (median of ``reps`` after warm-up); wall clock on CPU. Memory: peak bytes
+Timing: CUDA events on CUDA, wall clock on CPU; ``reps`` timed steps after warm-up. Every method reports the
+minimum over the reps (``ms``, also ``ms_min``: the headline, and what every "x naive" ratio uses, since load
+only ever adds time) and the spread (``ms_median``, ``ms_max``, every rep in ``ms_reps``). Memory: peak bytes
 above the inputs — ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the growth of the peak resident set
 of a fresh process per method (so one method's high-water mark never hides another's), with glibc's mmap
 threshold at 64 KiB so that freed blocks leave the resident set (repeatable to ~0.1 MiB). Results are printed as a
 table and written as JSON and a PNG plot.
+
+Load: times taken while other processes hold the cores are not the method's (one 2-core machine gave dpo_fast
+2.79x naive's time under load, 0.84x idle). The run is judged by :func:`load_verdict`, a pure function of the
+readings, and the verdict is printed under the table (a WARNING line when loaded) and written as the ``load``
+record of results.json (load averages, cores, ratio, the readings, ``loaded`` and the rule). The rule — the
+machine counts as loaded when any of these holds:
+
+* run-queue wait: summed over the timed reps of every method, the process's threads spent at least
+  ``RUNQ_WAIT_LIMIT`` (0.25) s per wall second runnable but waiting for a core (Linux
+  ``/proc/self/task/*/schedstat``; the direct sign that something else is taking the cores);
+* CPU time (CPU runs only): the process used less than ``CPU_PER_WALL_LIMIT`` (0.5) s of CPU time per wall second
+  of the timed reps (a compute loop, even a serial one, keeps at least one core busy unless it is preempted);
+* load average, only when neither reading above exists (no schedstat, and a CUDA run): the 1-minute load average
+  sampled before the first method is at least ``LOAD_RATIO_LIMIT`` (0.5) per core of ``os.cpu_count()`` (it lags
+  by a minute and counts a run that just ended, so the in-run readings take precedence when present).
+
+The two in-run readings are judged only over at least ``MIN_WINDOW_S`` (0.2) s of timed reps. A GPU shared with
+other processes is not detected.
 """
 
 from __future__ import annotations
@@ -51,8 +71,12 @@ class Result:
     shape: str
     device: str
     dtype: str
-    ms: float | None = None
+    ms: float | None = None  # the minimum over the timed reps (the same as ms_min)
     peak_bytes: int | None = None
+    ms_min: float | None = None
+    ms_median: float | None = None
+    ms_max: float | None = None
+    ms_reps: list = field(default_factory=list)
     max_abs_diff_vs_naive: float | None = None
     note: str = ""
     extra: dict = field(default_factory=dict)
@@ -310,6 +334,7 @@ def measure(method: str, shape: str, device: str, dtype: torch.dtype, reps: int,
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         out = _step(fn, grad, h, w, labels, ref)
     times = []
+    cpu0, wall0, wait0 = time.process_time(), time.perf_counter(), runq_wait_s()
     for _ in range(reps):
         if device == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -322,11 +347,33 @@ def measure(method: str, shape: str, device: str, dtype: torch.dtype, reps: int,
             t0 = time.perf_counter()
             out = _step(fn, grad, h, w, labels, ref)
             times.append((time.perf_counter() - t0) * 1e3)
+    cpu1, wall1, wait1 = time.process_time(), time.perf_counter(), runq_wait_s()
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return {"ms": statistics.median(times), "peak_bytes": int(peak), "out": out.float().cpu().tolist()}
+    return {"ms_reps": times, "peak_bytes": int(peak), "out": out.float().cpu().tolist(),
+            "wall_s": wall1 - wall0, "cpu_s": cpu1 - cpu0,
+            "runq_wait_s": None if wait0 is None or wait1 is None else wait1 - wait0,
+            "threads": torch.get_num_threads()}
+
+
+def runq_wait_s() -> float | None:
+    """Seconds this process's threads have spent runnable but waiting for a core, summed over its live threads
+    (Linux ``/proc/self/task/*/schedstat``, second field); None where the kernel does not expose it."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    total, seen = 0, False
+    for t in tasks:
+        try:
+            with open(f"/proc/self/task/{t}/schedstat") as f:
+                total += int(f.read().split()[1])
+            seen = True
+        except (OSError, IndexError, ValueError):
+            continue  # a thread that ended meanwhile
+    return total / 1e9 if seen else None
 
 
 def _measure_cpu_subprocess(method, shape, dtype_name, reps, peaked):
@@ -371,7 +418,11 @@ def run(shapes, methods, device: str, dtype: torch.dtype, reps: int, peaked: boo
                 results.append(r)
                 torch.cuda.empty_cache()
                 continue
-            r.ms, r.peak_bytes = m["ms"], m["peak_bytes"]
+            times = m["ms_reps"]
+            r.ms = r.ms_min = min(times)
+            r.ms_median, r.ms_max, r.ms_reps = statistics.median(times), max(times), list(times)
+            r.peak_bytes = m["peak_bytes"]
+            r.extra.update({k: m[k] for k in ("wall_s", "cpu_s", "runq_wait_s", "threads")})
             out = torch.tensor(m["out"])
             task = METHODS[method][2]
             if method == BASELINE[task]:
@@ -380,7 +431,8 @@ def run(shapes, methods, device: str, dtype: torch.dtype, reps: int, peaked: boo
                 r.max_abs_diff_vs_naive = float((out - ref[task]).abs().max())
             r.extra["task"] = task
             results.append(r)
-            log(f"  {r.shape:<18} {method:<16} {r.ms:9.1f} ms  {r.peak_bytes / 2**20:9.1f} MiB")
+            log(f"  {r.shape:<18} {method:<16} {r.ms:9.1f} ms min ({r.ms_median:.1f} median, {r.ms_max:.1f} max)  "
+                f"{r.peak_bytes / 2**20:9.1f} MiB")
     return results
 
 
@@ -411,24 +463,125 @@ def environment(device: str) -> dict:
     return env
 
 
+RUNQ_WAIT_LIMIT = 0.25  # s of run-queue wait per wall second of the timed reps
+CPU_PER_WALL_LIMIT = 0.5  # s of process CPU time per wall second of the timed reps (CPU runs)
+LOAD_RATIO_LIMIT = 0.5  # 1-minute load average per core, before the run (fallback only)
+MIN_WINDOW_S = 0.2  # the in-run readings are judged over at least this much timed wall time
+LOAD_RULE = (f"loaded if the process's threads waited >= {RUNQ_WAIT_LIMIT} s for a core per wall second of the "
+             f"timed reps (Linux schedstat), or (CPU runs) it used < {CPU_PER_WALL_LIMIT} s of CPU time per wall "
+             f"second of them (both judged over >= {MIN_WINDOW_S} s of timed reps); only when neither reading "
+             f"exists: if the 1-minute load average before the run was >= {LOAD_RATIO_LIMIT} per core of "
+             f"os.cpu_count()")
+
+
+def cores_usable() -> int:
+    """The CPUs this process may run on (its affinity where the OS has one), else ``os.cpu_count()``."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def load_verdict(*, loadavg: tuple | None, cpu_count: int, wall_s: float | None = None,
+                 cpu_s: float | None = None, runq_wait_s: float | None = None) -> dict:
+    """Was the machine loaded? A pure function of the readings (see the module docstring and ``LOAD_RULE``).
+
+    ``loadavg``: (1, 5, 15)-minute load averages before the run (None where unavailable); ``cpu_count``: the
+    machine's CPUs, the load average's scale; ``wall_s``, ``cpu_s``, ``runq_wait_s``: the timed reps' wall time,
+    the process's CPU time and its threads' run-queue wait over them (``cpu_s`` None on CUDA, where the host thread
+    waits for the GPU; ``runq_wait_s`` None without schedstat). Returns the ratios, each criterion (None when not
+    judged; the load average is reported whenever known, but decides only in the fallback), ``loaded`` and
+    ``reasons`` (one phrase per criterion that decided it)."""
+    cpu_count = max(1, int(cpu_count))
+    ratio = loadavg[0] / cpu_count if loadavg else None
+    window = wall_s is not None and wall_s >= MIN_WINDOW_S
+    wait_pw = runq_wait_s / wall_s if runq_wait_s is not None and wall_s else None
+    cpu_pw = cpu_s / wall_s if cpu_s is not None and wall_s else None
+    crit: dict = {"run_queue_wait": None, "cpu_time": None, "load_average": None}
+    reasons = []
+    if window and wait_pw is not None:
+        crit["run_queue_wait"] = wait_pw >= RUNQ_WAIT_LIMIT
+        if crit["run_queue_wait"]:
+            reasons.append(f"threads waited {wait_pw:.2f} s for a core per second of the timed reps")
+    if window and cpu_pw is not None:
+        crit["cpu_time"] = cpu_pw < CPU_PER_WALL_LIMIT
+        if crit["cpu_time"]:
+            reasons.append(f"the process got only {cpu_pw:.2f} s of CPU time per second of the timed reps")
+    if ratio is not None:  # reported always; it decides only when neither in-run reading was judged
+        crit["load_average"] = ratio >= LOAD_RATIO_LIMIT
+        if crit["load_average"] and crit["run_queue_wait"] is None and crit["cpu_time"] is None:
+            reasons.append(f"1-minute load average {loadavg[0]:.2f} on {cpu_count} cores before the run")
+    return {"ratio": ratio, "runq_wait_per_wall": wait_pw, "cpu_per_wall": cpu_pw, "criteria": crit,
+            "loaded": bool(reasons), "reasons": reasons}
+
+
+def load_record(results: list[Result], device: str, loadavg_before: tuple | None,
+                loadavg_after: tuple | None = None) -> dict:
+    """The ``load`` record of results.json: the readings of this run (timed reps summed over the methods that ran)
+    and :func:`load_verdict` on them."""
+    ran = [r for r in results if r.ms is not None and "wall_s" in r.extra]
+    wall = sum(r.extra["wall_s"] for r in ran) if ran else None
+    cpu = sum(r.extra["cpu_s"] for r in ran) if ran and device == "cpu" else None
+    waits = [r.extra["runq_wait_s"] for r in ran]
+    wait = sum(waits) if ran and all(w is not None for w in waits) else None
+    cpu_count = os.cpu_count() or 1
+    v = load_verdict(loadavg=loadavg_before, cpu_count=cpu_count, wall_s=wall, cpu_s=cpu, runq_wait_s=wait)
+    threads = max((r.extra.get("threads", 0) for r in ran), default=None)
+    return {"loadavg_before": list(loadavg_before) if loadavg_before else None,
+            "loadavg_after": list(loadavg_after) if loadavg_after else None,
+            "cpu_count": cpu_count, "cores": cores_usable(), "threads": threads, "ratio": v["ratio"],
+            "timed_wall_s": wall, "cpu_s": cpu, "runq_wait_s": wait,
+            "cpu_per_wall": v["cpu_per_wall"], "runq_wait_per_wall": v["runq_wait_per_wall"],
+            "criteria": v["criteria"], "loaded": v["loaded"], "reasons": v["reasons"], "rule": LOAD_RULE}
+
+
+def _fmt(x, spec):
+    return "n/a" if x is None else format(x, spec)
+
+
+def load_line(load: dict) -> str:
+    """The line printed under the table: a WARNING naming what fired when loaded, else the readings."""
+    readings = (f"1-min load {_fmt((load['loadavg_before'] or [None])[0], '.2f')} on {load['cpu_count']} cores "
+                f"before the run, run-queue wait {_fmt(load['runq_wait_per_wall'], '.2f')} s/s and CPU "
+                f"{_fmt(load['cpu_per_wall'], '.2f')} s/s over {_fmt(load['timed_wall_s'], '.1f')} s of timed reps")
+    if load["loaded"]:
+        return ("WARNING: the machine was loaded while timing (" + "; ".join(load["reasons"]) + "): the times and "
+                "ratios above are not the methods' own; rerun on an idle machine. [" + readings + "]")
+    return "load: idle by the rule in results.json (" + readings + ")"
+
+
+def _ratio_text(x: float) -> str:
+    return f"{x:.2f}x" if x >= 0.095 else f"{x:.3f}x"
+
+
 def table(results: list[Result]) -> str:
-    lines = [f"{'shape':<20} {'method':<16} {'ms':>9} {'peak MiB':>10} {'x naive time':>13} "
-             f"{'x naive mem':>12} {'|diff| vs naive':>16}  note",
-             "(ratios and differences are against the naive method of the same task, measured in this run)"]
+    """The printed table: time as the minimum over the reps, then the median and maximum (the spread), peak memory,
+    the ratios to the task's naive method (of the minima) and the difference of the results from it."""
+    reps = max((len(r.ms_reps) for r in results), default=0)
+    lines = [f"{'shape':<20} {'method':<16} {'min ms':>9} {'median':>9} {'max':>9} {'peak MiB':>10} "
+             f"{'x naive time':>13} {'x naive mem':>12} {'|diff| vs naive':>16}  note",
+             f"(time per step over {reps} timed reps: min, median, max; ratios and differences are against the "
+             "naive method of the same task, measured in this run; the time ratio is of the minima)"]
     by_shape: dict[str, dict[str, Result]] = {}
     for r in results:
         by_shape.setdefault(r.shape, {})[r.method] = r
-    for shape, rs in by_shape.items():
-        for r in rs.values():
+    tasks, order = list(BASELINE), list(METHODS)
+    for shape, rs in by_shape.items():  # grouped by task, the naive baseline first
+        for r in sorted(rs.values(), key=lambda r: (tasks.index(METHODS[r.method][2]),
+                                                    r.method != BASELINE[METHODS[r.method][2]],
+                                                    order.index(r.method))):
             naive = rs.get(BASELINE[METHODS[r.method][2]])
             if r.ms is None:
-                lines.append(f"{shape:<20} {r.method:<16} {'-':>9} {'-':>10} {'':>13} {'':>12} {'':>16}  {r.note}")
+                lines.append(f"{shape:<20} {r.method:<16} {'-':>9} {'-':>9} {'-':>9} {'-':>10} {'':>13} {'':>12} "
+                             f"{'':>16}  {r.note}")
                 continue
             tr = f"{r.ms / naive.ms:.2f}" if naive and naive.ms else ""
             mr = f"{r.peak_bytes / naive.peak_bytes:.3f}" if naive and naive.peak_bytes else ""
             diff = f"{r.max_abs_diff_vs_naive:.2e}" if r.max_abs_diff_vs_naive is not None else ""
-            lines.append(f"{shape:<20} {r.method:<16} {r.ms:9.1f} {r.peak_bytes / 2**20:10.1f} {tr:>13} {mr:>12} "
-                         f"{diff:>16}  {r.note}")
+            med = _fmt(r.ms_median, "9.1f") if r.ms_median is not None else f"{'':>9}"
+            mx = _fmt(r.ms_max, "9.1f") if r.ms_max is not None else f"{'':>9}"
+            lines.append(f"{shape:<20} {r.method:<16} {r.ms:9.1f} {med} {mx} {r.peak_bytes / 2**20:10.1f} {tr:>13} "
+                         f"{mr:>12} {diff:>16}  {r.note}")
     return "\n".join(lines)
 
 
@@ -456,52 +609,119 @@ def not_run_note(results: list[Result]) -> str:
     return "not run: " + "; ".join(f"{', '.join(v)} ({k})" for k, v in by_reason.items()) if by_reason else ""
 
 
-def figure(results: list[Result], title: str):
-    """The results plot as a matplotlib Figure: time and peak memory per shape, one bar and one colour per
-    method, one legend for both panels below them, and a note naming the methods that were not run."""
+TASK_NAMES = {"logprobs": "sequence log-probs", "dpo": "DPO loss", "simpo": "SimPO loss", "grpo": "GRPO loss"}
+
+
+def shape_text(shape: str) -> str:
+    """``"cpu-small (B 4 x T 512, H 256, V 32000)"``; a ``+peaked`` suffix is kept."""
+    name, _, suffix = shape.partition("+")
+    if name not in SHAPES:
+        return shape
+    B, T, H, V = SHAPES[name]
+    return f"{name} (B {B} x T {T}, H {H}, V {V}){' ' + suffix if suffix else ''}"
+
+
+def plot_title(results: list[Result], env: dict, device: str, dtype) -> str:
+    """The figure's title: what was measured, on which shapes, device and dtype, and when."""
+    shapes = ", ".join(shape_text(s) for s in dict.fromkeys(r.shape for r in results))
+    where = env.get("gpu", env.get("cpu", ""))
+    return (f"dpo_fast vs naive PyTorch, fwd+bwd unless no-grad — {shapes}\n{device} ({where}), "
+            f"{str(dtype).replace('torch.', '')}, {env.get('date', '')}")
+
+
+def _group_positions(methods: list[str]) -> tuple[dict, list]:
+    """x of each method's bar, grouped by task in ``BASELINE`` order (the naive baseline first, then its fast
+    variants in ``METHODS`` order), a gap between groups; and (centre, task name) per group."""
+    pos: dict[str, float] = {}
+    centres = []
+    x = 0.0
+    for task, base in BASELINE.items():
+        group = sorted((m for m in METHODS if METHODS[m][2] == task and m in methods), key=lambda m: m != base)
+        if not group:
+            continue
+        start = x
+        for m in group:
+            pos[m] = x
+            x += 1.0
+        centres.append(((start + x - 1.0) / 2, TASK_NAMES.get(task, task)))
+        x += 0.7
+    return pos, centres
+
+
+def figure(results: list[Result], title: str, load: dict | None = None):
+    """The results plot as a matplotlib Figure: a row per shape, time (left) and peak memory (right); in each
+    panel the bars grouped by task, each naive baseline beside its fast variants, every bar labelled with its ratio
+    to that baseline ("0.42x"); on the time panel the bar is the minimum over the reps and a line runs up to the
+    maximum, with a tick at the median. One fixed colour per method, one legend below the panels, a note naming
+    the methods that were not run, and a warning when ``load`` says the machine was loaded."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     ok = [r for r in results if r.ms is not None]
-    shapes = list(dict.fromkeys(r.shape for r in ok))
+    shapes = list(dict.fromkeys(r.shape for r in ok)) or [""]
     methods = [m for m in METHODS if any(r.method == m for r in ok)]  # the fixed order
     colors = method_colors()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    width = 0.8 / max(1, len(methods))
-    for j, m in enumerate(methods):
-        xs, ts, ms = [], [], []
-        for i, s in enumerate(shapes):
-            r = next((r for r in ok if r.shape == s and r.method == m), None)
-            if r:
-                xs.append(i + j * width)
-                ts.append(r.ms)
-                ms.append(r.peak_bytes / 2**20)
-        axes[0].bar(xs, ts, width, label=m, color=colors[m])
-        axes[1].bar(xs, ms, width, label=m, color=colors[m])
-    for ax, lab in zip(axes, ("time per step (ms), lower is better", "peak memory above inputs (MiB), lower is better")):
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))])
-        ax.set_xticklabels(shapes)
-        ax.set_title(lab, fontsize=10)
-        ax.grid(axis="y", alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5) or 1, fontsize=8, frameon=False,
-               bbox_to_anchor=(0.5, 0.06))
+    legend_rows = -(-len(methods) // 5) or 1
     note = not_run_note(results)
+    warn = bool(load and load.get("loaded"))
+    height = 1.0 + 3.4 * len(shapes) + 0.22 * legend_rows + 0.22 * (bool(note) + warn)
+    fig, axes = plt.subplots(len(shapes), 2, figsize=(13, height), squeeze=False)
+    reps = max((len(r.ms_reps) for r in ok), default=0)
+    for row, shape in enumerate(shapes):
+        rs = {r.method: r for r in ok if r.shape == shape}
+        pos, centres = _group_positions(list(rs))
+        ax_t, ax_m = axes[row]
+        for m in methods:
+            r = rs.get(m)
+            if r is None:
+                continue
+            base = rs.get(BASELINE[METHODS[m][2]])
+            top_t = max(r.ms, r.ms_max or r.ms)
+            for ax, val, bval, top in ((ax_t, r.ms, base.ms if base else None, top_t),
+                                       (ax_m, r.peak_bytes / 2**20, base.peak_bytes / 2**20 if base else None,
+                                        r.peak_bytes / 2**20)):
+                ax.bar([pos[m]], [val], 0.85, label=m, color=colors[m])
+                if bval:
+                    ax.annotate(_ratio_text(val / bval), (pos[m], top), xytext=(0, 2), textcoords="offset points",
+                                ha="center", va="bottom", fontsize=7)
+            if r.ms_max is not None and r.ms_max > r.ms:  # the spread over the reps
+                ax_t.plot([pos[m], pos[m]], [r.ms, r.ms_max], color="0.15", lw=1)
+                ax_t.plot([pos[m]], [r.ms_median], marker="_", color="0.15", ms=8)
+        for ax, what, unit in ((ax_t, f"time per step (bar: min of {reps} reps; line: to max; tick: median)", "ms"),
+                               (ax_m, "peak memory above the inputs", "MiB")):
+            ax.set_xticks([c for c, _ in centres])
+            ax.set_xticklabels([t for _, t in centres], fontsize=9)
+            ax.set_ylabel(unit, fontsize=8)
+            prefix = f"{shape}: " if len(shapes) > 1 else ""
+            ax.set_title(f"{prefix}{what}\nlabel: x the task's naive, lower is better", fontsize=8.5)
+            ax.grid(axis="y", alpha=0.3)
+            ax.margins(y=0.14)
+            ax.set_ylim(bottom=0)
+    # below the panels, bottom up: the not-run note, the load warning, the legend
+    y = 0.08
     if note:
-        fig.text(0.5, 0.015, note, ha="center", fontsize=8, color="0.3")
+        fig.text(0.5, y / height, note, ha="center", fontsize=8, color="0.3")
+        y += 0.22
+    if warn:
+        fig.text(0.5, y / height, "WARNING: measured on a loaded machine (" + "; ".join(load["reasons"])
+                 + "): the times and ratios are not the methods' own", ha="center", fontsize=8, color="tab:red")
+        y += 0.22
+    handles = [Patch(facecolor=colors[m], label=m) for m in methods]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(methods), 5) or 1, fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, (y + 0.05) / height))
     fig.suptitle(title, fontsize=10)
-    rows = -(-len(labels) // 5)
-    fig.tight_layout(rect=(0, 0.09 + 0.045 * rows, 1, 1))
+    fig.tight_layout(rect=(0, (y + 0.15 + 0.22 * legend_rows) / height, 1, 1))
     return fig
 
 
-def plot(results: list[Result], path: str, title: str) -> None:
+def plot(results: list[Result], path: str, title: str, load: dict | None = None) -> None:
     """Write :func:`figure` as a PNG to ``path``."""
     import matplotlib.pyplot as plt
 
-    fig = figure(results, title)
+    fig = figure(results, title, load)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -545,20 +765,28 @@ def main(argv=None) -> int:
         print(f"dpo-fast bench: {no_plot}; results.json is written, results.png is not", file=sys.stderr)
     print(f"dpo-fast bench on {env.get('gpu', env['cpu'])} ({device}, {dtype}), torch {env['torch']}, "
           f"triton {env['triton']}, shapes {shapes}, {reps} reps")
+    loadavg_before = _loadavg()
     results = run(shapes, methods, device, dtype, reps, a.peaked)
+    load = load_record(results, device, loadavg_before, _loadavg())
     print()
     print(table(results))
+    print(load_line(load))
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "results.json"), "w") as f:
-        json.dump({"env": env, "results": [asdict(r) for r in results]}, f, indent=1)
+        json.dump({"env": env, "load": load, "results": [asdict(r) for r in results]}, f, indent=1)
     if no_plot:
         print(f"\nwrote {a.out}/results.json (no results.png: {no_plot})")
         return 0
-    plot(results, os.path.join(a.out, "results.png"),
-         f"dpo_fast log-prob engine and DPO loss (fwd+bwd unless no-grad) — {env.get('gpu', env['cpu'])}, "
-         f"{dtype}, {env['date']}")
+    plot(results, os.path.join(a.out, "results.png"), plot_title(results, env, device, dtype), load)
     print(f"\nwrote {a.out}/results.json and {a.out}/results.png")
     return 0
+
+
+def _loadavg() -> tuple | None:
+    try:
+        return tuple(os.getloadavg())
+    except (AttributeError, OSError):  # not on this platform
+        return None
 
 
 def _plot_unavailable() -> str | None:
