@@ -71,15 +71,19 @@ def as_cu_seqlens(cu_seqlens, device=None):
     raise TypeError(f"cu_seqlens: expected {expected}, got {type(cu_seqlens).__name__}")
 
 
-def check_cu_seqlens(cu_seqlens, n_tokens: int) -> int:
-    """Validate packed boundaries; returns the number of sequences S. One host sync (small tensor)."""
+def check_cu_seqlens(cu_seqlens, n_tokens: int, *, host=None, values: bool = True) -> int:
+    """Validate packed boundaries; returns the number of sequences S. One host sync (small tensor), none when
+    ``host`` (an int64 CPU copy of the boundaries, e.g. from the engine's one readback) is given or with
+    ``values=False`` (dtype and shape only: the engine checks the values on its readback's copy)."""
     cu_seqlens = as_cu_seqlens(cu_seqlens)
     check_tensor("cu_seqlens", cu_seqlens, dims=(1,), floating=False)
     if cu_seqlens.numel() < 2:
         raise ValueError(
             f"cu_seqlens: expected at least 2 entries [0, ..., N] (one sequence or more), got {_desc(cu_seqlens)}"
         )
-    cu = cu_seqlens.detach().to("cpu", torch.int64)
+    if not values:
+        return cu_seqlens.numel() - 1
+    cu = cu_seqlens.detach().to("cpu", torch.int64) if host is None else host
     if int(cu[0]) != 0:
         raise ValueError(f"cu_seqlens: expected cu_seqlens[0] == 0, got {int(cu[0])}")
     if bool((cu[1:] < cu[:-1]).any()):
@@ -108,7 +112,8 @@ def check_labels_range(labels_scored: torch.Tensor, vocab: int, ignore_index: in
         )
 
 
-def check_engine_inputs(hidden, weight, labels, bias, cu_seqlens, ignore_index, temperature, softcap):
+def check_engine_inputs(hidden, weight, labels, bias, cu_seqlens, ignore_index, temperature, softcap,
+                        cu_values: bool = True):
     """Validate engine inputs. Returns (S, T) where T is the padded row length (None when packed).
 
     ``cu_seqlens`` may be a tensor, a list of ints or a numpy integer array (see :func:`as_cu_seqlens`).
@@ -124,6 +129,9 @@ def check_engine_inputs(hidden, weight, labels, bias, cu_seqlens, ignore_index, 
         check_tensor("bias", bias, dims=(1,), floating=True)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    ``cu_values=False``: check ``cu_seqlens``' dtype and shape only; the caller validates its values
+    (:func:`dpo_fast.engine.prepare` does, on the copy its one host sync brings).
+
     check_scalars(temperature, softcap)
     check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias, cu_seqlens=cu_seqlens)
     if weight.dtype != hidden.dtype:
@@ -150,7 +158,7 @@ def check_engine_inputs(hidden, weight, labels, bias, cu_seqlens, ignore_index, 
             raise ValueError(
                 f"hidden: expected a packed (N, H) tensor when cu_seqlens is given, got {_desc(hidden)}"
             )
-        S = check_cu_seqlens(cu_seqlens, hidden.shape[0])
+        S = check_cu_seqlens(cu_seqlens, hidden.shape[0], values=cu_values)
         T = None
     else:
         if hidden.dim() != 3:

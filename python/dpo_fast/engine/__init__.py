@@ -5,7 +5,7 @@ Modules (each name below is importable from ``dpo_fast.engine``):
 - :mod:`.workspace` — the knobs: workspace budget (``get_workspace_bytes``, ``set_workspace_bytes``) and
   tile precision (``get_exact_logits``, ``set_exact_logits``).
 - :mod:`.scored` — ``Scored``, ``prepare``, ``scored_positions``: which positions enter the GEMMs.
-- :mod:`.segments` — ``segment_sum``: deterministic per-sequence sums.
+- :mod:`.segments` — ``segment_sum``: deterministic per-sequence sums; ``segment_counts``, ``segment_starts``.
 - :mod:`.tiles` — ``linear_into``, ``tile``, ``tile_dtype``, ``per_elem_bytes``, ``matmul``, ``addmm_fp32_``.
 - :mod:`.rows` — the ``RowOps`` interface, ``RowResult`` / ``TokenStats`` records, ``TorchRows``,
   ``TritonRows``, ``make_rows``, ``resolve_backend``, ``acc_dtype``.
@@ -19,7 +19,7 @@ from .passes import (LinearLabelLogprobs, LogitsLabelLogprobs, backward_tokens, 
 from .rows import (BACKENDS, STAT_KEYS, RowOps, RowResult, TokenStats, TorchRows, TritonRows, acc_dtype,
                    make_rows, resolve_backend)
 from .scored import Scored, prepare, scored_positions
-from .segments import segment_sum
+from .segments import segment_counts, segment_starts, segment_sum
 from .tiles import addmm_fp32_, epilogue_probe_results, linear_into, matmul, per_elem_bytes, tile, tile_dtype
 from .workspace import get_exact_logits, get_workspace_bytes, set_exact_logits, set_workspace_bytes
 
@@ -28,5 +28,5 @@ __all__ = [
     "TokenStats", "TorchRows", "TritonRows", "acc_dtype", "addmm_fp32_", "backward_tokens",
     "epilogue_probe_results", "forward_tokens", "get_exact_logits", "get_workspace_bytes", "linear_into",
     "make_rows", "matmul", "per_elem_bytes", "prepare", "resolve_backend", "scored_logprobs", "scored_positions",
-    "segment_sum", "set_exact_logits", "set_workspace_bytes", "tile", "tile_dtype",
+    "segment_counts", "segment_starts", "segment_sum", "set_exact_logits", "set_workspace_bytes", "tile", "tile_dtype",
 ]

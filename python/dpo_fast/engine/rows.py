@@ -198,8 +198,11 @@ class TorchRows:
         # p = softmax(zc) restricted to this slice; dz = g * (onehot - p) * chain
         dz = zc.sub_(lse[:, None]).exp_().mul_(-g[:, None])
         local = labels - v_offset
-        rows = torch.nonzero((local >= 0) & (local < Vs)).squeeze(1)
-        dz.index_put_((rows, local[rows]), g[rows], accumulate=True)
+        # + g at the label when it lies in this slice; other rows add 0 at column 0 (no nonzero: no host sync)
+        inside = (local >= 0) & (local < Vs)
+        rows = torch.arange(n, device=labels.device)
+        dz.index_put_((rows, torch.where(inside, local, 0)), torch.where(inside, g, 0.0).to(dz.dtype),
+                      accumulate=True)
         if chain is not None:
             dz.mul_(chain)
         elif self.temperature != 1.0:

@@ -25,8 +25,9 @@ def _sum_sorted(v: torch.Tensor, seg: torch.Tensor, num_segments: int) -> torch.
     dev = v.device
     bound = v.numel()  # an upper bound on any segment's count, known on the host
     while True:
-        counts = torch.bincount(seg, minlength=S + 1)[: S + 1]
-        start = torch.cumsum(counts, 0) - counts
+        start = segment_starts(seg, S + 1)  # (S+2,): no bincount, whose CUDA kernel reads min/max to the host
+        counts = start[1:] - start[:-1]
+        start = start[:-1]
         r = torch.arange(v.numel(), device=dev) - start[seg]  # position of each value in its segment
         valid = seg < S
         if bound <= PIECE:  # every segment fits one row: row s holds segment s
@@ -42,6 +43,19 @@ def _sum_sorted(v: torch.Tensor, seg: torch.Tensor, num_segments: int) -> torch.
         v = dense[:P].sum(1)  # (P,) row sums; rows past sum(pieces) are 0
         seg = torch.searchsorted(pend, torch.arange(P, device=dev), right=True)  # their segment; S for unused rows
         bound = -(-bound // PIECE)
+
+
+def segment_starts(seg: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """(num_segments + 1,) int64 index of the first entry of each segment in the non-decreasing ``seg``, then
+    ``seg.numel()``: a binary search on the device, no host sync (``bincount`` on CUDA reads its input's
+    min and max to the host)."""
+    return torch.searchsorted(seg, torch.arange(num_segments + 1, device=seg.device, dtype=seg.dtype))
+
+
+def segment_counts(seg: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """(num_segments,) int64 number of entries of each segment in the non-decreasing ``seg``; no host sync."""
+    start = segment_starts(seg, num_segments)
+    return start[1:] - start[:-1]
 
 
 class _SegmentSum(torch.autograd.Function):

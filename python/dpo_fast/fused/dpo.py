@@ -19,7 +19,7 @@ from .. import losses as L
 from .._validate import autocast_aware, check_engine_inputs, check_tensor
 from ..engine import Scored, forward_tokens, get_workspace_bytes, make_rows, prepare, scored_logprobs, segment_sum
 from .pairs import (add_pair_token_metrics, check_ld_alpha, ld_token_weights, logits_means, pair_layout,
-                    wpo_logweights)
+                    pair_units_host, wpo_logweights)
 from .route import FusedLossModule, Values, autocast_entry, with_route
 
 Tensor = torch.Tensor
@@ -42,6 +42,7 @@ class DPOTask:
     sft: bool  # "sft" in the loss list: its NLL uses the unweighted chosen sums (TRL)
     n_chosen_tokens: Tensor  # () Σ max(|y_w|, 1) over the batch (dpo_loss counts |y| = 0 as 1), float64
     logits_mean: tuple[Tensor, Tensor] | None  # (P,) each, for the logits/* metrics
+    units_host: Tensor | None = None  # host copy of units, when known without a copy (the route's plan)
 
     def _loss(self, v: Values, reduction: str, compute_metrics: bool, logits_mean=(None, None)):
         ids = v.units
@@ -61,7 +62,8 @@ class DPOTask:
         return L.dpo_loss(sums[:, 0], sums[:, 1], ref_c, ref_r, **self.options, chosen_lengths=self.len_w[ids],
                           rejected_lengths=self.len_l[ids], use_weighting=self.use_weighting,
                           chosen_logits_mean=logits_mean[0], rejected_logits_mean=logits_mean[1],
-                          reduction=reduction, compute_metrics=compute_metrics, **kw)
+                          reduction=reduction, compute_metrics=compute_metrics,
+                          check_lengths=False, **kw)  # lengths are scored-token counts: no sync to check them
 
     def group_loss(self, v: Values) -> Tensor:
         return self._loss(v, "sum", False).loss / self.len_w.shape[0]
@@ -184,7 +186,8 @@ class DPOLoss(FusedLossModule):
             ref_c=None if ref_chosen_logps is None else ref_chosen_logps.detach(),
             ref_r=None if ref_rejected_logps is None else ref_rejected_logps.detach(),
             token_weights=tokw, sft="sft" in self.config.types,
-            n_chosen_tokens=len_w.clamp_min(1.0).sum().double(), logits_mean=lm)
+            n_chosen_tokens=len_w.clamp_min(1.0).sum().double(), logits_mean=lm,
+            units_host=pair_units_host(pairs, sc.num_seqs))
         out, route, values = self.run(p, task, hidden)
         sums = add_pair_token_metrics(out, values, self.compute_metrics) if self.token_metrics else None
         return with_route(out, route, sums)

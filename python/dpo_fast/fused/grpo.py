@@ -65,6 +65,7 @@ class GRPOTask:
 
     def matrices(self, v: Values, rows: Tensor, ids: Tensor) -> dict:
         """grpo_loss's (R, C) inputs for the tokens of ``v`` at rows ``rows`` (n,) of units ``ids`` (R,)."""
+    units_host: Tensor | None = None  # host copy of units (the route's plan)
         cols = self.col.index_select(0, v.tok)
         shape = (ids.numel(), self.num_cols)
         dev, dt = v.logp.device, v.logp.dtype
@@ -211,7 +212,8 @@ class GRPOLoss(FusedLossModule):
         else:
             cu = cu_seqlens.to(device=dev, dtype=torch.int64)
             col = sc.idx - cu[sc.seq]
-            T = int((cu[1:] - cu[:-1]).max())
+            cuh = sc.cu_host if sc.cu_host is not None else cu.cpu()  # prepare's readback brought it: no sync
+            T = int((cuh[1:] - cuh[:-1]).max())
         o = self.grpo_options
         if o.max_completion_length is None:
             o = dataclasses.replace(o, max_completion_length=T)
@@ -236,7 +238,7 @@ class GRPOLoss(FusedLossModule):
                         per_token=per_token, per_seq=per_seq,
                         coef=aggregation_coefficients(o, mask, num_items_in_batch, acc_dtype(sc.hidden2.dtype)),
                         num_items_in_batch=num_items_in_batch, want_stats=self.token_metrics or quantile,
-                        decomposable=o.entry.local and not quantile)
+                        decomposable=o.entry.local and not quantile, units_host=torch.arange(S)[:, None])
         out, route, values = self.run(p, task, hidden)
         # back to the labels' layout: (S, C) rows -> flat positions
         n_pos = labels.numel()

@@ -33,6 +33,7 @@ class KTOTask:
     kl: Tensor | float | None  # the reference point z (detached), or None (z = 0)
     want_stats: bool = False
     decomposable: bool = True
+    units_host: Tensor | None = None  # host copy of units (the route's plan)
 
     def _loss(self, v: Values, compute_metrics: bool):
         ids = v.units
@@ -116,9 +117,11 @@ class KTOLoss(FusedLossModule):
             kl = (pol_kl - ref_kl_logps.detach().to(pol_kl.dtype)).mean().clamp_min(0.0)
         elif ref_kl_logps is not None:
             raise ValueError("ref_kl_logps: also pass kl_hidden and kl_labels (the mismatched pairs)")
+        if kl is not None and not isinstance(kl, Tensor):  # a device scalar once, not a host copy per group
+            kl = torch.full((), float(kl), dtype=torch.float64, device=dev)
         task = KTOTask(torch.arange(S, device=dev)[:, None], self.options,
                        None if ref_logps is None else ref_logps.detach(), desirable.to(dev), kl,
-                       want_stats=self.token_metrics)
+                       want_stats=self.token_metrics, units_host=torch.arange(S)[:, None])
         out, route, values = self.run(p, task, hidden)
         sums = None
         if self.token_metrics:

@@ -53,6 +53,15 @@ def check_ld_alpha(ld_alpha) -> None:
 def ld_token_weights(sc: Scored, counts: Tensor, c_seq: Tensor, r_seq: Tensor, alpha: float) -> Tensor:
     """(N,) LD-DPO token weights: 1 for a sequence's first min(|y_w|, |y_l|) scored tokens, α after."""
     shared = torch.full((sc.num_seqs,), float("inf"), device=counts.device)
+def pair_units_host(pairs, S: int) -> Tensor | None:
+    """(P, 2) int64 host copy of the pair layout when it is known without a device-to-host copy (TRL's
+    layout, or ``pairs`` given on the CPU), for the fused route's plan; else None (the route copies it)."""
+    if pairs is None:
+        ar = torch.arange(S // 2)
+        return torch.stack([ar, ar + S // 2], 1)
+    return pairs.to(torch.int64) if pairs.device.type == "cpu" else None
+
+
     m = torch.minimum(counts[c_seq], counts[r_seq])
     shared[c_seq], shared[r_seq] = m, m
     start = torch.cumsum(counts, 0) - counts  # (S,) first scored token of each sequence

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import losses as L
-from .pairs import add_pair_token_metrics, logits_means, pair_layout
+from .pairs import add_pair_token_metrics, logits_means, pair_layout, pair_units_host
 from .route import FusedLossModule, Values, autocast_entry, with_route
 
 Tensor = torch.Tensor
@@ -32,6 +32,7 @@ class ReferenceFreeTask:
     logits_mean: tuple[Tensor, Tensor] | None
     decomposable: bool = True
     want_stats: bool = False
+    units_host: Tensor | None = None  # host copy of units, when known without a copy (the route's plan)
 
     def group_loss(self, v: Values) -> Tensor:
         ids, P = v.units, self.len_w.shape[0]
@@ -74,7 +75,8 @@ class _ReferenceFreePairLoss(FusedLossModule):
             if self.compute_metrics and not self.token_metrics else None
         len_w = counts[c_seq]
         task = ReferenceFreeTask(torch.stack([c_seq, r_seq], 1), self._loss, len_w, counts[r_seq],
-                                 len_w.clamp_min(1.0).sum().double(), lm, want_stats=self.token_metrics)
+                                 len_w.clamp_min(1.0).sum().double(), lm, want_stats=self.token_metrics,
+                                 units_host=pair_units_host(pairs, sc.num_seqs))
         out, route, values = self.run(p, task, hidden)
         sums = add_pair_token_metrics(out, values, self.compute_metrics) if self.token_metrics else None
         return with_route(out, route, sums)
@@ -121,6 +123,7 @@ class CPOLoss(_ReferenceFreePairLoss):
 
     def _loss(self, lw, ll, len_w, len_l, chosen_nll, logit_c, logit_r, compute_metrics):
         return L.cpo_loss(lw, ll, **self.options, chosen_lengths=len_w, rejected_lengths=len_l,
+                          check_lengths=False,  # scored-token counts: valid, no sync to check them
                           chosen_nll=chosen_nll if self.options["cpo_alpha"] != 0.0 else None,
                           chosen_logits_mean=logit_c, rejected_logits_mean=logit_r, compute_metrics=compute_metrics)
 
@@ -159,5 +162,6 @@ class ORPOLoss(_ReferenceFreePairLoss):
 
     def _loss(self, lw, ll, len_w, len_l, chosen_nll, logit_c, logit_r, compute_metrics):
         return L.orpo_loss(lw, ll, chosen_lengths=len_w, rejected_lengths=len_l, beta=self.beta,
+                           check_lengths=False,  # scored-token counts: valid, no sync to check them
                            chosen_nll=chosen_nll, chosen_logits_mean=logit_c, rejected_logits_mean=logit_r,
                            compute_metrics=compute_metrics)

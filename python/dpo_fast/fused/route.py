@@ -49,7 +49,7 @@ from .. import losses as L
 from .._validate import autocast_aware, check_scalars
 from ..distributed import active_shard, distributed_head
 from ..engine import (BACKENDS, Scored, TokenStats, acc_dtype, addmm_fp32_, get_workspace_bytes, linear_into,
-                      make_rows, per_elem_bytes, prepare, scored_logprobs, segment_sum, tile,
+                      make_rows, per_elem_bytes, prepare, scored_logprobs, segment_counts, segment_sum, tile,
                       tile_dtype)
 
 Tensor = torch.Tensor
@@ -146,7 +146,7 @@ class Values:
 
     def unit_means(self, per_token: Tensor) -> Tensor:
         """(G, k) per-sequence means of ``per_token`` (n,) over the sequence's scored tokens (0 for none)."""
-        cnt = torch.bincount(self.seg, minlength=self.num_segs)[: self.num_segs].to(per_token.dtype)
+        cnt = segment_counts(self.seg, self.num_segs).to(per_token.dtype)  # no bincount: no host sync
         return (segment_sum(per_token, self.seg, self.num_segs) / cnt.clamp_min(1.0))[self.slots]
 
 
@@ -183,41 +183,48 @@ class UnitTask(Protocol):
         ...
 
 
-def plan_groups(counts: Tensor, units: Tensor, max_tokens: int, device) -> list[Group] | None:
+def plan_groups(counts: Tensor, units: Tensor, max_tokens: int, device, *, counts_dev: Tensor | None = None,
+                units_host: Tensor | None = None) -> list[Group] | None:
     """Greedy groups of consecutive units whose scored tokens number at most ``max_tokens``.
 
     Args:
-        counts: (S,) scored tokens per sequence. units: (U, k) int64 sequence indices.
+    The plan is made on the host from host counts; each group's index tensors are then built on ``device``
+    from host-known sizes (``repeat_interleave`` with ``output_size``): no copy and no sync per group.
+
+        counts: (S,) scored tokens per sequence, on the host (``Scored.host_counts``; a device tensor costs a
+            copy). units: (U, k) int64 sequence indices on ``device``. counts_dev: ``counts`` on ``device``
+            (``Scored.counts``; else one copy). units_host: a host copy of ``units`` when the caller knows it
+            without a copy (else one copy).
     Returns:
         None if one unit alone exceeds ``max_tokens``; else the :class:`Group` list (units with no scored
         token are in some group too).
     """
     cnt = counts.to("cpu", torch.int64)
-    units_cpu = units.to("cpu", torch.int64)
+    units_cpu = (units if units_host is None else units_host).to("cpu", torch.int64)
     per_unit = cnt[units_cpu].sum(1).tolist()
     if per_unit and max(per_unit) > max_tokens:
         return None
-    start = torch.cumsum(cnt, 0) - cnt
-    spans, cur, cur_tok = [], [], 0
+    spans, u0, cur_tok = [], 0, 0  # (first unit, end unit, tokens)
     for i, t in enumerate(per_unit):
-        if cur and cur_tok + t > max_tokens:
-            spans.append(cur)
-            cur, cur_tok = [], 0
-        cur.append(i)
+        if i > u0 and cur_tok + t > max_tokens:
+            spans.append((u0, i, cur_tok))
+            u0, cur_tok = i, 0
         cur_tok += t
-    if cur:
-        spans.append(cur)
-    k = units_cpu.shape[1]
+    if per_unit:
+        spans.append((u0, len(per_unit), cur_tok))
+    cnt_d = (counts if counts_dev is None else counts_dev).to(device=device, dtype=torch.int64)
+    start_d = torch.cumsum(cnt_d, 0) - cnt_d
+    units_d = units.to(device=device, dtype=torch.int64)
+    k = units.shape[1]
     out = []
-    for uids in spans:
-        uid = torch.tensor(uids, dtype=torch.int64)
-        seqs = units_cpu[uid].reshape(-1)  # (G*k,) unit-major
-        lens = cnt[seqs]
-        seg = torch.repeat_interleave(torch.arange(seqs.numel()), lens)  # (n,)
+    for a, b, n in spans:
+        seqs = units_d[a:b].reshape(-1)  # (G*k,) unit-major
+        m = seqs.numel()
+        lens = cnt_d.index_select(0, seqs)
+        seg = torch.repeat_interleave(torch.arange(m, device=device), lens, output_size=n)  # (n,)
         offs = torch.cumsum(lens, 0) - lens
-        tok = start[seqs][seg] + (torch.arange(int(lens.sum())) - offs[seg])  # (n,) index into scored arrays
-        slots = torch.arange(seqs.numel()).view(-1, k)
-        out.append(Group(tok.to(device), seg.to(device), slots.to(device), uid.to(device)))
+        tok = start_d.index_select(0, seqs)[seg] + (torch.arange(n, device=device) - offs[seg])  # (n,)
+        out.append(Group(tok, seg, torch.arange(m, device=device).view(-1, k), torch.arange(a, b, device=device)))
     return out
 
 
@@ -433,7 +440,8 @@ class FusedLossModule(nn.Module):
         if self.fused and task.decomposable and needs_grad and active_shard(p.weight) is None:
             budget = self.workspace_bytes or 8 * get_workspace_bytes(sc.idx.device)
             max_tokens = budget // (p.weight.shape[0] * per_elem_bytes(p.rows, sc.hidden2.dtype, grad=True))
-            groups = plan_groups(sc.counts(), task.units, max_tokens, sc.idx.device)
+            groups = plan_groups(sc.host_counts(), task.units, max_tokens, sc.idx.device, counts_dev=sc.counts(),
+                                 units_host=getattr(task, "units_host", None))
         if groups is None:  # two-pass route: the generic engine + autograd through the loss
             st = {} if task.want_stats else None
             logp = scored_logprobs(sc, p.weight, p.bias, temperature=self.temperature, softcap=self.softcap,
