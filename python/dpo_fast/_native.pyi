@@ -25,6 +25,7 @@ class _PackedDict(TypedDict):
     seq_lens: npt.NDArray[np.int32]  # (2P,)
     completion_lens: npt.NDArray[np.int32]  # (2P,)
     max_seqlen: int
+    num_truncated: int  # pairs the truncation policy shortened
 
 def pack_flat(
     prompt_values: npt.NDArray[np.int32] | npt.NDArray[np.int64],

@@ -368,6 +368,8 @@ pub struct PackedBatch {
     pub completion_lens: Vec<i32>,
     /// Longest segment of `cu_seqlens` (padding included).
     pub max_seqlen: usize,
+    /// Pairs the truncation policy shortened to fit `max_tokens` (0 with `Truncation::Error`).
+    pub num_truncated: usize,
 }
 
 /// One sequence as placed in the output: which pair, and chosen (false) or rejected (true).
@@ -474,6 +476,7 @@ pub fn pack<T: TokenId>(
     // Per pair: validate, then truncate.
     let m = opts.max_tokens;
     let mut kept = try_with_capacity(n_pairs, "per-pair plan")?;
+    let mut num_truncated = 0usize;
     for i in 0..n_pairs {
         let (p, c, r) = (prompt.seq(i), chosen.seq(i), rejected.seq(i));
         if c.is_empty() {
@@ -499,6 +502,9 @@ pub fn pack<T: TokenId>(
                 c.len(),
                 r.len()
             )));
+        }
+        if (k.prompt_len, k.chosen_len, k.rejected_len) != (p.len(), c.len(), r.len()) {
+            num_truncated += 1;
         }
         kept.push(k);
     }
@@ -529,6 +535,7 @@ pub fn pack<T: TokenId>(
         labels: try_zeroed(n, "labels")?,
         position_ids: try_zeroed(n, "position_ids")?,
         attention_mask: try_zeroed(n, "attention_mask")?,
+        num_truncated,
         ..Default::default()
     };
     fill(&mut out, &order, &row_starts, &kept, prompt, chosen, rejected, opts.pad_token_id as i32);

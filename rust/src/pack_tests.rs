@@ -122,6 +122,23 @@ fn truncation_rule() {
 }
 
 #[test]
+fn num_truncated_counts_shortened_pairs() {
+    // costs: pair0 = 2*2+3+3 = 10, pair1 = 2*2+6+6 = 16, pair2 = 2*0+5+6 = 11
+    let p = vec![vec![1, 2], vec![1, 2], vec![]];
+    let c = vec![vec![3; 3], vec![3; 6], vec![3; 5]];
+    let r = vec![vec![4; 3], vec![4; 6], vec![4; 6]];
+    for mode in [Mode::Packed, Mode::Padded] {
+        for t in [Truncation::KeepStart, Truncation::KeepEnd] {
+            let mut o = PackOptions::new(10, mode);
+            o.truncation = t;
+            assert_eq!(run(&p, &c, &r, &o).unwrap().num_truncated, 2, "{t:?}");
+        }
+        assert_eq!(run(&p, &c, &r, &PackOptions::new(12, mode)).unwrap().num_truncated, 1);
+        assert_eq!(run(&p, &c, &r, &PackOptions::new(100, mode)).unwrap().num_truncated, 0);
+    }
+}
+
+#[test]
 fn truncation_always_fits() {
     for m in 2..24 {
         for lp in 0..12 {

@@ -70,6 +70,7 @@ fn to_dict<'py>(py: Python<'py>, b: pack::PackedBatch) -> PyResult<Bound<'py, Py
     d.set_item("seq_lens", b.seq_lens.into_pyarray(py))?;
     d.set_item("completion_lens", b.completion_lens.into_pyarray(py))?;
     d.set_item("max_seqlen", b.max_seqlen)?;
+    d.set_item("num_truncated", b.num_truncated)?;
     Ok(d)
 }
 

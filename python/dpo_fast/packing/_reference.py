@@ -135,6 +135,7 @@ def pack_reference(
 
     m = opts.max_tokens
     kept: list[tuple[int, int, int, int]] = []
+    num_truncated = 0  # pairs the policy shortened
     for i in range(n):
         p, c, r = prompt_ids[i], chosen_ids[i], rejected_ids[i]
         if len(c) == 0:
@@ -151,6 +152,7 @@ def pack_reference(
                 f"pair {i} needs {cost} tokens (prompt {len(p)} counted twice, chosen {len(c)}, rejected {len(r)}) "
                 f"but max_tokens is {m}; use truncation='keep_start' or 'keep_end', or raise max_tokens"
             )
+        num_truncated += (k[1], k[2], k[3]) != (len(p), len(c), len(r))
         kept.append(k)
 
     if mode == "padded":
@@ -220,4 +222,5 @@ def pack_reference(
         "seq_lens": one_d(seq_lens),
         "completion_lens": one_d(completion_lens),
         "max_seqlen": int(max_seqlen),
+        "num_truncated": num_truncated,
     }

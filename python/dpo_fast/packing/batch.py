@@ -22,6 +22,7 @@ Layout (see ``rust/src/pack.rs`` for the full rule):
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -60,6 +61,8 @@ class PackedBatch:
             completion length, one fewer when the prompt is empty. Use it for length-normalised losses.
         max_seqlen: int. Longest segment of ``cu_seqlens`` (padding included), for varlen attention.
         mode: ``"packed"`` or ``"padded"``.
+        num_truncated: int. Pairs the ``truncation`` policy shortened to fit ``max_tokens`` (0 with
+            ``truncation="error"``); :func:`pack_pairs` also warns when it is > 0.
     """
 
     input_ids: np.ndarray
@@ -73,6 +76,7 @@ class PackedBatch:
     completion_lens: np.ndarray
     max_seqlen: int
     mode: str
+    num_truncated: int = 0
 
     @property
     def num_pairs(self) -> int:
@@ -253,7 +257,10 @@ def pack_pairs(
             their end, the longer first, down to 1 token each, then the prompt's end. ``"keep_end"``:
             cut the prompt's start first (down to 1 token), then completions at their end as above
             (then, only if max_tokens < 4, the last prompt token). ``"error"``: raise ValueError.
-            The rule depends on the pair alone, so both modes hold the same sequences.
+            The rule depends on the pair alone, so both modes hold the same sequences. Truncation is
+            never silent: the batch's ``num_truncated`` counts the shortened pairs, and a call that
+            shortened any issues one ``UserWarning`` saying how many (silence it with
+            ``warnings.filterwarnings("ignore", message="pack_pairs: ")``).
         pad_to_multiple_of: round the row length L up to a multiple of this (e.g. 8 for tensor
             cores, or ``max_tokens`` for a static row shape).
         vocab_size: when given, every id (and ``pad_token_id``) must be in ``[0, vocab_size)``.
@@ -315,7 +322,13 @@ def pack_pairs(
         offsets = [np.ascontiguousarray(o, dtype=np.int64) for _, o in flat]
         out = _native.pack_flat(values[0], offsets[0], values[1], offsets[1], values[2], offsets[2],
                                 **options.native())
-    return PackedBatch(mode=options.mode, **out)
+    batch = PackedBatch(mode=options.mode, **out)
+    if batch.num_truncated:
+        warnings.warn(
+            f"pack_pairs: {batch.num_truncated} of {batch.num_pairs} pairs were truncated to fit "
+            f"max_tokens={options.max_tokens} (truncation={options.truncation!r}); see batch.num_truncated. "
+            "Pass truncation='error' to raise instead, or a larger max_tokens", UserWarning, stacklevel=2)
+    return batch
 
 
 def pack_pairs_reference(prompt_ids: Sequence, chosen_ids: Sequence, rejected_ids: Sequence, **kwargs: Any) -> PackedBatch:
