@@ -1,66 +1,22 @@
 """grpo_loss against TRL 1.16's own ``GRPOTrainer._compute_loss`` (the oracle), called on a stub trainer.
 
-The stub holds only what ``_compute_loss`` reads (config values, a one-process accelerator, the metric store)
-and returns our per-token log-probs and entropies from ``_get_per_token_logps_and_entropies``, so TRL's
-loss code runs unchanged on the same tensors. Loss, gradients w.r.t. the log-probs (and the entropies under
+The stub (:func:`support.trl_oracle.trl_grpo_loss`) holds only what ``_compute_loss`` reads (config values, a
+one-process accelerator, the metric store) and returns our per-token log-probs and entropies from
+``_get_per_token_logps_and_entropies``, so TRL's loss code runs unchanged on the same tensors. Loss, gradients w.r.t. the log-probs (and the entropies under
 the entropy bonus) and every metric TRL logs are compared, in float64, for every loss type and option.
 """
 
 from __future__ import annotations
 
-import types
-from collections import defaultdict
-
 import pytest
 import torch
 
 from dpo_fast import losses as L
+from support.trl_oracle import trl_grpo_loss as _trl_loss
 
 trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer")
 GRPOTrainer = trl_grpo.GRPOTrainer
 D64 = torch.float64
-
-
-class _Accelerator:
-    num_processes = 1
-    sync_gradients = True
-
-    @staticmethod
-    def gather(x):
-        return x.reshape(-1) if x.dim() == 0 else x
-
-    @staticmethod
-    def reduce(x, reduction="sum"):
-        return x
-
-    @staticmethod
-    def pad_across_processes(x, dim=0, pad_index=0):
-        return x
-
-
-def _trl_loss(lp, ent, inputs, cfg):
-    """Run TRL's _compute_loss on a stub; returns (loss, metrics of the eval mode)."""
-    args = types.SimpleNamespace(
-        use_bias_correction_kl=cfg["use_bias_correction_kl"], delta=cfg["delta"],
-        sapo_temperature_pos=cfg["sapo_temperature_pos"], sapo_temperature_neg=cfg["sapo_temperature_neg"],
-        vespo_k_pos=cfg["vespo_k_pos"], vespo_lambda_pos=cfg["vespo_lambda_pos"], vespo_k_neg=cfg["vespo_k_neg"],
-        vespo_lambda_neg=cfg["vespo_lambda_neg"], steps_per_generation=1, entropy_target=0.2)
-    s = types.SimpleNamespace(
-        args=args, accelerator=_Accelerator(), model=types.SimpleNamespace(training=False),
-        loss_type=cfg["loss_type"], beta=cfg["beta"], epsilon_low=cfg["epsilon_low"],
-        epsilon_high=cfg["epsilon_high"], importance_sampling_level=cfg["importance_sampling_level"],
-        top_entropy_quantile=cfg["top_entropy_quantile"], off_policy_mask_threshold=cfg["off_policy_mask_threshold"],
-        use_vllm=inputs.get("importance_sampling_ratio") is not None, vllm_importance_sampling_correction=True,
-        max_completion_length=cfg["max_completion_length"], current_gradient_accumulation_steps=1,
-        aux_loss_enabled=False, entropy_coef=cfg["entropy_coef"], use_adaptive_entropy=False,
-        _entropy_bonus_enabled=cfg["entropy_coef"] != 0.0, _metrics={"train": defaultdict(list),
-                                                                     "eval": defaultdict(list)})
-    s.get_high_entropy_mask = types.MethodType(GRPOTrainer.get_high_entropy_mask, s)
-    s.get_off_policy_mask = GRPOTrainer.get_off_policy_mask
-    s.get_gamma_weights = GRPOTrainer.get_gamma_weights
-    s._get_per_token_logps_and_entropies = lambda *a, **k: (lp, ent, None)
-    loss = GRPOTrainer._compute_loss(s, None, inputs)
-    return loss, {k: v[-1] for k, v in s._metrics["eval"].items()}
 
 
 def _batch(seed, B=5, T=7, spread=0.4):

@@ -99,6 +99,19 @@ def check_cu_seqlens(cu_seqlens, n_tokens: int, *, host=None, values: bool = Tru
     return cu.numel() - 1
 
 
+def cu_seqlens_tensor(cu_seqlens, n_tokens: int, device=None):
+    """The one conversion of a ``cu_seqlens`` argument for entry points that use it before the engine does:
+    a tensor, list/tuple of ints or numpy integer array becomes a tensor on ``device`` (tensors keep their
+    integer dtype; lists and arrays become int64), validated as 1-D integer boundaries with
+    ``cu[0] == 0``, non-decreasing, ``cu[-1] == n_tokens`` (errors name ``cu_seqlens``). None stays None.
+    The caller's object is never modified."""
+    if cu_seqlens is None:
+        return None
+    cu = as_cu_seqlens(cu_seqlens, device)
+    check_cu_seqlens(cu, n_tokens)
+    return cu if device is None else cu.to(device)
+
+
 def check_labels_range(labels_scored: torch.Tensor, vocab: int, ignore_index: int) -> None:
     """labels_scored: the labels at scored positions (already != ignore_index)."""
     if labels_scored.numel() == 0:

@@ -40,6 +40,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ._validate import cu_seqlens_tensor
 from .logprobs import sequence_logprobs
 from .distributed import is_zero3_param
 
@@ -278,7 +279,8 @@ def call_with_hidden_states(model: nn.Module, fn: Callable[[torch.Tensor, Output
         attention_mask: (B, T) 0/1 padding mask for padded batches; must be None for packed ones.
         position_ids: (B, T); for packed rows they restart at 0 per sequence (derived from ``cu_seqlens``
             when omitted).
-        cu_seqlens: (S+1,) boundaries of the sequences in the flattened rows (packed batches).
+        cu_seqlens: (S+1,) boundaries of the sequences in the flattened rows (packed batches): an integer
+            tensor, or a list / numpy array of ints; 0 = cu[0] <= ... <= cu[S] = input_ids.numel().
         max_seqlen: longest sequence, for flash-attention varlen (computed when omitted).
         **model_kwargs: passed to the decoder (e.g. ``pixel_values`` is *not* supported: text only).
 
@@ -296,7 +298,7 @@ def call_with_hidden_states(model: nn.Module, fn: Callable[[torch.Tensor, Output
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected a 2-D (rows, L) packed tensor, got shape {tuple(input_ids.shape)}")
         n = input_ids.numel()
-        cu = cu_seqlens.to(device=input_ids.device)
+        cu = cu_seqlens_tensor(cu_seqlens, n, input_ids.device)  # a list / numpy array is accepted
         if position_ids is None:
             position_ids = _positions_from_cu(cu, n).view(input_ids.shape)
         if _is_flash(hf):
@@ -358,6 +360,7 @@ def sequence_logprobs_from_model(model: nn.Module, input_ids: torch.Tensor, labe
     """
     if labels.shape != input_ids.shape:
         raise ValueError(f"labels: expected the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+    cu_seqlens = cu_seqlens_tensor(cu_seqlens, input_ids.numel(), input_ids.device)  # list / numpy accepted
 
     def fn(hidden, head: OutputHead):
         h, w, b = head.operands(hidden)

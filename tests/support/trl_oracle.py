@@ -3,10 +3,14 @@ loss-type x option cases TRL accepts, and the per-case precision.
 
 TRL's loss code runs unchanged on a stub ``self`` that holds only what it reads; these are the pieces of that
 stub and the case table that ``tests/test_trl_parity.py`` (``dpo_loss``) and ``tests/test_trl_parity_fused.py``
-(the fused ``DPOLoss``) both use.
+(the fused ``DPOLoss``) both use, and :func:`trl_grpo_loss`: ``GRPOTrainer._compute_loss`` on a stub trainer
+(``tests/test_grpo_loss_trl.py`` for ``grpo_loss``, ``tests/test_wrong_answers.py`` for the fused ``GRPOLoss``).
 """
 
 from __future__ import annotations
+
+import types
+from collections import defaultdict
 
 import pytest
 import torch
@@ -80,3 +84,55 @@ def trl_epsilon(loss_types) -> float:
     if "exo_pair" in loss_types and "robust" not in loss_types:
         return EPS["exo_pair"]
     return max([EPS.get(lt, 0.0) for lt in loss_types if R.pairwise(lt).trl_uses_label_smoothing] + [0.0])
+
+
+# ------------------------------------------------------------------------------------------------ GRPO
+class GRPOStubAccelerator:
+    """The one-process accelerator ``GRPOTrainer._compute_loss`` talks to (gather / reduce / pad: identities)."""
+
+    num_processes = 1
+    sync_gradients = True
+
+    @staticmethod
+    def gather(x):
+        return x.reshape(-1) if x.dim() == 0 else x
+
+    @staticmethod
+    def reduce(x, reduction="sum"):
+        return x
+
+    @staticmethod
+    def pad_across_processes(x, dim=0, pad_index=0):
+        return x
+
+
+def trl_grpo_loss(lp, ent, inputs, cfg):
+    """TRL 1.16's own ``GRPOTrainer._compute_loss`` on a stub trainer; returns (loss, metrics of the eval mode).
+
+    ``lp`` / ``ent``: the (B, T) per-token log-probs / entropies the model call returns (completion positions);
+    ``inputs``: TRL's batch dict (completion_mask, advantages, old/ref/sampling log-probs,
+    importance_sampling_ratio, num_items_in_batch ...); ``cfg``: :meth:`dpo_fast.losses.GRPOOptions.as_kwargs`.
+    """
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    args = types.SimpleNamespace(
+        use_bias_correction_kl=cfg["use_bias_correction_kl"], delta=cfg["delta"],
+        sapo_temperature_pos=cfg["sapo_temperature_pos"], sapo_temperature_neg=cfg["sapo_temperature_neg"],
+        vespo_k_pos=cfg["vespo_k_pos"], vespo_lambda_pos=cfg["vespo_lambda_pos"], vespo_k_neg=cfg["vespo_k_neg"],
+        vespo_lambda_neg=cfg["vespo_lambda_neg"], steps_per_generation=1, entropy_target=0.2)
+    s = types.SimpleNamespace(
+        args=args, accelerator=GRPOStubAccelerator(), model=types.SimpleNamespace(training=False),
+        loss_type=cfg["loss_type"], beta=cfg["beta"], epsilon_low=cfg["epsilon_low"],
+        epsilon_high=cfg["epsilon_high"], importance_sampling_level=cfg["importance_sampling_level"],
+        top_entropy_quantile=cfg["top_entropy_quantile"], off_policy_mask_threshold=cfg["off_policy_mask_threshold"],
+        use_vllm=inputs.get("importance_sampling_ratio") is not None, vllm_importance_sampling_correction=True,
+        max_completion_length=cfg["max_completion_length"], current_gradient_accumulation_steps=1,
+        aux_loss_enabled=False, entropy_coef=cfg["entropy_coef"], use_adaptive_entropy=False,
+        _entropy_bonus_enabled=cfg["entropy_coef"] != 0.0, _metrics={"train": defaultdict(list),
+                                                                     "eval": defaultdict(list)})
+    s.get_high_entropy_mask = types.MethodType(GRPOTrainer.get_high_entropy_mask, s)
+    s.get_off_policy_mask = GRPOTrainer.get_off_policy_mask
+    s.get_gamma_weights = GRPOTrainer.get_gamma_weights
+    s._get_per_token_logps_and_entropies = lambda *a, **k: (lp, ent, None)
+    loss = GRPOTrainer._compute_loss(s, None, inputs)
+    return loss, {k: v[-1] for k, v in s._metrics["eval"].items()}

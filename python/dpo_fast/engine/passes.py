@@ -144,6 +144,24 @@ def backward_tokens(g, hidden2, weight, bias, idx, labels_s, lse, rows: RowOps, 
     return dh_out, dw_out, None if db_acc is None else db_acc.to(bias.dtype)
 
 
+def forbid_double_backward(what: str) -> None:
+    """Raise a clear RuntimeError when a backward runs with ``create_graph=True`` (grad mode on inside backward).
+
+    The engine's gradients come from hand-written passes (in-place tiles, ``out=`` GEMMs), not from
+    differentiable ops, so a second derivative (a gradient penalty, Hessian-vector products) cannot be
+    formed through them; without this check it is either an obscure ``mm(): functions with out=...`` error or,
+    on the fused route, a gradient that silently does not require grad (a penalty on it is silently 0).
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{what}: double backward (torch.autograd.grad(..., create_graph=True), e.g. for a gradient penalty) "
+            "through dpo_fast's log-prob engine is not supported: its gradients are computed by hand-written "
+            "passes, not differentiable ops, on both routes (fused=False does not help). For higher-order "
+            "derivatives compute the log-probs with plain PyTorch (logits = hidden @ weight.T, then "
+            "torch.log_softmax(logits, -1).gather(...)) and use the loss functions (dpo_fast.dpo_loss, "
+            "dpo_fast.kto_loss, dpo_fast.grpo_loss, ...), which are ordinary autograd code")
+
+
 class LinearLabelLogprobs(torch.autograd.Function):
     """(hidden2 (M, H), weight (V, H), bias (V,)|None) -> log p of the label at each scored position (N,) fp32.
 
@@ -164,6 +182,7 @@ class LinearLabelLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        forbid_double_backward("sequence_logprobs / token_logprobs (and the two-pass route of the fused losses)")
         hidden2, weight, bias, idx, labels_s, lse = ctx.saved_tensors
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
         dh, dw, db = backward_tokens(g, hidden2, weight, bias, idx, labels_s, lse, ctx.rows, ctx.budget,
@@ -211,6 +230,7 @@ class LogitsLabelLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        forbid_double_backward("logprobs_from_logits")
         logits2, idx, labels_s, lse = ctx.saved_tensors
         g = g.to(lse.dtype).contiguous()
         dlogits = torch.zeros_like(logits2, memory_format=torch.contiguous_format)  # (M, V)

@@ -39,12 +39,15 @@ from dataclasses import dataclass
 import torch
 
 from .. import losses as L
+from .._validate import as_cu_seqlens
 from ..engine import acc_dtype
 from .route import FusedLossModule, Values, autocast_entry, token_metrics, token_sums, with_route
 
 Tensor = torch.Tensor
 
 SLOTS = ("completion",)
+#: the value a per-token input holds at unscored cells of the (S, C) matrices (default 0: read at scored cells only)
+NEUTRAL_FILL = {"importance_sampling_ratio": 1.0}
 
 
 @dataclass
@@ -70,10 +73,14 @@ class GRPOTask:
         shape = (ids.numel(), self.num_cols)
         dev, dt = v.logp.device, v.logp.dtype
 
-        def place(x):
-            return torch.zeros(shape, dtype=dt, device=dev).index_put((rows, cols), x.to(dt))
+        def place(x, fill=0.0):
+            return torch.full(shape, fill, dtype=dt, device=dev).index_put((rows, cols), x.to(dt))
 
-        kw = {name: place(x.index_select(0, v.tok)) for name, x in self.per_token.items()}
+        # unscored cells (prompt, padding, the (S, C) matrix's tail) hold each input's neutral value: a per-token
+        # IS ratio is 1 there, as in TRL's own ratio exp(0 * mask) -- VESPO sums log(ratio) over every cell of a
+        # row, so a 0 there would add log(1e-8) per cell; the other inputs are read at scored cells only
+        kw = {name: place(x.index_select(0, v.tok), NEUTRAL_FILL.get(name, 0.0))
+              for name, x in self.per_token.items()}
         kw.update({name: x[ids] for name, x in self.per_seq.items()})
         kw["mask"] = torch.zeros(shape, dtype=torch.bool, device=dev).index_put(
             (rows, cols), torch.ones_like(rows, dtype=torch.bool))
@@ -100,9 +107,13 @@ class GRPOTask:
 def aggregation_coefficients(options: L.GRPOOptions, mask: Tensor, num_items, dtype: torch.dtype) -> Tensor:
     """(S, C) c with loss = Σ c ⊙ per_token_loss, from one autograd call of the registry's (linear) aggregate."""
     entry = options.entry
-    m = mask.to(dtype)  # the loss's compute dtype (float64 for float64 inputs)
-    n_items = num_items if (entry.token_normalised and num_items is not None) else m.sum().clamp_min(1.0)
-    with torch.enable_grad():
+    # autograd must run here even when the caller is in torch.inference_mode() / no_grad (a loss value only):
+    # leave inference mode and work on normal (non-inference) copies of the inputs
+    with torch.inference_mode(False), torch.enable_grad():
+        m = mask.to(dtype).clone()  # the loss's compute dtype (float64 for float64 inputs)
+        if isinstance(num_items, Tensor):
+            num_items = num_items.detach().clone()
+        n_items = num_items if (entry.token_normalised and num_items is not None) else m.sum().clamp_min(1.0)
         x = torch.zeros_like(m, requires_grad=True)
         (c,) = torch.autograd.grad(entry.aggregate(x, m, options, n_items), x)
     return c.detach()
@@ -131,12 +142,16 @@ class GRPOLoss(FusedLossModule):
 
     Forward:
         hidden: (B, T, H) last hidden states of prompt + sampled completion, or packed (N, H) with
-        ``cu_seqlens`` (S+1,); weight: (V, H); labels: (B, T) / (N,) shifted completion tokens,
+        ``cu_seqlens`` (S+1,) (a tensor, list or numpy array of ints); weight: (V, H); labels: (B, T) / (N,)
+        shifted completion tokens,
         ``ignore_index`` elsewhere (they define the mask); advantages: (S,) one per sequence, or per token
         shaped like ``labels``; old_logps, ref_logps, sampling_logps: optional per-token log-probs shaped like
         ``labels`` (``ref_logps`` required when beta != 0, ``sampling_logps`` with
         ``vllm_importance_sampling_mode``); importance_sampling_ratio: optional (S, 1) or shaped like
-        ``labels``; bias: optional (V,); num_items_in_batch: for dapo / cispo / vespo.
+        ``labels``; bias: optional (V,); num_items_in_batch: for dapo / cispo / vespo. Per-token inputs are
+        read at scored positions only (a per-token IS ratio counts as 1 elsewhere, as TRL's own ratio is).
+        Under ``torch.no_grad()`` / ``torch.inference_mode()`` the loss and metrics are computed (no
+        backward); a double backward (``create_graph=True``) raises a RuntimeError.
 
     Returns:
         :class:`dpo_fast.fused.FusedGRPOOutput`: ``loss`` differentiable w.r.t. hidden, weight and bias;
@@ -192,6 +207,8 @@ class GRPOLoss(FusedLossModule):
     @autocast_entry("hidden", "weight", "bias")
     def forward(self, hidden, weight, labels, advantages, old_logps=None, ref_logps=None, *, bias=None,
                 cu_seqlens=None, num_items_in_batch=None, sampling_logps=None, importance_sampling_ratio=None):
+        # a list / numpy array of boundaries becomes a tensor once, here; prepare() validates it
+        cu_seqlens = as_cu_seqlens(cu_seqlens, hidden.device if isinstance(hidden, Tensor) else None)
         p = self.prepare(hidden, weight, labels, bias, cu_seqlens)
         sc = p.sc
         S, dev = sc.num_seqs, sc.idx.device

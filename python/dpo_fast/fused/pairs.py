@@ -36,11 +36,20 @@ def pair_layout(pairs, S: int, device) -> tuple[Tensor, Tensor]:
         raise ValueError(f"pairs: expected shape (P, 2) with P >= 1 of (chosen, rejected) sequence indices, "
                          f"got {tuple(pairs.shape)}")
     p = pairs.to(device=device, dtype=torch.int64)
-    if bool(((p < 0) | (p >= S)).any()):
-        raise ValueError(f"pairs: expected sequence indices in [0, {S}), got values outside")
+    bad = (p < 0) | (p >= S)
+    if bool(bad.any()):
+        i, j = (int(x) for x in torch.nonzero(bad)[0])  # the first offending entry, row-major
+        raise ValueError(f"pairs: expected sequence indices in [0, {S}) (S = {S} sequences), got "
+                         f"pairs[{i}, {j}] = {int(p[i, j])}, which is outside [0, {S})")
     flat = p.reshape(-1)
     if torch.unique(flat).numel() != flat.numel():
-        raise ValueError("pairs: expected each sequence in at most one pair (a sequence index repeats)")
+        first = {}
+        for k, v in enumerate(flat.tolist()):
+            if v in first:
+                a, b = first[v]
+                raise ValueError(f"pairs: expected each sequence in at most one pair, got sequence {v} at "
+                                 f"pairs[{a}, {b}] and pairs[{k // 2}, {k % 2}]")
+            first[v] = (k // 2, k % 2)
     return p[:, 0].contiguous(), p[:, 1].contiguous()
 
 

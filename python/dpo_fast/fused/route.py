@@ -51,6 +51,7 @@ from ..distributed import active_shard, distributed_head
 from ..engine import (BACKENDS, Scored, TokenStats, acc_dtype, addmm_fp32_, get_workspace_bytes, linear_into,
                       make_rows, per_elem_bytes, prepare, scored_logprobs, segment_counts, segment_sum, tile,
                       tile_dtype)
+from ..engine.passes import forbid_double_backward
 
 Tensor = torch.Tensor
 
@@ -321,6 +322,7 @@ class FusedLogitsPass(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, *unused):
+        forbid_double_backward("fused loss module (DPOLoss, KTOLoss, GRPOLoss, ...; fused route)")
         if ctx.used:
             raise RuntimeError("fused loss: backward can run once per forward (no retain_graph)")
         ctx.used = True
