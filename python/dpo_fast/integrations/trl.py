@@ -48,6 +48,14 @@ except ImportError as e:  # pragma: no cover - exercised only without trl
 __all__ = ["FastDPOTrainer", "patch_trainer", "SUPPORTED_TRL", "UnsupportedTRLVersion", "check_trl_version"]
 
 
+def __getattr__(name: str) -> Any:
+    """The other trainers from here too (``from dpo_fast.integrations.trl import FastGRPOTrainer``), imported on
+    first use only (PEP 562): see :mod:`dpo_fast.integrations`."""
+    from . import _resolve
+
+    return _resolve(__name__, name)
+
+
 # loss types whose TRL formula uses label_smoothing (TRL's "sigmoid" does not, unlike dpo_fast's cDPO)
 _SMOOTHED = set(TRL_SMOOTHED)
 
