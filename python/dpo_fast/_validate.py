@@ -129,6 +129,9 @@ def check_engine_inputs(hidden, weight, labels, bias, cu_seqlens, ignore_index, 
                         cu_values: bool = True):
     """Validate engine inputs. Returns (S, T) where T is the padded row length (None when packed).
 
+    ``cu_values=False``: check ``cu_seqlens``' dtype and shape only; the caller validates its values
+    (:func:`dpo_fast.engine.prepare` does, on the copy its one host sync brings).
+
     ``cu_seqlens`` may be a tensor, a list of ints or a numpy integer array (see :func:`as_cu_seqlens`).
     """
     check_tensor("hidden", hidden, dims=(2, 3), floating=True)
@@ -142,9 +145,6 @@ def check_engine_inputs(hidden, weight, labels, bias, cu_seqlens, ignore_index, 
         check_tensor("bias", bias, dims=(1,), floating=True)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
-    ``cu_values=False``: check ``cu_seqlens``' dtype and shape only; the caller validates its values
-    (:func:`dpo_fast.engine.prepare` does, on the copy its one host sync brings).
-
     check_scalars(temperature, softcap)
     check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias, cu_seqlens=cu_seqlens)
     if weight.dtype != hidden.dtype:

@@ -65,10 +65,10 @@ class GRPOTask:
     num_items_in_batch: object
     want_stats: bool = False
     decomposable: bool = True
+    units_host: Tensor | None = None  # host copy of units (the route's plan)
 
     def matrices(self, v: Values, rows: Tensor, ids: Tensor) -> dict:
         """grpo_loss's (R, C) inputs for the tokens of ``v`` at rows ``rows`` (n,) of units ``ids`` (R,)."""
-    units_host: Tensor | None = None  # host copy of units (the route's plan)
         cols = self.col.index_select(0, v.tok)
         shape = (ids.numel(), self.num_cols)
         dev, dt = v.logp.device, v.logp.dtype

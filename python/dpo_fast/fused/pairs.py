@@ -53,15 +53,6 @@ def pair_layout(pairs, S: int, device) -> tuple[Tensor, Tensor]:
     return p[:, 0].contiguous(), p[:, 1].contiguous()
 
 
-def check_ld_alpha(ld_alpha) -> None:
-    if ld_alpha is not None and (isinstance(ld_alpha, bool) or not isinstance(ld_alpha, (int, float))
-                                 or not 0.0 <= ld_alpha <= 1.0):
-        raise ValueError(f"ld_alpha: expected None or a float in [0, 1], got {ld_alpha!r}")
-
-
-def ld_token_weights(sc: Scored, counts: Tensor, c_seq: Tensor, r_seq: Tensor, alpha: float) -> Tensor:
-    """(N,) LD-DPO token weights: 1 for a sequence's first min(|y_w|, |y_l|) scored tokens, α after."""
-    shared = torch.full((sc.num_seqs,), float("inf"), device=counts.device)
 def pair_units_host(pairs, S: int) -> Tensor | None:
     """(P, 2) int64 host copy of the pair layout when it is known without a device-to-host copy (TRL's
     layout, or ``pairs`` given on the CPU), for the fused route's plan; else None (the route copies it)."""
@@ -71,6 +62,15 @@ def pair_units_host(pairs, S: int) -> Tensor | None:
     return pairs.to(torch.int64) if pairs.device.type == "cpu" else None
 
 
+def check_ld_alpha(ld_alpha) -> None:
+    if ld_alpha is not None and (isinstance(ld_alpha, bool) or not isinstance(ld_alpha, (int, float))
+                                 or not 0.0 <= ld_alpha <= 1.0):
+        raise ValueError(f"ld_alpha: expected None or a float in [0, 1], got {ld_alpha!r}")
+
+
+def ld_token_weights(sc: Scored, counts: Tensor, c_seq: Tensor, r_seq: Tensor, alpha: float) -> Tensor:
+    """(N,) LD-DPO token weights: 1 for a sequence's first min(|y_w|, |y_l|) scored tokens, α after."""
+    shared = torch.full((sc.num_seqs,), float("inf"), device=counts.device)
     m = torch.minimum(counts[c_seq], counts[r_seq])
     shared[c_seq], shared[r_seq] = m, m
     start = torch.cumsum(counts, 0) - counts  # (S,) first scored token of each sequence

@@ -188,10 +188,10 @@ def plan_groups(counts: Tensor, units: Tensor, max_tokens: int, device, *, count
                 units_host: Tensor | None = None) -> list[Group] | None:
     """Greedy groups of consecutive units whose scored tokens number at most ``max_tokens``.
 
-    Args:
     The plan is made on the host from host counts; each group's index tensors are then built on ``device``
     from host-known sizes (``repeat_interleave`` with ``output_size``): no copy and no sync per group.
 
+    Args:
         counts: (S,) scored tokens per sequence, on the host (``Scored.host_counts``; a device tensor costs a
             copy). units: (U, k) int64 sequence indices on ``device``. counts_dev: ``counts`` on ``device``
             (``Scored.counts``; else one copy). units_host: a host copy of ``units`` when the caller knows it
