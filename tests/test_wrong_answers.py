@@ -356,10 +356,13 @@ def test_pack_pairs_counts_and_warns_about_truncation(backend, mode):
         b = dpo_fast.pack_pairs(prompts, chosen, rejected, max_tokens=8, mode=mode, backend=backend)
     assert len([r for r in rec if "pack_pairs" in str(r.message)]) == 1  # once per call, not per pair
     assert b.num_truncated == 1 and b.num_tokens == 8 + 8 + 4
-    with pytest.warns(UserWarning, match="2 of 3 pairs"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the policy named by the caller: counted, not warned about
         b = dpo_fast.pack_pairs(prompts, chosen, rejected, max_tokens=7, mode=mode, truncation="keep_end",
                                 backend=backend)
-    assert b.num_truncated == 2
+        assert b.num_truncated == 2
+        opts = dpo_fast.PackOptions(max_tokens=8, mode=mode)
+        assert dpo_fast.pack_pairs(prompts, chosen, rejected, options=opts, backend=backend).num_truncated == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing truncated: no warning
         b = dpo_fast.pack_pairs(prompts, chosen, rejected, max_tokens=20, mode=mode, backend=backend)

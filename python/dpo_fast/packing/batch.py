@@ -258,9 +258,11 @@ def pack_pairs(
             cut the prompt's start first (down to 1 token), then completions at their end as above
             (then, only if max_tokens < 4, the last prompt token). ``"error"``: raise ValueError.
             The rule depends on the pair alone, so both modes hold the same sequences. Truncation is
-            never silent: the batch's ``num_truncated`` counts the shortened pairs, and a call that
-            shortened any issues one ``UserWarning`` saying how many (silence it with
-            ``warnings.filterwarnings("ignore", message="pack_pairs: ")``).
+            never silent: the batch's ``num_truncated`` counts the shortened pairs, and when the policy
+            was left to its default (neither ``truncation`` nor ``options`` passed) a call that shortened
+            any issues one ``UserWarning`` saying how many. Naming the policy (``truncation=...`` or a
+            :class:`~dpo_fast.packing.PackOptions`, as :class:`~dpo_fast.packing.PairCollator` does) is
+            the explicit choice: no warning then, the count is still on the batch.
         pad_to_multiple_of: round the row length L up to a multiple of this (e.g. 8 for tensor
             cores, or ``max_tokens`` for a static row shape).
         vocab_size: when given, every id (and ``pad_token_id``) must be in ``[0, vocab_size)``.
@@ -298,6 +300,7 @@ def pack_pairs(
         >>> b.cu_seqlens, b.pairs
         (array([0, 4, 7], dtype=int32), array([[0, 1]]))
     """
+    implicit_truncation = options is None and truncation is None  # the default policy, not the caller's choice
     given = dict(max_tokens=max_tokens, mode=mode, pad_token_id=pad_token_id, truncation=truncation,
                  pad_to_multiple_of=pad_to_multiple_of, vocab_size=vocab_size)
     if options is None:
@@ -323,11 +326,12 @@ def pack_pairs(
         out = _native.pack_flat(values[0], offsets[0], values[1], offsets[1], values[2], offsets[2],
                                 **options.native())
     batch = PackedBatch(mode=options.mode, **out)
-    if batch.num_truncated:
+    if batch.num_truncated and implicit_truncation:
         warnings.warn(
             f"pack_pairs: {batch.num_truncated} of {batch.num_pairs} pairs were truncated to fit "
-            f"max_tokens={options.max_tokens} (truncation={options.truncation!r}); see batch.num_truncated. "
-            "Pass truncation='error' to raise instead, or a larger max_tokens", UserWarning, stacklevel=2)
+            f"max_tokens={options.max_tokens} (truncation={options.truncation!r}, the default); see "
+            "batch.num_truncated. Pass truncation='error' to raise instead, a larger max_tokens, or name the "
+            "truncation policy to silence this", UserWarning, stacklevel=2)
     return batch
 
 
