@@ -152,6 +152,6 @@ def test_prepare_gpu_run_prints_the_device_command():
     helptext = subprocess.run([sys.executable, str(ROOT / "benches" / "gpu_check.py"), "--help"], cwd=ROOT,
                               capture_output=True, text=True, timeout=120).stdout
     assert "--out" in flags and "--out" in helptext
+    assert {"--out", "--budget-s"} <= flags
     missing = sorted(f for f in flags if f not in helptext)
-    if missing:  # gpu_check.py is being rewritten with --budget-s; the test passes once that lands
-        pytest.xfail(f"benches/gpu_check.py does not accept {missing} yet")
+    assert not missing, f"benches/gpu_check.py does not accept {missing}: update scripts/prepare_gpu_run.sh"
