@@ -7,6 +7,9 @@ reference helper), so this package never imports the engine or the native extens
 Layout (one module per kind; the loss-type names live only in :mod:`.registry`):
 
 - :mod:`.registry` — one entry per loss type: function, properties, formula, paper; renders the tables.
+- :mod:`.options` — one frozen, validated, documented options dataclass per family (:class:`DPOOptions`,
+  :class:`CPOOptions`, :class:`ORPOOptions`, :class:`KTOOptions`, :class:`GRPOOptions`); the functions here
+  and the fused modules take either the dataclass (``options=``) or its fields as keywords.
 - :mod:`.inputs` — validation and normalisation of the inputs, shared by every family.
 - :mod:`.terms`, :mod:`.grpo_terms` — the elementwise terms the registry points at.
 - :mod:`.pairwise` — :func:`dpo_loss` (the pairwise losses, lists with weights, f-divergences, cDPO, WPO,
@@ -26,10 +29,12 @@ skips it). Formulas with their papers: docs/LOSSES.md.
 
 from __future__ import annotations
 
+from .options import (CPOOptions, DPOOptions, GRPOOptions, KTOOptions, OPTION_CLASSES, ORPOOptions, build_options,
+                      document_options, option_names, options_doc, takes_options)
 from .outputs import DPOOutput, GRPOOutput, UnpairedOutput
 from .pairwise import (PairwiseConfig, dpo_loss, is_pair_decomposable, make_pairwise_config, normalize_loss_types,
                        pair_loss_and_grads)
-from .policy_gradient import (GRPOOptions, GRPOTerms, grpo_loss, grpo_token_terms, high_entropy_mask,
+from .policy_gradient import (GRPOTerms, grpo_loss, grpo_token_terms, high_entropy_mask,
                               vllm_importance_sampling)
 from .reference_free import cpo_loss, orpo_loss
 from .registry import (BATCH_COUPLED, CPO_LOSS_TYPES, EPS_RANGES, F_DIVERGENCE_TYPES, GRPO_LOSS_TYPES, IS_LEVELS,
@@ -49,6 +54,17 @@ __all__ = [
     "BATCH_COUPLED",
     "EPS_RANGES",
     "TRL_SMOOTHED",
+    "DPOOptions",
+    "CPOOptions",
+    "ORPOOptions",
+    "KTOOptions",
+    "GRPOOptions",
+    "OPTION_CLASSES",
+    "build_options",
+    "takes_options",
+    "document_options",
+    "options_doc",
+    "option_names",
     "DPOOutput",
     "UnpairedOutput",
     "GRPOOutput",
@@ -67,7 +83,6 @@ __all__ = [
     "bco_loss",
     "BCORunningMean",
     "grpo_loss",
-    "GRPOOptions",
     "GRPOTerms",
     "grpo_token_terms",
     "high_entropy_mask",

@@ -8,79 +8,25 @@ Formulas and papers: docs/LOSSES.md and :mod:`.registry` (names match TRL's ``lo
 from __future__ import annotations
 
 import dataclasses
-import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from . import registry as R
-from .inputs import (PairInputs, as_vector, check_finite, check_positive, check_positive_int, check_range,
-                     compute_dtype, pair_inputs, scalar_or_vector)
+from .inputs import PairInputs, as_vector, check_positive_int, compute_dtype, pair_inputs, scalar_or_vector
+from .options import DPOOptions, PairwiseConfig, normalize_loss_types, takes_options
 from .outputs import DPOOutput, pair_metrics
 from .terms import PairBatch
 
 Tensor = torch.Tensor
 
-__all__ = ["PairwiseConfig", "make_pairwise_config", "normalize_loss_types", "dpo_loss", "pair_loss_and_grads",
+__all__ = ["DPOOptions", "PairwiseConfig", "make_pairwise_config", "normalize_loss_types", "dpo_loss", "pair_loss_and_grads",
            "is_pair_decomposable"]
 
 
 # ---------------------------------------------------------------------------------------------- options
-def normalize_loss_types(
-    loss_type: str | Sequence[str], loss_weights: Sequence[float] | None
-) -> tuple[list[str], list[float]]:
-    """``(types, weights)``: one validated registry name per entry, one finite weight each (default 1)."""
-    if isinstance(loss_type, str):
-        types = [loss_type]
-    elif isinstance(loss_type, Sequence):
-        types = list(loss_type)
-    else:
-        raise TypeError(f"loss_type must be a str or a list of str from {list(R.LOSS_TYPES)}; got {loss_type!r} "
-                        f"({type(loss_type).__name__})")
-    if not types:
-        raise ValueError(f"loss_type must be a name or a non-empty list of names from {list(R.LOSS_TYPES)}")
-    for lt in types:
-        R.pairwise(lt)
-    if loss_weights is None:
-        weights = [1.0] * len(types)
-    else:
-        weights = [float(w) for w in loss_weights]
-        if len(weights) != len(types):
-            raise ValueError(
-                f"loss_weights has {len(weights)} entries but loss_type has {len(types)} ({types}); "
-                "give one weight per loss type"
-            )
-        if not all(math.isfinite(w) for w in weights):
-            raise ValueError(f"loss_weights must be finite, got {weights}")
-    return types, weights
-
-
-@dataclass(frozen=True)
-class PairwiseConfig:
-    """Validated options of the pairwise losses (build with :func:`make_pairwise_config`)."""
-
-    types: tuple[str, ...]
-    weights: tuple[float, ...]
-    beta: float
-    eps: tuple[float, ...]  # label_smoothing of each loss type of the list
-    f_div: str
-    alpha: float
-    tau: float
-    reduction: str
-    use_weighting: bool
-
-    @property
-    def decomposable(self) -> bool:
-        """Whether the total loss is a sum of per-pair terms (see :func:`is_pair_decomposable`)."""
-        return not any(R.pairwise(lt).batch_coupled for lt in self.types)
-
-    @property
-    def needs_lengths(self) -> list[str]:
-        return [lt for lt in self.types if R.pairwise(lt).needs_lengths]
-
-
+# the options live in .options (DPOOptions, PairwiseConfig, normalize_loss_types): declared and validated once
 def make_pairwise_config(
     *,
     beta: float = 0.1,
@@ -94,47 +40,15 @@ def make_pairwise_config(
     use_weighting: bool = False,
     stacklevel: int = 2,
 ) -> PairwiseConfig:
-    """Validate the options of :func:`dpo_loss` once (the fused ``DPOLoss`` calls this at construction).
+    """The :class:`PairwiseConfig` of these options and ``reduction``: ``DPOOptions(...).config(reduction)``.
 
     Raises ``ValueError`` / ``TypeError`` naming the option, exactly as :func:`dpo_loss` would, and warns
-    when ``label_smoothing`` or ``f_divergence_type`` is set for a loss type that does not read it.
+    when ``label_smoothing`` or ``f_divergence_type`` is set for a loss type that does not read it (the warning
+    points at the first caller outside dpo_fast; ``stacklevel`` is accepted for compatibility and unused).
     """
-    types, weights = normalize_loss_types(loss_type, loss_weights)
-    beta = check_positive("beta", beta)
-    per_type = isinstance(label_smoothing, Sequence) and not isinstance(label_smoothing, str)
-    if per_type:
-        eps_list = [check_finite("label_smoothing", e) for e in label_smoothing]
-        if len(eps_list) != len(types):
-            raise ValueError(f"label_smoothing has {len(eps_list)} entries but loss_type has {len(types)} ({types}); "
-                             "give one value per loss type, or one float for all")
-    else:
-        eps_list = [check_finite("label_smoothing", label_smoothing)] * len(types)
-    for lt, eps in zip(types, eps_list):
-        entry = R.pairwise(lt)
-        if entry.eps_range is not None:
-            check_range("label_smoothing", eps, *entry.eps_range, hint=f" for loss_type={lt!r}{entry.eps_hint}")
-    ignored = [lt for lt, eps in zip(types, eps_list) if eps != 0.0 and R.pairwise(lt).eps_range is None]
-    if ignored and (per_type or all(R.pairwise(lt).eps_range is None for lt in types)):
-        warnings.warn(
-            f"label_smoothing is ignored by loss_type {ignored}; it applies to {sorted(R.EPS_RANGES)}",
-            stacklevel=stacklevel + 1,
-        )
-    if f_divergence_type != R.DEFAULT_F_DIVERGENCE:
-        plain = [lt for lt in types if not R.pairwise(lt).trl_accepts_f_divergence]
-        if plain:
-            warnings.warn(
-                f"f_divergence_type={f_divergence_type!r} is ignored by loss_type {plain}: they use the plain "
-                "log-ratios (TRL 1.16 rejects these combinations; the f-divergence reward only cancels in the "
-                f"chosen-rejected difference of {sorted(e.name for e in R.PAIRWISE if e.uses_f_divergence)})",
-                stacklevel=stacklevel + 1,
-            )
-    R.f_divergence(f_divergence_type)
-    alpha = check_finite("f_alpha_divergence_coef", f_alpha_divergence_coef)
-    tau = check_positive("discopop_tau", discopop_tau)
-    if reduction not in R.REDUCTIONS:
-        raise ValueError(f"reduction must be one of {list(R.REDUCTIONS)}, got {reduction!r}")
-    return PairwiseConfig(tuple(types), tuple(weights), beta, tuple(eps_list), f_divergence_type, alpha, tau, reduction,
-                          bool(use_weighting))
+    return DPOOptions(beta=beta, loss_type=loss_type, loss_weights=loss_weights, label_smoothing=label_smoothing,
+                      f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
+                      discopop_tau=discopop_tau, use_weighting=use_weighting).config(reduction)
 
 
 def is_pair_decomposable(loss_type: str | Sequence[str]) -> bool:
@@ -235,22 +149,16 @@ def _reduce(losses: Tensor, reduction: str, num_pairs: int | None = None) -> Ten
 
 
 # ---------------------------------------------------------------------------------------------- dpo_loss
+@takes_options(DPOOptions)
 def dpo_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
     ref_chosen_logps: Tensor | None = None,
     ref_rejected_logps: Tensor | None = None,
     *,
-    beta: float = 0.1,
-    loss_type: str | Sequence[str] = R.DEFAULT_LOSS_TYPE,
-    loss_weights: Sequence[float] | None = None,
-    label_smoothing: float | Sequence[float] = 0.0,
-    f_divergence_type: str = R.DEFAULT_F_DIVERGENCE,
-    f_alpha_divergence_coef: float = 0.5,
-    discopop_tau: float = 0.05,
+    options: DPOOptions | None = None,
     chosen_lengths: Tensor | Sequence[int] | None = None,
     rejected_lengths: Tensor | Sequence[int] | None = None,
-    use_weighting: bool = False,
     chosen_wpo_logweights: Tensor | None = None,
     rejected_wpo_logweights: Tensor | None = None,
     sft_nll: Tensor | float | None = None,
@@ -278,26 +186,11 @@ def dpo_loss(
         policy_rejected_logps: (P,) ℓ_l, same for the rejected completions.
         ref_chosen_logps, ref_rejected_logps: (P,) the same under the reference model; ``None`` for both means
             reference-free (zeros). Gradients flow into them if they require grad.
-        beta: β > 0 (for ipo: the τ of the IPO paper).
-        loss_type: a name from :data:`LOSS_TYPES`, or a list of names combined with ``loss_weights`` (MPO).
-        loss_weights: one finite weight per entry of ``loss_type`` (default all 1).
-        label_smoothing: ε, in the range the registry gives each loss type: sigmoid / aot / aot_unpaired
-            [0, 0.5]; robust [0, 0.5); exo_pair (0, 0.5] (1e-3 typical). Other loss types ignore it (with a
-            warning). A list gives one ε per entry of ``loss_type`` (TRL's trainer path passes 0 for sigmoid,
-            whose TRL formula has no ε, and the config's ε for the others).
-        f_divergence_type: ``reverse_kl`` (s = r), ``forward_kl`` (s = 1 − e^{−r}), ``js_divergence``
-            (s = log 2 + log σ(r)) or ``alpha_divergence`` (s = (e^{(α−1)r} − 1)/(α−1), (α−1)r clamped at 80
-            before the exponential as in TRL). Only the loss types whose formula is written with s or Δ use
-            it; nca_pair, bco_pair, sppo_hard, apo_*, aot* use the plain log-ratios r (as TRL's code does;
-            TRL rejects those combinations, dpo_fast warns).
-        f_alpha_divergence_coef: α for ``alpha_divergence`` (default 0.5); |α − 1| < 1e-6 is reverse-KL.
-        discopop_tau: τ > 0 of DiscoPOP (0.05).
+        {OPTIONS}
         chosen_lengths, rejected_lengths: (P,) number of scored completion tokens |y| per sequence: finite
             whole numbers ≥ 0 (ints, or floats holding whole numbers; anything else is a ``ValueError``).
             Required by ipo and sigmoid_norm, by sft when ``sft_nll`` is not given, and used to token-weight
             ``logits/*`` metrics. |y| = 0 counts as 1.
-        use_weighting: WPO (Zhou et al. 2024): multiply pair i's loss by the detached
-            :math:`W_i = \exp(\text{chosen\_wpo\_logweights}_i + \text{rejected\_wpo\_logweights}_i)`.
         chosen_wpo_logweights, rejected_wpo_logweights: (P,) per-sequence
             mean_t[log p_t − (lse(2 z_t) − 2 lse(z_t))], computed by the engine (or
             :func:`wpo_logweights_from_logits`). Required when ``use_weighting``.
@@ -336,10 +229,7 @@ def dpo_loss(
         ...          chosen_lengths=torch.tensor([7, 9])).loss.shape
         torch.Size([])
     """
-    cfg = make_pairwise_config(
-        beta=beta, loss_type=loss_type, loss_weights=loss_weights, label_smoothing=label_smoothing,
-        f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
-        discopop_tau=discopop_tau, reduction=reduction, use_weighting=use_weighting, stacklevel=3)
+    cfg = options.config(reduction)
     x = pair_inputs(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
                     chosen_lengths, rejected_lengths, check_lengths)
     e = _extras(cfg, x, chosen_lengths, rejected_lengths, chosen_wpo_logweights, rejected_wpo_logweights, sft_nll,
@@ -359,24 +249,18 @@ dpo_loss.__doc__ = dpo_loss.__doc__.replace("{LOSS_TABLE}", R.render_rst_table()
 
 
 # ---------------------------------------------------------------------------------------------- fused helper
+@takes_options(DPOOptions)
 def pair_loss_and_grads(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
     ref_chosen_logps: Tensor | None = None,
     ref_rejected_logps: Tensor | None = None,
     *,
+    options: DPOOptions | None = None,
     num_pairs: int | None = None,
     num_chosen_tokens: int | float | Tensor | None = None,
-    beta: float = 0.1,
-    loss_type: str | Sequence[str] = R.DEFAULT_LOSS_TYPE,
-    loss_weights: Sequence[float] | None = None,
-    label_smoothing: float | Sequence[float] = 0.0,
-    f_divergence_type: str = R.DEFAULT_F_DIVERGENCE,
-    f_alpha_divergence_coef: float = 0.5,
-    discopop_tau: float = 0.05,
     chosen_lengths: Tensor | Sequence[int] | None = None,
     rejected_lengths: Tensor | Sequence[int] | None = None,
-    use_weighting: bool = False,
     chosen_wpo_logweights: Tensor | None = None,
     rejected_wpo_logweights: Tensor | None = None,
     sft_nll: Tensor | float | None = None,
@@ -386,7 +270,7 @@ def pair_loss_and_grads(
 ) -> tuple[Tensor, ...]:
     r"""Per-pair losses and dL/dℓ of the total loss, for a fused kernel that forms gradients in its forward.
 
-    Same options and validation as :func:`dpo_loss`. Works under ``torch.no_grad()`` and never builds a
+    Same options (a :class:`DPOOptions` or its keywords) and validation as :func:`dpo_loss`. Works under ``torch.no_grad()`` and never builds a
     graph into its inputs (everything is detached); the derivatives come from autograd on (P,) vectors.
 
     Args:
@@ -412,10 +296,7 @@ def pair_loss_and_grads(
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum' for pair_loss_and_grads, got {reduction!r}")
-    cfg = make_pairwise_config(
-        beta=beta, loss_type=loss_type, loss_weights=loss_weights, label_smoothing=label_smoothing,
-        f_divergence_type=f_divergence_type, f_alpha_divergence_coef=f_alpha_divergence_coef,
-        discopop_tau=discopop_tau, reduction=reduction, use_weighting=use_weighting, stacklevel=3)
+    cfg = options.config(reduction)
     det = [None if t is None else t.detach() for t in (ref_chosen_logps, ref_rejected_logps)]
     as_vector("policy_chosen_logps", policy_chosen_logps)
     as_vector("policy_rejected_logps", policy_rejected_logps)

@@ -1,6 +1,7 @@
 """GRPO-family policy-gradient losses on per-token log-probs: every TRL 1.16 ``GRPOConfig.loss_type``.
 
-- :class:`GRPOOptions` — the validated options (build once, e.g. at a module's construction).
+- :class:`GRPOOptions` (declared in :mod:`.options`) — the validated options (build once, e.g. at a module's
+  construction).
 - :func:`grpo_token_terms` — the per-token core: ratios, policy term, masks, sampler IS correction, KL.
   The fused ``GRPOLoss`` and the GRPO trainer call it on their own (B, T) log-probs.
 - :func:`grpo_loss` — the whole loss: the core, the loss type's aggregation, the entropy bonus and TRL's
@@ -13,7 +14,6 @@ Formulas: docs/LOSSES.md (TRL 1.16's ``GRPOTrainer._compute_loss`` is the test o
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -21,122 +21,14 @@ import torch
 
 from . import registry as R
 from .grpo_terms import PolicyTerm, TokenTermInputs
-from .inputs import check_finite, check_positive, check_positive_int, compute_dtype
+from .inputs import compute_dtype
+from .options import GRPOOptions, takes_options
 from .outputs import GRPOOutput, sync_metrics
 
 Tensor = torch.Tensor
 
 __all__ = ["GRPOOptions", "GRPOTerms", "grpo_token_terms", "grpo_loss", "vllm_importance_sampling",
            "high_entropy_mask"]
-
-
-def _opt_finite(name: str, v: float | None) -> float | None:
-    return None if v is None else check_finite(name, v)
-
-
-@dataclass(frozen=True)
-class GRPOOptions:
-    """Validated options of :func:`grpo_loss` (names and meanings as in TRL 1.16's ``GRPOConfig``).
-
-    Attributes:
-        loss_type: one of :data:`GRPO_LOSS_TYPES` (grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, vespo).
-            dpo_fast's default is ``grpo``; TRL's is ``dapo``.
-        beta: KL coefficient β ≥ 0.
-        epsilon_low, epsilon_high: clip range (1 − ε_low, 1 + ε_high); ``epsilon_high`` defaults to
-            ``epsilon_low`` (TRL's ``epsilon`` / ``epsilon_high``). For cispo ε_high is the cap on ρ itself.
-        delta: two-sided clipping (INTELLECT-2): ρ is also capped at δ in the unclipped branch; ``None`` = off.
-        importance_sampling_level: ``token`` (ρ per token) or ``sequence`` (GSPO: exp of the masked mean
-            log-ratio, one ρ per sequence).
-        max_completion_length: dr_grpo's constant (default T of the inputs).
-        sapo_temperature_pos, sapo_temperature_neg: SAPO's τ for A > 0 and A ≤ 0.
-        vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's Gamma-weight shape.
-        top_entropy_quantile: ρ ∈ [0, 1] of *Beyond the 80/20 rule*: keep the policy term only on the tokens
-            whose entropy is ≥ the (1 − ρ) quantile of the batch's completion-token entropies (1 = all).
-        entropy_coef: entropy bonus: loss − coef · mean entropy over the kept tokens (TRL's static
-            coefficient; the adaptive controller is trainer state and stays in the trainer).
-        use_bias_correction_kl: multiply the per-token KL by ρ (DeepSeek-V3.2). TRL's default is ``True``;
-            dpo_fast's is ``False`` (its first release's behaviour) — the TRL trainer path passes TRL's value.
-        off_policy_mask_threshold: DeepSeek-V3.2's off-policy sequence mask: drop sequences with A < 0 whose
-            mean KL(π_sampler ‖ π) over the completion exceeds this; ``None`` = off.
-        vllm_importance_sampling_mode: compute the sampler IS ratio from ``sampling_logps``: ``token_truncate``,
-            ``token_mask``, ``sequence_truncate`` or ``sequence_mask``; ``None`` = no correction unless an
-            ``importance_sampling_ratio`` is passed.
-        vllm_importance_sampling_clip_min, vllm_importance_sampling_clip_max: the ratio's bounds [C_min, C_max]
-            (TRL's defaults: None and 3.0).
-    """
-
-    loss_type: str = R.DEFAULT_GRPO_LOSS_TYPE
-    beta: float = 0.0
-    epsilon_low: float = 0.2
-    epsilon_high: float | None = None
-    delta: float | None = None
-    importance_sampling_level: str = R.DEFAULT_IS_LEVEL
-    max_completion_length: int | None = None
-    sapo_temperature_pos: float = 1.0
-    sapo_temperature_neg: float = 1.05
-    vespo_k_pos: float = 2.0
-    vespo_lambda_pos: float = 3.0
-    vespo_k_neg: float = 3.0
-    vespo_lambda_neg: float = 2.0
-    top_entropy_quantile: float = 1.0
-    entropy_coef: float = 0.0
-    use_bias_correction_kl: bool = False
-    off_policy_mask_threshold: float | None = None
-    vllm_importance_sampling_mode: str | None = None
-    vllm_importance_sampling_clip_min: float | None = None
-    vllm_importance_sampling_clip_max: float | None = 3.0
-
-    def __post_init__(self) -> None:
-        entry = R.grpo_entry(self.loss_type)
-        R.check_name("importance_sampling_level", self.importance_sampling_level, R.IS_LEVELS)
-        beta = check_finite("beta", self.beta)
-        if beta < 0:
-            raise ValueError(f"beta must be >= 0, got {beta}")
-        e_lo = check_finite("epsilon_low", self.epsilon_low)
-        e_hi = e_lo if self.epsilon_high is None else check_finite("epsilon_high", self.epsilon_high)
-        if not 0.0 <= e_lo < 1.0:
-            raise ValueError(f"epsilon_low must lie in [0, 1), got {e_lo}")
-        if e_hi < 0.0:
-            raise ValueError(f"epsilon_high must be >= 0, got {e_hi}")
-        if self.delta is not None:
-            check_positive("delta", self.delta)
-        if self.max_completion_length is not None:
-            check_positive_int("max_completion_length", self.max_completion_length)
-        check_positive("sapo_temperature_pos", self.sapo_temperature_pos)
-        check_positive("sapo_temperature_neg", self.sapo_temperature_neg)
-        for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg", "entropy_coef"):
-            check_finite(name, getattr(self, name))
-        q = check_finite("top_entropy_quantile", self.top_entropy_quantile)
-        if not 0.0 <= q <= 1.0:
-            raise ValueError(f"top_entropy_quantile must lie in [0, 1], got {q}")
-        _opt_finite("off_policy_mask_threshold", self.off_policy_mask_threshold)
-        lo = _opt_finite("vllm_importance_sampling_clip_min", self.vllm_importance_sampling_clip_min)
-        hi = _opt_finite("vllm_importance_sampling_clip_max", self.vllm_importance_sampling_clip_max)
-        mode = self.vllm_importance_sampling_mode
-        if mode is not None:
-            R.check_name("vllm_importance_sampling_mode", mode, R.VLLM_IS_MODES)
-            if lo is not None and hi is not None and lo >= hi:
-                raise ValueError(f"vllm_importance_sampling_clip_min ({lo}) must be less than "
-                                 f"vllm_importance_sampling_clip_max ({hi})")
-            if mode in R.VLLM_IS_TRUNCATE_MODES and lo is None and hi is None:
-                raise ValueError("vllm_importance_sampling_mode: a *_truncate mode needs "
-                                 "vllm_importance_sampling_clip_min or vllm_importance_sampling_clip_max")
-            if entry.folds_is_ratio and mode in R.VLLM_IS_SEQUENCE_MODES:
-                raise ValueError(f"loss_type {self.loss_type!r} needs a token-level vllm_importance_sampling_mode "
-                                 f"({sorted(set(R.VLLM_IS_MODES) - R.VLLM_IS_SEQUENCE_MODES)}), got {mode!r}")
-        object.__setattr__(self, "beta", beta)
-        object.__setattr__(self, "epsilon_low", e_lo)
-        object.__setattr__(self, "epsilon_high", e_hi)
-        object.__setattr__(self, "use_bias_correction_kl", bool(self.use_bias_correction_kl))
-
-    @property
-    def entry(self) -> R.GRPOLossType:
-        """The registry entry of ``loss_type``."""
-        return R.grpo_entry(self.loss_type)
-
-    def as_kwargs(self) -> dict[str, object]:
-        """The options as keyword arguments of :func:`grpo_loss`."""
-        return dataclasses.asdict(self)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -330,6 +222,7 @@ def grpo_token_terms(
 
 
 # ---------------------------------------------------------------------------------------------- grpo_loss
+@takes_options(GRPOOptions)
 def grpo_loss(
     logps: Tensor,
     advantages: Tensor,
@@ -337,27 +230,8 @@ def grpo_loss(
     old_logps: Tensor | None = None,
     ref_logps: Tensor | None = None,
     *,
-    beta: float = 0.0,
-    epsilon_low: float = 0.2,
-    epsilon_high: float | None = None,
-    importance_sampling_level: str = R.DEFAULT_IS_LEVEL,
-    loss_type: str = R.DEFAULT_GRPO_LOSS_TYPE,
-    max_completion_length: int | None = None,
+    options: GRPOOptions | None = None,
     num_items_in_batch: int | float | Tensor | None = None,
-    delta: float | None = None,
-    sapo_temperature_pos: float = 1.0,
-    sapo_temperature_neg: float = 1.05,
-    vespo_k_pos: float = 2.0,
-    vespo_lambda_pos: float = 3.0,
-    vespo_k_neg: float = 3.0,
-    vespo_lambda_neg: float = 2.0,
-    top_entropy_quantile: float = 1.0,
-    entropy_coef: float = 0.0,
-    use_bias_correction_kl: bool = False,
-    off_policy_mask_threshold: float | None = None,
-    vllm_importance_sampling_mode: str | None = None,
-    vllm_importance_sampling_clip_min: float | None = None,
-    vllm_importance_sampling_clip_max: float | None = 3.0,
     entropies: Tensor | None = None,
     sampling_logps: Tensor | None = None,
     importance_sampling_ratio: Tensor | None = None,
@@ -392,9 +266,7 @@ def grpo_loss(
         old_logps: (B, T) log-probs under the sampling-time policy; ``None`` = ``logps.detach()`` (one update
             per generation: ρ = 1 in value, gradient A·∇log π).
         ref_logps: (B, T) reference log-probs; required when β ≠ 0.
-        beta, epsilon_low, epsilon_high, importance_sampling_level, loss_type, max_completion_length, delta,
-            sapo_*, vespo_*, top_entropy_quantile, entropy_coef, use_bias_correction_kl,
-            off_policy_mask_threshold, vllm_importance_sampling_*: see :class:`GRPOOptions`.
+        {OPTIONS}
         num_items_in_batch: for dapo / cispo / vespo: completion tokens across the whole (accumulated,
             all-process) batch; default ``mask.sum()``.
         entropies: (B, T) per-token entropies of the policy; needed by ``top_entropy_quantile`` < 1 and
@@ -423,16 +295,7 @@ def grpo_loss(
         >>> out = grpo_loss(lp, torch.tensor([1.0, -1.0]), torch.ones(2, 4), loss_type="dapo")
         >>> out.loss.backward()
     """
-    o = GRPOOptions(
-        loss_type=loss_type, beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
-        importance_sampling_level=importance_sampling_level, max_completion_length=max_completion_length,
-        sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
-        vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
-        vespo_lambda_neg=vespo_lambda_neg, top_entropy_quantile=top_entropy_quantile, entropy_coef=entropy_coef,
-        use_bias_correction_kl=use_bias_correction_kl, off_policy_mask_threshold=off_policy_mask_threshold,
-        vllm_importance_sampling_mode=vllm_importance_sampling_mode,
-        vllm_importance_sampling_clip_min=vllm_importance_sampling_clip_min,
-        vllm_importance_sampling_clip_max=vllm_importance_sampling_clip_max)
+    o = options
     t = grpo_token_terms(logps, advantages, mask, old_logps, ref_logps, options=o, entropies=entropies,
                          sampling_logps=sampling_logps, importance_sampling_ratio=importance_sampling_ratio)
     m = t.inputs.mask

@@ -11,17 +11,14 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from . import registry as R
-from .inputs import check_finite, check_positive, check_range, pair_inputs, scalar_or_vector
+from .inputs import pair_inputs, scalar_or_vector
+from .options import CPO_EPS_RANGE, CPOOptions, ORPOOptions, takes_options
 from .outputs import DPOOutput, pair_metrics
 from .terms import log1mexp
 
 Tensor = torch.Tensor
 
-__all__ = ["cpo_loss", "orpo_loss", "derived_nll"]
-
-#: label_smoothing range of the smoothed CPO losses (sigmoid, simpo)
-CPO_EPS_RANGE = (0.0, True, 0.5, True)
+__all__ = ["CPOOptions", "ORPOOptions", "cpo_loss", "orpo_loss", "derived_nll", "CPO_EPS_RANGE"]
 
 
 def derived_nll(name: str, nll: Tensor | float | None, lw: Tensor, len_w: Tensor | None, P: int) -> Tensor:
@@ -36,16 +33,12 @@ def derived_nll(name: str, nll: Tensor | float | None, lw: Tensor, len_w: Tensor
     return -lw * (P / len_w.sum())
 
 
+@takes_options(CPOOptions)
 def cpo_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
     *,
-    beta: float = 0.1,
-    loss_type: str = R.DEFAULT_CPO_LOSS_TYPE,
-    label_smoothing: float = 0.0,
-    simpo_gamma: float = 0.5,
-    cpo_alpha: float = 1.0,
-    alpha: float = 0.0,
+    options: CPOOptions | None = None,
     chosen_lengths: Tensor | Sequence[int] | None = None,
     rejected_lengths: Tensor | Sequence[int] | None = None,
     chosen_nll: Tensor | float | None = None,
@@ -74,12 +67,7 @@ def cpo_loss(
 
     Args:
         policy_chosen_logps, policy_rejected_logps: (P,) *summed* log-probs of the completions.
-        beta: β > 0.
-        loss_type: ``sigmoid`` | ``hinge`` | ``ipo`` | ``simpo``.
-        label_smoothing: ε ∈ [0, 0.5] for sigmoid / simpo.
-        simpo_gamma: γ, SimPO's target margin (0.5).
-        cpo_alpha: weight of the chosen NLL (1.0 as in CPO; 0 disables it).
-        alpha: AlphaPO reward-shape α (0 = log-prob reward).
+        {OPTIONS}
         chosen_lengths, rejected_lengths: (P,) scored-token counts (finite whole numbers ≥ 0); required for
             ipo / simpo, and chosen_lengths for the NLL when ``chosen_nll`` is not given.
         chosen_nll: scalar or (P,) token-mean NLL of the chosen completions; default derived as
@@ -103,14 +91,9 @@ def cpo_loss(
         >>> out = cpo_loss(pc, pr, loss_type="simpo", beta=2.0, cpo_alpha=0.0,
         ...                chosen_lengths=n, rejected_lengths=n)
     """
-    entry = R.cpo_entry(loss_type)
-    beta = check_positive("beta", beta)
-    eps = check_finite("label_smoothing", label_smoothing)
-    if entry.uses_label_smoothing:
-        check_range("label_smoothing", eps, *CPO_EPS_RANGE, hint=f" for loss_type={loss_type!r}")
-    gamma = check_finite("simpo_gamma", simpo_gamma)
-    cpo_alpha = check_finite("cpo_alpha", cpo_alpha)
-    alpha = check_finite("alpha", alpha)
+    o = options
+    entry, loss_type = o.entry, o.loss_type
+    beta, eps, gamma, cpo_alpha, alpha = o.beta, o.label_smoothing, o.simpo_gamma, o.cpo_alpha, o.alpha
     x = pair_inputs(policy_chosen_logps, policy_rejected_logps, None, None, chosen_lengths, rejected_lengths,
                     check_lengths)
     P = x.lw.shape[0]
@@ -145,13 +128,14 @@ def cpo_loss(
 
 
 # ================================================================================================ ORPO
+@takes_options(ORPOOptions)
 def orpo_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
     *,
+    options: ORPOOptions | None = None,
     chosen_lengths: Tensor | Sequence[int],
     rejected_lengths: Tensor | Sequence[int],
-    beta: float = 0.1,
     chosen_nll: Tensor | float | None = None,
     chosen_logits_mean: Tensor | float | None = None,
     rejected_logits_mean: Tensor | float | None = None,
@@ -172,8 +156,8 @@ def orpo_loss(
 
     Args:
         policy_chosen_logps, policy_rejected_logps: (P,) summed log-probs.
+        {OPTIONS}
         chosen_lengths, rejected_lengths: (P,) scored-token counts, finite whole numbers ≥ 0 (required).
-        beta: β > 0 (ORPO's λ).
         chosen_nll: scalar or (P,) token-mean NLL of the chosen completions; default
             :math:`-\sum\ell_w/\sum|y_w|` (TRL's).
         chosen_logits_mean, rejected_logits_mean: optional, for ``logits/*`` metrics.
@@ -194,7 +178,7 @@ def orpo_loss(
         >>> out = orpo_loss(torch.tensor([-5.0]), torch.tensor([-9.0]), chosen_lengths=[5],
         ...                 rejected_lengths=[6], beta=0.1)
     """
-    beta = check_positive("beta", beta)
+    beta = options.beta
     if chosen_lengths is None or rejected_lengths is None:
         raise ValueError("orpo_loss length-averages the log-probs: pass chosen_lengths and rejected_lengths")
     x = pair_inputs(policy_chosen_logps, policy_rejected_logps, None, None, chosen_lengths, rejected_lengths,

@@ -6,13 +6,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import registry as R
-from .inputs import as_vector, check_finite, check_positive, compute_dtype
+from .inputs import as_vector, check_positive, compute_dtype
+from .options import KTOOptions, takes_options
 from .outputs import UnpairedOutput
 
 Tensor = torch.Tensor
 
-__all__ = ["kto_loss", "bco_loss", "BCORunningMean", "unpaired_inputs", "unpaired_metrics"]
+__all__ = ["KTOOptions", "kto_loss", "bco_loss", "BCORunningMean", "unpaired_inputs", "unpaired_metrics"]
 
 
 def unpaired_inputs(
@@ -55,6 +55,7 @@ def unpaired_metrics(rewards: Tensor, lp: Tensor, des: Tensor, baseline: Tensor,
     return out
 
 
+@takes_options(KTOOptions)
 def kto_loss(
     policy_logps: Tensor,
     ref_logps: Tensor | None,
@@ -62,11 +63,8 @@ def kto_loss(
     policy_kl_logps: Tensor | None = None,
     ref_kl_logps: Tensor | None = None,
     *,
-    beta: float = 0.1,
-    desirable_weight: float = 1.0,
-    undesirable_weight: float = 1.0,
+    options: KTOOptions | None = None,
     kl: Tensor | float | None = None,
-    loss_type: str = R.DEFAULT_KTO_LOSS_TYPE,
     compute_metrics: bool = True,
 ) -> UnpairedOutput:
     r"""KTO: Kahneman–Tversky optimisation on unpaired thumbs-up / thumbs-down examples.
@@ -89,11 +87,9 @@ def kto_loss(
         desirable: (N,) bool, True for desirable (chosen) examples.
         policy_kl_logps, ref_kl_logps: (M,) log-probs of the mismatched (prompt, completion) pairs; give both
             to estimate z, or neither (z = 0 unless ``kl`` is given).
-        beta: β > 0.
-        desirable_weight, undesirable_weight: λ_D, λ_U ≥ 0.
+        {OPTIONS}
         kl: the reference point z given directly (e.g. already all-reduced across processes); it is
             clamped at 0 and detached. Overrides the KL log-probs.
-        loss_type: ``kto`` (default) or ``apo_zero_unpaired`` (TRL 1.16's ``KTOConfig.loss_type``).
         compute_metrics: fill ``metrics`` (one host sync).
 
     Shape:
@@ -111,11 +107,8 @@ def kto_loss(
         ...                torch.tensor([-14.0, -13.0, -15.0]), torch.tensor([-14.5, -13.0, -15.5]))
         >>> out.loss.backward()
     """
-    entry = R.kto_entry(loss_type)
-    beta = check_positive("beta", beta)
-    for name, w in (("desirable_weight", desirable_weight), ("undesirable_weight", undesirable_weight)):
-        if check_finite(name, w) < 0:
-            raise ValueError(f"{name} must be >= 0, got {w}")
+    o = options
+    entry, beta, desirable_weight, undesirable_weight = o.entry, o.beta, o.desirable_weight, o.undesirable_weight
     lp, lr, des = unpaired_inputs(policy_logps, ref_logps, desirable)
     if kl is not None:
         z = kl if isinstance(kl, Tensor) else torch.tensor(float(kl), dtype=torch.float64)
