@@ -37,6 +37,11 @@ def info() -> int:
     else:
         print("GPU          none visible (backend 'auto' uses the torch backend)")
     print(f"workspace    {dpo_fast.get_workspace_bytes('cuda' if torch.cuda.is_available() else 'cpu')} bytes")
+    from dpo_fast.engine import gemm_path  # which fp32-output GEMM path 16-bit inputs take here
+
+    for dt in (torch.bfloat16, torch.float16):
+        p = gemm_path("cuda" if torch.cuda.is_available() else "cpu", dt)
+        print(f"GEMM {str(dt)[6:]:8s} {p['fp32 logits']} (fp32 logits), {p['fp32 accumulate']} (fp32 accumulate)")
     return 0
 
 

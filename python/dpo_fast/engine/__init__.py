@@ -6,7 +6,8 @@ Modules (each name below is importable from ``dpo_fast.engine``):
   tile precision (``get_exact_logits``, ``set_exact_logits``).
 - :mod:`.scored` — ``Scored``, ``prepare``, ``scored_positions``: which positions enter the GEMMs.
 - :mod:`.segments` — ``segment_sum``: deterministic per-sequence sums; ``segment_counts``, ``segment_starts``.
-- :mod:`.tiles` — ``linear_into``, ``tile``, ``tile_dtype``, ``per_elem_bytes``, ``matmul``, ``addmm_fp32_``.
+- :mod:`.tiles` — ``linear_into``, ``tile``, ``tile_dtype``, ``tile_rows``, ``per_elem_bytes``, ``matmul``,
+  ``addmm_fp32_``, ``gemm_path`` (which GEMM path 16-bit inputs take: for ``dpo-fast info`` and benches).
 - :mod:`.rows` — the ``RowOps`` interface, ``RowResult`` / ``TokenStats`` records, ``TorchRows``,
   ``TritonRows``, ``make_rows``, ``resolve_backend``, ``acc_dtype``.
 - :mod:`.passes` — ``forward_tokens``, ``backward_tokens``, ``scored_logprobs`` and the autograd Functions.
@@ -20,13 +21,14 @@ from .rows import (BACKENDS, STAT_KEYS, RowOps, RowResult, TokenStats, TorchRows
                    make_rows, resolve_backend)
 from .scored import Scored, prepare, scored_positions
 from .segments import segment_counts, segment_starts, segment_sum
-from .tiles import addmm_fp32_, epilogue_probe_results, linear_into, matmul, per_elem_bytes, tile, tile_dtype
+from .tiles import (addmm_fp32_, epilogue_probe_results, gemm_path, linear_into, matmul, per_elem_bytes, tile,
+                    tile_dtype, tile_rows)
 from .workspace import get_exact_logits, get_workspace_bytes, set_exact_logits, set_workspace_bytes
 
 __all__ = [
     "BACKENDS", "STAT_KEYS", "LinearLabelLogprobs", "LogitsLabelLogprobs", "RowOps", "RowResult", "Scored",
     "TokenStats", "TorchRows", "TritonRows", "acc_dtype", "addmm_fp32_", "backward_tokens",
-    "epilogue_probe_results", "forward_tokens", "get_exact_logits", "get_workspace_bytes", "linear_into",
+    "epilogue_probe_results", "forward_tokens", "gemm_path", "get_exact_logits", "get_workspace_bytes", "linear_into",
     "make_rows", "matmul", "per_elem_bytes", "prepare", "resolve_backend", "scored_logprobs", "scored_positions",
-    "segment_counts", "segment_starts", "segment_sum", "set_exact_logits", "set_workspace_bytes", "tile", "tile_dtype",
+    "segment_counts", "segment_starts", "segment_sum", "set_exact_logits", "set_workspace_bytes", "tile", "tile_dtype", "tile_rows",
 ]

@@ -24,7 +24,7 @@ import torch
 from . import workspace
 from .rows import RowOps, RowResult, TokenStats, acc_dtype, make_rows
 from .scored import Scored
-from .tiles import addmm_fp32_, linear_into, matmul, per_elem_bytes, tile, tile_dtype
+from .tiles import addmm_fp32_, linear_into, matmul, per_elem_bytes, tile, tile_dtype, tile_rows
 from ..distributed.state import active_shard
 
 
@@ -53,7 +53,7 @@ def forward_tokens(hidden2, weight, bias, idx, labels_s, rows: RowOps, budget: i
     if N == 0:
         return RowResult(logp, lse, st)
     tile_dt = tile_dtype(hidden2.dtype) if tile_dt is None else tile_dt
-    chunk = max(1, min(N, budget // (V * per_elem_bytes(rows, hidden2.dtype))))
+    chunk = tile_rows(budget // (V * per_elem_bytes(rows, hidden2.dtype, tile_dt=tile_dt)), N)
     buf = torch.empty(chunk * V, dtype=tile_dt, device=dev)
     for s in range(0, N, chunk):
         e = min(N, s + chunk)
@@ -83,64 +83,67 @@ def backward_tokens(g, hidden2, weight, bias, idx, labels_s, lse, rows: RowOps, 
     acc = acc_dtype(dt)
     db_acc = torch.zeros(V, dtype=acc, device=dev) if need_db else None
     tile_dt = tile_dtype(dt) if tile_dt is None else tile_dt
-    per = per_elem_bytes(rows, dt, grad=True)
+    per = per_elem_bytes(rows, dt, grad=True, tile_dt=tile_dt)  # the forward's tile dtype, not today's knob
     min_cols = min(V, 1024)
-    tok_chunk = min(N, max(1, budget // (min_cols * per)))
-    # every dW row is written by exactly one GEMM when all tokens fit one chunk: no zero-fill needed
-    if need_dw:
-        dw_out = (torch.empty_like if 0 < N == tok_chunk else torch.zeros_like)(
-            weight, memory_format=torch.contiguous_format)
-    else:
-        dw_out = None
+    tok_chunk = tile_rows(budget // (min_cols * per), N)
+    # dW with 16-bit weights and split tokens: each slice accumulates over the token chunks in an fp32
+    # (cols, H) buffer that the budget counts (4H bytes per column), never an fp32 V x H one
+    dw_slice_fp32 = need_dw and tok_chunk < N and dt != acc
+    col_extra = H * 4 if dw_slice_fp32 else 0
+    if dw_slice_fp32:
+        tok_chunk = tile_rows(max(1, (budget // min_cols - col_extra) // per), N)
+    dw_out = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_dw else None
+    if need_dw and N == 0:
+        dw_out.zero_()
     if N == 0 or not (need_dh or need_dw or need_db):
         return dh_out, dw_out, None if db_acc is None else db_acc.to(bias.dtype)
-    cols = min(V, max(1, budget // (tok_chunk * per)))
+    cols = min(V, max(1, budget // (tok_chunk * per + col_extra)))
     if cols < V and cols >= 256:
         cols -= cols % 128  # BLAS-friendly slice widths
     n_slices = -(-V // cols)
-    split_tokens = tok_chunk < N
-    # dW is written once per slice when all tokens are in one chunk; otherwise accumulate in fp32.
-    dw_acc = None
-    if need_dw and split_tokens:
-        dw_acc = dw_out if dt == acc else torch.zeros(V, H, dtype=acc, device=dev)
+    hs = hidden2.index_select(0, idx)  # (N, H) the scored rows, gathered once
+    # dh: written by the one slice directly, else accumulated over the slices in fp32 (N, H)
+    dh_acc = torch.zeros(N, H, dtype=acc, device=dev) if need_dh and n_slices > 1 else None
+    dw_acc = torch.empty(cols, H, dtype=acc, device=dev) if dw_slice_fp32 else None
     buf = torch.empty(tok_chunk * cols, dtype=tile_dt, device=dev)
     gbuf = None if tile_dt == dt else torch.empty(tok_chunk * cols, dtype=dt, device=dev)  # dz for the GEMMs
     g = g.to(acc).contiguous()
-    for s in range(0, N, tok_chunk):
-        e = min(N, s + tok_chunk)
-        n = e - s
-        rows_idx = idx[s:e]
-        hc = hidden2.index_select(0, rows_idx)  # (n, H)
-        lab, ls, gg = labels_s[s:e], lse[s:e], g[s:e]
-        dh_acc = None
-        if need_dh and n_slices > 1:
-            dh_acc = torch.zeros(n, H, dtype=acc, device=dev)
-        dh_chunk = None
-        for v0 in range(0, V, cols):
-            v1 = min(V, v0 + cols)
-            w_s = weight[v0:v1]  # (vs, H)
-            z = linear_into(tile(buf, n, v1 - v0), hc, w_s, None if bias is None else bias[v0:v1])
-            dz = rows.bwd(z, z if gbuf is None else tile(gbuf, n, v1 - v0), lab, ls, gg, v0)  # (n, vs), input dtype
+    for v0 in range(0, V, cols):  # vocabulary slices outside, token chunks inside
+        v1 = min(V, v0 + cols)
+        w_s = weight[v0:v1]  # (vs, H)
+        b_s = None if bias is None else bias[v0:v1]
+        dw_s = None if dw_acc is None else dw_acc[: v1 - v0]
+        for s in range(0, N, tok_chunk):
+            e = min(N, s + tok_chunk)
+            n = e - s
+            hc = hs[s:e]  # (n, H)
+            z = linear_into(tile(buf, n, v1 - v0), hc, w_s, b_s)
+            dz = rows.bwd(z, z if gbuf is None else tile(gbuf, n, v1 - v0), labels_s[s:e], lse[s:e], g[s:e], v0)
             if need_dh:
                 if dh_acc is None:
-                    dh_chunk = matmul(dz, w_s)  # (n, H): the only slice
+                    dh_out.index_copy_(0, idx[s:e], matmul(dz, w_s))  # (n, H): the only slice
                 elif dt == acc:
-                    dh_acc.addmm_(dz, w_s)
+                    dh_acc[s:e].addmm_(dz, w_s)
                 else:
-                    addmm_fp32_(dh_acc, dz, w_s)
+                    addmm_fp32_(dh_acc[s:e], dz, w_s)
             if need_dw:
-                if dw_acc is None:
-                    matmul(dz.t(), hc, out=dw_out[v0:v1])  # (vs, H), written once
-                elif dw_acc.dtype == dt:
-                    dw_acc[v0:v1].addmm_(dz.t(), hc)
+                if dw_s is not None:  # 16-bit, split tokens: fp32 slice accumulator
+                    if s == 0:
+                        dw_s.zero_()
+                    addmm_fp32_(dw_s, dz.t(), hc)
+                elif s == 0:
+                    matmul(dz.t(), hc, out=dw_out[v0:v1])  # (vs, H): the first (often the only) chunk writes
                 else:
-                    addmm_fp32_(dw_acc[v0:v1], dz.t(), hc)
+                    dw_out[v0:v1].addmm_(dz.t(), hc)  # fp32 weight: accumulates in place in fp32
             if need_db:
                 db_acc[v0:v1] += dz.to(acc).sum(0)
-        if need_dh:
-            dh_out.index_copy_(0, rows_idx, dh_chunk if dh_acc is None else dh_acc.to(dt))
-    if dw_acc is not None and dw_acc is not dw_out:
-        dw_out.copy_(dw_acc)
+        if dw_s is not None:
+            dw_out[v0:v1].copy_(dw_s)  # one rounding per dW element
+    del buf, gbuf, hs
+    if dh_acc is not None:
+        for s in range(0, N, tok_chunk):  # rounded chunk by chunk: no (N, H) temporary
+            e = min(N, s + tok_chunk)
+            dh_out.index_copy_(0, idx[s:e], dh_acc[s:e].to(dt))
     return dh_out, dw_out, None if db_acc is None else db_acc.to(bias.dtype)
 
 

@@ -8,6 +8,8 @@ inputs (whose logits could exceed float16's 65504) and, with exact logits on, fo
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .rows import RowOps
@@ -54,7 +56,17 @@ def linear_into(out: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: torch.Te
         return out
     hf = h.to(torch.float32)
     V = w.shape[0]
-    step = max(1, min(V, _CPU_BLOCK_BYTES // max(1, w.shape[1] * 4)))
+    # float32 blocks of W of at most 8 MiB (64 MiB on an accelerator) and, on CPU, at most the tile's own
+    # float32 size: the upcast copies stay within the workspace's order of magnitude at any budget
+    block = _block_bytes(h.device) if h.device.type != "cpu" else min(_CPU_BLOCK_BYTES, max(1 << 16, out.numel() * 4))
+    step = max(1, min(V, block // max(1, w.shape[1] * 4)))
+    with _exact_tf32(h):
+        _upcast_linear(out, hf, w, b, step)
+    return out
+
+
+def _upcast_linear(out, hf, w, b, step) -> None:
+    V = w.shape[0]
     for v0 in range(0, V, step):
         v1 = min(V, v0 + step)
         wb = w[v0:v1].to(torch.float32)
@@ -66,7 +78,37 @@ def linear_into(out: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: torch.Te
         else:  # 16-bit tile on CPU: one rounding of the fp32 block
             blk = hf @ wb.t() if b is None else torch.addmm(b[v0:v1].to(torch.float32), hf, wb.t())
             out[:, v0:v1].copy_(blk)
-    return out
+
+
+#: bytes of float32 upcast blocks per GEMM on an accelerator without the fp32-output GEMM: large enough that
+#: the blocks stay big GEMMs (512 rows of W at H 4096 with the CPU's 8 MiB was ~10x slower than cuBLAS's bf16)
+_GPU_BLOCK_BYTES = 64 << 20
+
+
+def _block_bytes(device: torch.device) -> int:
+    return _CPU_BLOCK_BYTES if device.type == "cpu" else _GPU_BLOCK_BYTES
+
+
+@contextlib.contextmanager
+def _exact_tf32(t: torch.Tensor):
+    """TF32 math for float32 GEMMs on upcast 16-bit operands (CUDA only), restored afterwards.
+
+    Exact: every bfloat16 (8-bit exponent, 7-bit mantissa) and float16 (5-bit exponent, 10-bit mantissa)
+    value is a TF32 value (8-bit exponent, 10-bit mantissa), so TF32 tensor cores form the same products as
+    a 16-bit GEMM and accumulate them in fp32 — at about half the bf16 rate instead of the fp32 rate.
+    """
+    if t.device.type != "cuda" or t.dtype not in (torch.float16, torch.bfloat16):
+        yield
+        return
+    m = torch.backends.cuda.matmul
+    # the fp32_precision API only: reading the legacy allow_tf32 after the new API was used raises in torch 2.9+
+    name, on = ("fp32_precision", "tf32") if hasattr(torch.backends, "fp32_precision") else ("allow_tf32", True)
+    prev = getattr(m, name)
+    setattr(m, name, on)
+    try:
+        yield
+    finally:
+        setattr(m, name, prev)
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -84,17 +126,18 @@ def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) ->
 
 
 def _cpu_addmm_f32(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None,
-                   acc: torch.Tensor | None = None, round_to: torch.dtype | None = None) -> None:
+                   acc: torch.Tensor | None = None, round_to: torch.dtype | None = None,
+                   block: int = _CPU_BLOCK_BYTES) -> None:
     """out = a @ b (rounded once to out's dtype) or acc (float32) += a @ b (the product first rounded to
-    ``round_to`` when given, as a 16-bit GEMM would), as float32 GEMMs on upcast blocks."""
+    ``round_to`` when given, as a 16-bit GEMM would), as float32 GEMMs on upcast blocks of ``block`` bytes."""
     m, j = a.shape
     k = b.shape[1]
-    rb = max(16, min(m, _CPU_BLOCK_BYTES // (4 * max(k, 1))))  # output rows per block: rb x k float32
-    jb = max(16, min(j, _CPU_BLOCK_BYTES // (4 * max(k, rb))))  # inner block: jb x k and rb x jb float32
+    rb = max(16, min(m, block // (4 * max(k, 1))))  # output rows per block: rb x k float32
+    jb = max(16, min(j, block // (4 * max(k, rb))))  # inner block: jb x k and rb x jb float32
     for r0 in range(0, m, rb):
         r1 = min(m, r0 + rb)
         direct = acc is not None and round_to is None
-        part = acc[r0:r1] if direct else torch.zeros(r1 - r0, k, dtype=torch.float32)
+        part = acc[r0:r1] if direct else torch.zeros(r1 - r0, k, dtype=torch.float32, device=a.device)
         for j0 in range(0, j, jb):
             j1 = min(j, j0 + jb)
             part.addmm_(a[r0:r1, j0:j1].to(torch.float32), b[j0:j1].to(torch.float32))
@@ -132,14 +175,30 @@ def tile(buf: torch.Tensor, n: int, v: int) -> torch.Tensor:
     return buf[: n * v].view(n, v)
 
 
-def per_elem_bytes(rows: RowOps, dtype: torch.dtype, *, grad: bool = False) -> int:
+def per_elem_bytes(rows: RowOps, dtype: torch.dtype, *, grad: bool = False,
+                   tile_dt: torch.dtype | None = None) -> int:
     """Workspace bytes per logits-tile element for inputs of ``dtype``.
 
-    The tile itself (in :func:`tile_dtype`), the backend's temporaries and, with ``grad`` when the tile is
-    wider than the inputs, the input-dtype copy of the logits gradient that the dh/dW GEMMs read.
+    The tile itself (in ``tile_dt``, default :func:`tile_dtype` — a backward passes the forward's), the
+    backend's temporaries and, with ``grad`` when the tile is wider than the inputs, the input-dtype copy of
+    the logits gradient that the dh/dW GEMMs read.
     """
-    t = tile_dtype(dtype)
+    t = tile_dtype(dtype) if tile_dt is None else tile_dt
     return t.itemsize + rows.bytes_per_elem + (dtype.itemsize if grad and t != dtype else 0)
+
+
+#: GEMM row granularity: tensor-core GEMM tiles are 64-256 rows (128 the common one); a token chunk of
+#: 392 rows runs as 4 tiles of 128 with 120 of the 512 rows wasted, 384 rows as 3 full ones
+ROW_ALIGN = 128
+
+
+def tile_rows(fit: int, n: int) -> int:
+    """Rows of a token chunk: at most ``fit`` (what the budget allows) and ``n`` (the tokens); rounded down to
+    a multiple of :data:`ROW_ALIGN` when the chunk is smaller than ``n`` and at least that large."""
+    rows = max(1, min(n, fit))
+    if rows < n and rows >= ROW_ALIGN:
+        rows -= rows % ROW_ALIGN
+    return rows
 
 
 _EPILOGUE_OK: dict[tuple, bool] = {}
@@ -150,6 +209,31 @@ def epilogue_probe_results() -> dict[str, bool]:
     out = {f"{d}/{t}": v for (d, t), v in _EPILOGUE_OK.items()}
     out.update({f"mm out_dtype {d}/{t}": v for (d, t), v in _MM_OUT_OK.items()})
     return out
+
+
+def gemm_path(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> dict[str, str]:
+    """Which path the engine's fp32-output GEMMs on 16-bit operands take on ``device`` (probing it once):
+    {"fp32 logits": ..., "fp32 accumulate": ...}, each one of
+
+    - ``"cublas out_dtype"``: cuBLAS writes (``mm(..., out_dtype=float32)``) or adds (``addmm(...,
+      out_dtype=float32)``, the epilogue) the fp32 product of the 16-bit operands: the fast path;
+    - ``"tf32 upcast blocks"``: TF32 GEMMs on float32 copies of blocks of the operands (exact: 16-bit values
+      are TF32 values; about half the 16-bit GEMM rate), when that overload is missing or wrong;
+    - ``"fp32 upcast blocks"``: float32 GEMMs on upcast blocks (the CPU path: faster than torch's 16-bit CPU
+      GEMM); for "fp32 accumulate" on CPU the product is rounded once to 16 bits before it is added.
+
+    "fp32 logits" is the forward tile for float16 (always) and bfloat16 with exact logits; "fp32 accumulate"
+    the dh / dW accumulation over vocabulary slices, token chunks or fused groups.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    fallback = "tf32 upcast blocks" if device.type == "cuda" else "fp32 upcast blocks"
+    logits = "cublas out_dtype" if _mm_out_dtype_ok(device, dtype) else fallback
+    key = (device, dtype)
+    if key not in _EPILOGUE_OK:
+        _EPILOGUE_OK[key] = _probe_epilogue(device, dtype)
+    return {"fp32 logits": logits, "fp32 accumulate": "cublas out_dtype" if _EPILOGUE_OK[key] else fallback}
 
 
 def addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -166,10 +250,13 @@ def addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     if ok:
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     elif _cpu_16bit(a):
-        # as below (the product rounded once to 16 bits, then added), but as fp32 GEMMs on upcast blocks
+        # the product rounded once to 16 bits, then added, as fp32 GEMMs on upcast blocks
         _cpu_addmm_f32(a, b, acc=acc, round_to=a.dtype)
+    elif a.device.type == "cuda" and a.dtype in (torch.float16, torch.bfloat16):
+        with _exact_tf32(a):  # exact products, fp32 accumulation into acc: TF32 GEMMs on upcast blocks
+            _cpu_addmm_f32(a, b, acc=acc, block=_GPU_BLOCK_BYTES)
     else:
-        acc.add_(torch.mm(a, b))  # 16-bit product, added into fp32 without an fp32 temporary
+        acc.add_(torch.mm(a, b))  # product in the operands' dtype, added into fp32
 
 
 def _probe_epilogue(device: torch.device, dtype: torch.dtype) -> bool:
