@@ -10,10 +10,13 @@ bigger GEMMs; at 96 MiB and an 8B model's head (H 4096, V 128256, bf16) the forw
 the full vocabulary and the backward slices are ~4k vocabulary columns x all scored tokens — GEMMs of
 0.3+ TFLOP each, still large enough for full speed, while the no-grad forward stays under 0.1 GiB.
 
-Peak memory of a generic forward+backward beyond inputs and the gradients it returns, with N scored tokens:
-budget + N*H*(2 + 4) bytes (the gathered scored hidden rows, and an fp32 dh accumulator when the vocabulary
-is split into several slices and inputs are 16-bit) + small O(N) vectors. The fused ``DPOLoss`` holds the
-logits of a group of whole pairs instead (its own ``workspace_bytes``, default 8 x this budget).
+Peak memory of a generic forward+backward beyond inputs and the gradients it returns, with N scored tokens
+among M positions and s bytes per input element: budget + N*H*(s + 4) + 64*M bytes (the gathered scored
+hidden rows, the fp32 dh accumulator when the vocabulary is split into several slices, the O(M) index
+vectors); the split-token backward's fp32 dW slice buffer is inside the budget. On CPU, 16-bit inputs add
+the GEMMs' float32 upcast blocks (at most 2*budget + N*H*4 + 16*1024*H bytes). docs/DESIGN.md has the
+derivation; tests/test_memory.py checks it. The fused ``DPOLoss`` holds the logits of a group of whole pairs
+instead (its own ``workspace_bytes``, default 8 x this budget).
 
 The second knob is the tile precision (:func:`set_exact_logits`, or ``DPO_FAST_EXACT_LOGITS=1``). float16
 inputs always get float32 tiles (float16 logits would overflow to inf above 65504); bfloat16 tiles are

@@ -202,7 +202,7 @@ class DPOLoss(FusedLossModule):
         rw = weight if ref_weight is None else ref_weight
         rb = (bias if ref_weight is None else None) if ref_bias is None else ref_bias
         check_engine_inputs(ref_hidden, rw, labels, rb, cu_seqlens, self.ignore_index, self.temperature,
-                            self.softcap)
+                            self.softcap, cu_values=False)  # prepare() validated cu_seqlens' values: no sync
         rows = make_rows(self.backend, ref_hidden.device, ref_hidden.dtype, self.temperature, self.softcap)
         with torch.no_grad():
             logp = forward_tokens(ref_hidden.reshape(-1, ref_hidden.shape[-1]), rw.detach(),
