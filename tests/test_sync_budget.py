@@ -32,7 +32,8 @@ def batch(request):
     labels[1, T - T // 8:] = -100  # padding in one row
     x = dict(cfg, labels=labels,
              hidden=torch.randn(B, T, H, generator=g), weight=torch.randn(V, H, generator=g) / 16,
-             adv=torch.randn(B, generator=g), old=-torch.rand(B, T, generator=g), ref_tok=-torch.rand(B, T, generator=g),
+             adv=torch.randn(B, generator=g), old=-torch.rand(B, T, generator=g),
+             ref_tok=-torch.rand(B, T, generator=g),
              ref=torch.randn(B // 2, generator=g), ref_seq=torch.randn(B, generator=g),
              desirable=torch.tensor([True, False] * (B // 2)))
     dpo_fast.set_workspace_bytes(cfg["workspace"])

@@ -28,7 +28,8 @@ from .workspace import get_exact_logits, get_workspace_bytes, set_exact_logits, 
 __all__ = [
     "BACKENDS", "STAT_KEYS", "LinearLabelLogprobs", "LogitsLabelLogprobs", "RowOps", "RowResult", "Scored",
     "TokenStats", "TorchRows", "TritonRows", "acc_dtype", "addmm_fp32_", "backward_tokens",
-    "epilogue_probe_results", "forward_tokens", "gemm_path", "get_exact_logits", "get_workspace_bytes", "linear_into",
-    "make_rows", "matmul", "per_elem_bytes", "prepare", "resolve_backend", "scored_logprobs", "scored_positions",
-    "segment_counts", "segment_starts", "segment_sum", "set_exact_logits", "set_workspace_bytes", "tile", "tile_dtype", "tile_rows",
+    "epilogue_probe_results", "forward_tokens", "gemm_path", "get_exact_logits", "get_workspace_bytes",
+    "linear_into", "make_rows", "matmul", "per_elem_bytes", "prepare", "resolve_backend", "scored_logprobs",
+    "scored_positions", "segment_counts", "segment_starts", "segment_sum", "set_exact_logits",
+    "set_workspace_bytes", "tile", "tile_dtype", "tile_rows",
 ]
