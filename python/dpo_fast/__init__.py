@@ -8,6 +8,9 @@ Public API (see README.md):
 - :func:`dpo_loss` and the family (:func:`cpo_loss`, :func:`orpo_loss`, :func:`kto_loss`,
   :func:`bco_loss`, :func:`grpo_loss`), and the fused :class:`DPOLoss`, :class:`CPOLoss` (CPO/SimPO/AlphaPO)
   :class:`ORPOLoss`, :class:`KTOLoss` and :class:`GRPOLoss` modules.
+- :class:`DPOOptions`, :class:`CPOOptions`, :class:`ORPOOptions`, :class:`KTOOptions`, :class:`GRPOOptions` —
+  each loss family's options, declared once; every function and module above takes one as ``options=`` or
+  its fields as keyword arguments.
 - :func:`pack_pairs` — Rust packing of (prompt, chosen, rejected) triples.
 
 Names are resolved lazily so that ``import dpo_fast`` does no device probing and does not import Triton.
@@ -39,6 +42,12 @@ _LAZY = {
     "kto_loss": "dpo_fast.losses",
     "bco_loss": "dpo_fast.losses",
     "grpo_loss": "dpo_fast.losses",
+    # the options of each loss family, one frozen dataclass each (functions and modules take them as options=)
+    "DPOOptions": "dpo_fast.losses",
+    "CPOOptions": "dpo_fast.losses",
+    "ORPOOptions": "dpo_fast.losses",
+    "KTOOptions": "dpo_fast.losses",
+    "GRPOOptions": "dpo_fast.losses",
     "DPOLoss": "dpo_fast.fused",
     "pair_logprobs": "dpo_fast.fused",
     "CPOLoss": "dpo_fast.fused",

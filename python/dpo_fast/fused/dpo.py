@@ -16,6 +16,7 @@ import torch
 
 from ..distributed import distributed_head
 from .. import losses as L
+from ..losses import DPOOptions
 from .._validate import autocast_aware, check_engine_inputs, check_tensor
 from ..engine import Scored, forward_tokens, get_workspace_bytes, make_rows, prepare, scored_logprobs, segment_sum
 from .pairs import (add_pair_token_metrics, check_ld_alpha, ld_token_weights, logits_means, pair_layout,
@@ -32,8 +33,7 @@ class DPOTask:
     units: Tensor  # (P, 2) (chosen, rejected) sequence ids
     decomposable: bool
     want_stats: bool
-    options: dict  # beta, loss_type and the other dpo_loss options
-    use_weighting: bool
+    options: DPOOptions  # validated once, at the module's construction
     len_w: Tensor  # (P,) scored tokens of each chosen / rejected sequence
     len_l: Tensor
     ref_c: Tensor | None  # (P,) detached reference log-probs, or None (reference-free)
@@ -48,7 +48,7 @@ class DPOTask:
         ids = v.units
         sums = v.unit_sums(token_weights=self.token_weights)  # (G, 2)
         kw = {}
-        if self.use_weighting:
+        if self.options.use_weighting:
             wpo = wpo_logweights(v)
             kw.update(chosen_wpo_logweights=wpo[:, 0], rejected_wpo_logweights=wpo[:, 1])
         if self.sft:  # TRL: the sft term is the token-mean NLL of the *unweighted* chosen log-probs
@@ -59,9 +59,8 @@ class DPOTask:
                 kw["sft_chosen_logps"] = plain[:, 0]
         ref_c = None if self.ref_c is None else self.ref_c[ids]
         ref_r = None if self.ref_r is None else self.ref_r[ids]
-        return L.dpo_loss(sums[:, 0], sums[:, 1], ref_c, ref_r, **self.options, chosen_lengths=self.len_w[ids],
-                          rejected_lengths=self.len_l[ids], use_weighting=self.use_weighting,
-                          chosen_logits_mean=logits_mean[0], rejected_logits_mean=logits_mean[1],
+        return L.dpo_loss(sums[:, 0], sums[:, 1], ref_c, ref_r, options=self.options, chosen_lengths=self.len_w[ids],
+                          rejected_lengths=self.len_l[ids], chosen_logits_mean=logits_mean[0], rejected_logits_mean=logits_mean[1],
                           reduction=reduction, compute_metrics=compute_metrics,
                           check_lengths=False, **kw)  # lengths are scored-token counts: no sync to check them
 
@@ -72,15 +71,12 @@ class DPOTask:
         return self._loss(v, "mean", compute_metrics, self.logits_mean or (None, None))
 
 
+@L.document_options(DPOOptions)
 class DPOLoss(FusedLossModule):
     r"""DPO-family loss straight from last hidden states and the lm_head weight, logits never materialised.
 
     Args:
-        beta: β > 0.
-        loss_type: a :data:`dpo_fast.LOSS_TYPES` name or a list of them (with ``loss_weights``).
-        label_smoothing, loss_weights, f_divergence_type, f_alpha_divergence_coef, discopop_tau: as in
-            :func:`dpo_fast.dpo_loss`.
-        use_weighting: WPO weights, from the same logits pass (the row pass also computes lse(2z)).
+        {OPTIONS}
         ld_alpha: LD-DPO: tokens past min(|y_w|, |y_l|) of a pair count with weight α in ℓ (policy, and
             reference when it is computed here from ``ref_hidden``). The "sft" term of a loss list uses the
             *unweighted* chosen log-probs, as TRL does.
@@ -124,29 +120,22 @@ class DPOLoss(FusedLossModule):
         >>> out.loss.backward()
     """
 
-    def __init__(self, beta: float = 0.1, loss_type="sigmoid", *, label_smoothing: float = 0.0,
-                 loss_weights=None, f_divergence_type: str = "reverse_kl", f_alpha_divergence_coef: float = 0.5,
-                 discopop_tau: float = 0.05, use_weighting: bool = False, ld_alpha: float | None = None,
-                 ignore_index: int = -100, temperature: float = 1.0, softcap: float | None = None,
+    @L.takes_options(DPOOptions, positional=("beta", "loss_type"))
+    def __init__(self, *, options: DPOOptions | None = None, ld_alpha: float | None = None, ignore_index: int = -100, temperature: float = 1.0, softcap: float | None = None,
                  backend: str = "auto", fused: bool = True, workspace_bytes: int | None = None,
                  compute_metrics: bool = True, token_metrics: bool = False):
         super().__init__(ignore_index=ignore_index, temperature=temperature, softcap=softcap, backend=backend,
                          fused=fused, workspace_bytes=workspace_bytes, compute_metrics=compute_metrics,
                          token_metrics=token_metrics)
-        # validate loss options now, so a bad config fails at construction and not mid-training
-        self.config = L.make_pairwise_config(beta=beta, loss_type=loss_type, loss_weights=loss_weights,
-                                             label_smoothing=label_smoothing, f_divergence_type=f_divergence_type,
-                                             f_alpha_divergence_coef=f_alpha_divergence_coef,
-                                             discopop_tau=discopop_tau, use_weighting=use_weighting)
+        #: the loss options, validated once (by takes_options, before this body): a bad config fails here
+        self.options = options
+        self.config = options.config()
         check_ld_alpha(ld_alpha)
-        self.beta, self.loss_type = beta, loss_type
-        self.loss_options = dict(label_smoothing=label_smoothing, loss_weights=loss_weights,
-                                 f_divergence_type=f_divergence_type,
-                                 f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau)
-        self.use_weighting, self.ld_alpha = bool(use_weighting), ld_alpha
+        self.ld_alpha = ld_alpha
 
     def extra_repr(self) -> str:
-        return f"beta={self.beta}, loss_type={self.loss_type!r}, fused={self.fused}"
+        lt = self.options.loss_type
+        return f"beta={self.options.beta}, loss_type={lt if isinstance(lt, str) else list(lt)!r}, fused={self.fused}"
 
     @torch.compiler.disable  # data-dependent grouping: run eagerly inside compiled graphs
     @autocast_entry("hidden", "weight", "bias", "ref_hidden", "ref_weight", "ref_bias")
@@ -179,10 +168,8 @@ class DPOLoss(FusedLossModule):
             if self.compute_metrics and not self.token_metrics else None
         len_w, len_l = counts[c_seq], counts[r_seq]
         task = DPOTask(
-            units=torch.stack([c_seq, r_seq], 1), decomposable=L.is_pair_decomposable(self.loss_type),
-            want_stats=self.token_metrics or self.use_weighting,
-            options=dict(beta=self.beta, loss_type=self.loss_type, **self.loss_options),
-            use_weighting=self.use_weighting, len_w=len_w, len_l=len_l,
+            units=torch.stack([c_seq, r_seq], 1), decomposable=self.config.decomposable,
+            want_stats=self.token_metrics or self.options.use_weighting, options=self.options, len_w=len_w, len_l=len_l,
             ref_c=None if ref_chosen_logps is None else ref_chosen_logps.detach(),
             ref_r=None if ref_rejected_logps is None else ref_rejected_logps.detach(),
             token_weights=tokw, sft="sft" in self.config.types,

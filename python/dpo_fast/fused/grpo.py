@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import losses as L
+from ..losses import GRPOOptions
 from .._validate import as_cu_seqlens
 from ..engine import acc_dtype
 from .route import FusedLossModule, Values, autocast_entry, token_metrics, token_sums, with_route
@@ -99,8 +100,7 @@ class GRPOTask:
 
     def batch_loss(self, v: Values, compute_metrics: bool):
         kw = self.matrices(v, self.row, v.units)
-        o = dataclasses.asdict(self.options)
-        return L.grpo_loss(kw.pop("logps"), kw.pop("advantages"), kw.pop("mask"), **kw, **o,
+        return L.grpo_loss(kw.pop("logps"), kw.pop("advantages"), kw.pop("mask"), **kw, options=self.options,
                            num_items_in_batch=self.num_items_in_batch, compute_metrics=compute_metrics)
 
 
@@ -119,18 +119,16 @@ def aggregation_coefficients(options: L.GRPOOptions, mask: Tensor, num_items, dt
     return c.detach()
 
 
+@L.document_options(GRPOOptions)
 class GRPOLoss(FusedLossModule):
     r"""Every TRL 1.16 GRPO loss (GRPO / BNPO / Dr. GRPO / DAPO / CISPO / SAPO / LUSPO / VESPO, GSPO's
     sequence-level ratio) from last hidden states and the lm_head weight; see :func:`dpo_fast.grpo_loss`.
 
     Args:
-        beta, epsilon_low, epsilon_high, importance_sampling_level (``token`` | ``sequence``), loss_type,
-            max_completion_length, delta, sapo_temperature_pos/neg, vespo_k_pos/lambda_pos/k_neg/lambda_neg,
-            top_entropy_quantile, use_bias_correction_kl, off_policy_mask_threshold,
-            vllm_importance_sampling_mode, vllm_importance_sampling_clip_min/max: as in
-            :func:`dpo_fast.grpo_loss` (validated at construction; ``max_completion_length`` defaults to the
-            row length T, or the longest packed sequence). The module docstring says which are fused.
-        entropy_coef: must be 0 (the entropy bonus needs differentiable entropies: use :func:`dpo_fast.grpo_loss`).
+        {OPTIONS}
+            The options are validated at construction; the module docstring says which are fused.
+            ``entropy_coef`` must be 0 here (the entropy bonus needs differentiable entropies: use
+            :func:`dpo_fast.grpo_loss`).
         ignore_index, temperature, softcap, backend: as in :func:`dpo_fast.sequence_logprobs` (use the
             sampling temperature here, as TRL does); validated at construction.
         fused: use the one-pass route when possible (default True).
@@ -164,43 +162,24 @@ class GRPOLoss(FusedLossModule):
         >>> out.loss.backward()
     """
 
-    def __init__(self, beta: float = 0.0, epsilon_low: float = 0.2, epsilon_high: float | None = None, *,
-                 importance_sampling_level: str = "token", loss_type: str = "grpo",
-                 max_completion_length: int | None = None, delta: float | None = None,
-                 sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05, vespo_k_pos: float = 2.0,
-                 vespo_lambda_pos: float = 3.0, vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0,
-                 top_entropy_quantile: float = 1.0, entropy_coef: float = 0.0, use_bias_correction_kl: bool = False,
-                 off_policy_mask_threshold: float | None = None, vllm_importance_sampling_mode: str | None = None,
-                 vllm_importance_sampling_clip_min: float | None = None,
-                 vllm_importance_sampling_clip_max: float | None = 3.0, ignore_index: int = -100,
-                 temperature: float = 1.0, softcap: float | None = None, backend: str = "auto", fused: bool = True,
+    @L.takes_options(GRPOOptions, positional=("beta", "epsilon_low", "epsilon_high"))
+    def __init__(self, *, options: GRPOOptions | None = None, ignore_index: int = -100, temperature: float = 1.0,
+                 softcap: float | None = None, backend: str = "auto", fused: bool = True,
                  workspace_bytes: int | None = None, compute_metrics: bool = True, token_metrics: bool = False):
         super().__init__(ignore_index=ignore_index, temperature=temperature, softcap=softcap, backend=backend,
                          fused=fused, workspace_bytes=workspace_bytes, compute_metrics=compute_metrics,
                          token_metrics=token_metrics)
-        # validate the options now: a bad config fails at construction, not at the first step
-        self.grpo_options = L.GRPOOptions(
-            loss_type=loss_type, beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
-            importance_sampling_level=importance_sampling_level, max_completion_length=max_completion_length,
-            sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
-            vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
-            vespo_lambda_neg=vespo_lambda_neg, top_entropy_quantile=top_entropy_quantile,
-            entropy_coef=entropy_coef, use_bias_correction_kl=use_bias_correction_kl,
-            off_policy_mask_threshold=off_policy_mask_threshold,
-            vllm_importance_sampling_mode=vllm_importance_sampling_mode,
-            vllm_importance_sampling_clip_min=vllm_importance_sampling_clip_min,
-            vllm_importance_sampling_clip_max=vllm_importance_sampling_clip_max)
-        if self.grpo_options.entropy_coef != 0.0:
+        #: the loss options, validated once (by takes_options, before this body)
+        self.options = options
+        if options.entropy_coef != 0.0:
             raise ValueError(
-                f"entropy_coef: GRPOLoss supports only 0, got {entropy_coef!r}: the entropy bonus is "
+                f"entropy_coef: GRPOLoss supports only 0, got {options.entropy_coef!r}: the entropy bonus is "
                 "differentiated through the per-token entropies, which the log-prob engine does not "
                 "differentiate; compute entropies with gradients and use dpo_fast.grpo_loss(..., entropies=...)")
-        #: the options as grpo_loss takes them (kept for repr and callers that build grpo_loss calls)
-        self.options = dataclasses.asdict(self.grpo_options)
 
     def extra_repr(self) -> str:
-        defaults = dataclasses.asdict(L.GRPOOptions())
-        shown = {k: v for k, v in self.options.items() if v != defaults[k] or k == "loss_type"}
+        defaults = GRPOOptions().as_kwargs()
+        shown = {k: v for k, v in self.options.as_kwargs().items() if v != defaults[k] or k == "loss_type"}
         return ", ".join(f"{k}={v!r}" for k, v in shown.items()) + f", fused={self.fused}"
 
     @torch.compiler.disable  # data-dependent grouping: run eagerly inside compiled graphs
@@ -231,7 +210,7 @@ class GRPOLoss(FusedLossModule):
             col = sc.idx - cu[sc.seq]
             cuh = sc.cu_host if sc.cu_host is not None else cu.cpu()  # prepare's readback brought it: no sync
             T = int((cuh[1:] - cuh[:-1]).max())
-        o = self.grpo_options
+        o = self.options
         if o.max_completion_length is None:
             o = dataclasses.replace(o, max_completion_length=T)
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import losses as L
+from ..losses import KTOOptions
 from .._validate import check_tensor
 from ..logprobs import sequence_logprobs
 from .route import FusedLossModule, Values, autocast_entry, token_metrics, token_sums, with_route
@@ -27,7 +28,7 @@ class KTOTask:
     """One KTOLoss forward as a :class:`dpo_fast.fused.route.UnitTask`: units = sequences."""
 
     units: Tensor  # (S, 1)
-    options: dict  # beta, desirable_weight, undesirable_weight
+    options: KTOOptions  # validated once, at the module's construction
     ref: Tensor | None  # (S,) detached reference log-probs
     desirable: Tensor  # (S,) bool
     kl: Tensor | float | None  # the reference point z (detached), or None (z = 0)
@@ -38,7 +39,7 @@ class KTOTask:
     def _loss(self, v: Values, compute_metrics: bool):
         ids = v.units
         return L.kto_loss(v.unit_sums()[:, 0], None if self.ref is None else self.ref[ids], self.desirable[ids],
-                          **self.options, kl=self.kl, compute_metrics=compute_metrics)
+                          options=self.options, kl=self.kl, compute_metrics=compute_metrics)
 
     def group_loss(self, v: Values) -> Tensor:
         return self._loss(v, False).losses.sum() / self.units.shape[0]
@@ -47,11 +48,12 @@ class KTOTask:
         return self._loss(v, compute_metrics)
 
 
+@L.document_options(KTOOptions)
 class KTOLoss(FusedLossModule):
     r"""KTO (Ethayarajh et al. 2024) from last hidden states and the lm_head weight; see :func:`dpo_fast.kto_loss`.
 
     Args:
-        beta, desirable_weight, undesirable_weight: as in :func:`dpo_fast.kto_loss`.
+        {OPTIONS}
         ignore_index, temperature, softcap, backend, fused, workspace_bytes, compute_metrics: as in
             :class:`dpo_fast.DPOLoss` (the fused workspace holds whole sequences; validated at construction).
         token_metrics: also log ``entropy`` (mean over all scored tokens) from the same pass; the sums are
@@ -74,18 +76,18 @@ class KTOLoss(FusedLossModule):
         >>> out.loss.backward()
     """
 
-    def __init__(self, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0, *,
-                 ignore_index: int = -100, temperature: float = 1.0, softcap: float | None = None,
+    @L.takes_options(KTOOptions, positional=("beta", "desirable_weight", "undesirable_weight"))
+    def __init__(self, *, options: KTOOptions | None = None, ignore_index: int = -100, temperature: float = 1.0, softcap: float | None = None,
                  backend: str = "auto", fused: bool = True, workspace_bytes: int | None = None,
                  compute_metrics: bool = True, token_metrics: bool = False):
         super().__init__(ignore_index=ignore_index, temperature=temperature, softcap=softcap, backend=backend,
                          fused=fused, workspace_bytes=workspace_bytes, compute_metrics=compute_metrics,
                          token_metrics=token_metrics)
-        self.options = dict(beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
-        L.kto_loss(torch.tensor([-1.0]), None, torch.tensor([True]), **self.options, compute_metrics=False)
+        #: the loss options, validated once (by takes_options, before this body)
+        self.options = options
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items()) + f", fused={self.fused}"
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.as_kwargs().items()) + f", fused={self.fused}"
 
     @torch.compiler.disable  # data-dependent grouping: run eagerly inside compiled graphs
     @autocast_entry("hidden", "weight", "bias", "kl_hidden")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import losses as L
+from ..losses import CPOOptions, ORPOOptions
 from .pairs import add_pair_token_metrics, logits_means, pair_layout, pair_units_host
 from .route import FusedLossModule, Values, autocast_entry, with_route
 
@@ -54,10 +55,8 @@ class _ReferenceFreePairLoss(FusedLossModule):
     def _loss(self, lw, ll, len_w, len_l, chosen_nll, logit_c, logit_r, compute_metrics) -> L.DPOOutput:
         raise NotImplementedError
 
-    def _validate_options(self) -> None:
-        # run the loss once on a tiny batch: a bad option raises now, not at the first training step
-        one = torch.tensor([-2.0])
-        self._loss(one, one - 1, torch.tensor([2.0]), torch.tensor([3.0]), None, None, None, False)
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.as_kwargs().items()) + f", fused={self.fused}"
 
     @torch.compiler.disable  # data-dependent grouping: run eagerly inside compiled graphs
     @autocast_entry("hidden", "weight", "bias")
@@ -82,6 +81,7 @@ class _ReferenceFreePairLoss(FusedLossModule):
         return with_route(out, route, sums)
 
 
+@L.document_options(CPOOptions)
 class CPOLoss(_ReferenceFreePairLoss):
     r"""CPO / SimPO / AlphaPO straight from hidden states: :func:`dpo_fast.cpo_loss`, logits never materialised.
 
@@ -89,8 +89,7 @@ class CPOLoss(_ReferenceFreePairLoss):
     the same one-pass fused route as :class:`dpo_fast.DPOLoss` applies (3 GEMMs over scored tokens).
 
     Args:
-        beta, loss_type (``sigmoid`` | ``hinge`` | ``ipo`` | ``simpo``), label_smoothing, simpo_gamma, cpo_alpha,
-            alpha: as in :func:`dpo_fast.cpo_loss` (SimPO proper: ``loss_type="simpo", cpo_alpha=0``).
+        {OPTIONS}
         ignore_index, temperature, softcap, backend, fused, workspace_bytes, compute_metrics, token_metrics:
             as in :class:`dpo_fast.DPOLoss` (validated at construction).
 
@@ -107,27 +106,24 @@ class CPOLoss(_ReferenceFreePairLoss):
         >>> out.loss.backward()
     """
 
-    def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", *, label_smoothing: float = 0.0,
-                 simpo_gamma: float = 0.5, cpo_alpha: float = 1.0, alpha: float = 0.0, ignore_index: int = -100,
+    @L.takes_options(CPOOptions, positional=("beta", "loss_type"))
+    def __init__(self, *, options: CPOOptions | None = None, ignore_index: int = -100,
                  temperature: float = 1.0, softcap: float | None = None, backend: str = "auto", fused: bool = True,
                  workspace_bytes: int | None = None, compute_metrics: bool = True, token_metrics: bool = False):
         super().__init__(ignore_index=ignore_index, temperature=temperature, softcap=softcap, backend=backend,
                          fused=fused, workspace_bytes=workspace_bytes, compute_metrics=compute_metrics,
                          token_metrics=token_metrics)
-        self.options = dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
-                            simpo_gamma=simpo_gamma, cpo_alpha=cpo_alpha, alpha=alpha)
-        self._validate_options()
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items()) + f", fused={self.fused}"
+        #: the loss options, validated once (by takes_options, before this body)
+        self.options = options
 
     def _loss(self, lw, ll, len_w, len_l, chosen_nll, logit_c, logit_r, compute_metrics):
-        return L.cpo_loss(lw, ll, **self.options, chosen_lengths=len_w, rejected_lengths=len_l,
+        return L.cpo_loss(lw, ll, options=self.options, chosen_lengths=len_w, rejected_lengths=len_l,
                           check_lengths=False,  # scored-token counts: valid, no sync to check them
-                          chosen_nll=chosen_nll if self.options["cpo_alpha"] != 0.0 else None,
+                          chosen_nll=chosen_nll if self.options.cpo_alpha != 0.0 else None,
                           chosen_logits_mean=logit_c, rejected_logits_mean=logit_r, compute_metrics=compute_metrics)
 
 
+@L.document_options(ORPOOptions)
 class ORPOLoss(_ReferenceFreePairLoss):
     r"""ORPO straight from hidden states: :func:`dpo_fast.orpo_loss`, logits never materialised.
 
@@ -135,7 +131,7 @@ class ORPOLoss(_ReferenceFreePairLoss):
     constant denominator), so the one-pass fused route of :class:`dpo_fast.DPOLoss` applies.
 
     Args:
-        beta: β > 0 (ORPO's λ).
+        {OPTIONS}
         ignore_index, temperature, softcap, backend, fused, workspace_bytes, compute_metrics, token_metrics:
             as in :class:`dpo_fast.DPOLoss` (validated at construction).
 
@@ -148,20 +144,18 @@ class ORPOLoss(_ReferenceFreePairLoss):
         >>> out.loss.backward()
     """
 
-    def __init__(self, beta: float = 0.1, *, ignore_index: int = -100, temperature: float = 1.0,
+    @L.takes_options(ORPOOptions, positional=("beta",))
+    def __init__(self, *, options: ORPOOptions | None = None, ignore_index: int = -100, temperature: float = 1.0,
                  softcap: float | None = None, backend: str = "auto", fused: bool = True,
                  workspace_bytes: int | None = None, compute_metrics: bool = True, token_metrics: bool = False):
         super().__init__(ignore_index=ignore_index, temperature=temperature, softcap=softcap, backend=backend,
                          fused=fused, workspace_bytes=workspace_bytes, compute_metrics=compute_metrics,
                          token_metrics=token_metrics)
-        self.beta = beta
-        self._validate_options()
-
-    def extra_repr(self) -> str:
-        return f"beta={self.beta}, fused={self.fused}"
+        #: the loss options, validated once (by takes_options, before this body)
+        self.options = options
 
     def _loss(self, lw, ll, len_w, len_l, chosen_nll, logit_c, logit_r, compute_metrics):
-        return L.orpo_loss(lw, ll, chosen_lengths=len_w, rejected_lengths=len_l, beta=self.beta,
+        return L.orpo_loss(lw, ll, chosen_lengths=len_w, rejected_lengths=len_l, options=self.options,
                            check_lengths=False,  # scored-token counts: valid, no sync to check them
                            chosen_nll=chosen_nll, chosen_logits_mean=logit_c, rejected_logits_mean=logit_r,
                            compute_metrics=compute_metrics)
