@@ -119,3 +119,21 @@ def test_warning_points_at_the_caller():
     with pytest.warns(UserWarning, match="label_smoothing is ignored") as rec:
         L.DPOOptions(loss_type="hinge", label_smoothing=0.1)
     assert rec[0].filename == __file__
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_kto_module_takes_every_kto_option(fused):
+    """KTOLoss derives its keywords from KTOOptions, loss_type included: equal to kto_loss on the engine's sums."""
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(4, 6, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(11, 8, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 11, (4, 6), generator=g)
+    labels[:, :2] = -100
+    des, ref = torch.tensor([True, False, True, False]), torch.randn(4, generator=g, dtype=torch.float64) - 20
+    o = L.KTOOptions(beta=0.3, desirable_weight=1.5, loss_type="apo_zero_unpaired")
+    out = dpo_fast.KTOLoss(options=o, fused=fused)(h, w, labels, des, ref)
+    want = L.kto_loss(dpo_fast.sequence_logprobs(h, w, labels), ref, des, options=o)
+    torch.testing.assert_close(out.loss, want.loss, rtol=1e-12, atol=1e-12)
+    (gh,) = torch.autograd.grad(out.loss, h)
+    (wh,) = torch.autograd.grad(want.loss, h)
+    torch.testing.assert_close(gh, wh, rtol=1e-10, atol=1e-12)

@@ -59,8 +59,10 @@ class DPOTask:
                 kw["sft_chosen_logps"] = plain[:, 0]
         ref_c = None if self.ref_c is None else self.ref_c[ids]
         ref_r = None if self.ref_r is None else self.ref_r[ids]
-        return L.dpo_loss(sums[:, 0], sums[:, 1], ref_c, ref_r, options=self.options, chosen_lengths=self.len_w[ids],
-                          rejected_lengths=self.len_l[ids], chosen_logits_mean=logits_mean[0], rejected_logits_mean=logits_mean[1],
+        return L.dpo_loss(sums[:, 0], sums[:, 1], ref_c, ref_r, options=self.options,
+                          chosen_lengths=self.len_w[ids],
+                          rejected_lengths=self.len_l[ids], chosen_logits_mean=logits_mean[0],
+                          rejected_logits_mean=logits_mean[1],
                           reduction=reduction, compute_metrics=compute_metrics,
                           check_lengths=False, **kw)  # lengths are scored-token counts: no sync to check them
 
@@ -121,7 +123,8 @@ class DPOLoss(FusedLossModule):
     """
 
     @L.takes_options(DPOOptions, positional=("beta", "loss_type"))
-    def __init__(self, *, options: DPOOptions | None = None, ld_alpha: float | None = None, ignore_index: int = -100, temperature: float = 1.0, softcap: float | None = None,
+    def __init__(self, *, options: DPOOptions | None = None, ld_alpha: float | None = None,
+                 ignore_index: int = -100, temperature: float = 1.0, softcap: float | None = None,
                  backend: str = "auto", fused: bool = True, workspace_bytes: int | None = None,
                  compute_metrics: bool = True, token_metrics: bool = False):
         super().__init__(ignore_index=ignore_index, temperature=temperature, softcap=softcap, backend=backend,

@@ -77,8 +77,8 @@ class KTOLoss(FusedLossModule):
     """
 
     @L.takes_options(KTOOptions, positional=("beta", "desirable_weight", "undesirable_weight"))
-    def __init__(self, *, options: KTOOptions | None = None, ignore_index: int = -100, temperature: float = 1.0, softcap: float | None = None,
-                 backend: str = "auto", fused: bool = True, workspace_bytes: int | None = None,
+    def __init__(self, *, options: KTOOptions | None = None, ignore_index: int = -100, temperature: float = 1.0,
+                 softcap: float | None = None, backend: str = "auto", fused: bool = True, workspace_bytes: int | None = None,
                  compute_metrics: bool = True, token_metrics: bool = False):
         super().__init__(ignore_index=ignore_index, temperature=temperature, softcap=softcap, backend=backend,
                          fused=fused, workspace_bytes=workspace_bytes, compute_metrics=compute_metrics,

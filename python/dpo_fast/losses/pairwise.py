@@ -21,7 +21,8 @@ from .terms import PairBatch
 
 Tensor = torch.Tensor
 
-__all__ = ["DPOOptions", "PairwiseConfig", "make_pairwise_config", "normalize_loss_types", "dpo_loss", "pair_loss_and_grads",
+__all__ = ["DPOOptions", "PairwiseConfig", "make_pairwise_config", "normalize_loss_types", "dpo_loss",
+           "pair_loss_and_grads",
            "is_pair_decomposable"]
 
 
@@ -270,8 +271,9 @@ def pair_loss_and_grads(
 ) -> tuple[Tensor, ...]:
     r"""Per-pair losses and dL/dℓ of the total loss, for a fused kernel that forms gradients in its forward.
 
-    Same options (a :class:`DPOOptions` or its keywords) and validation as :func:`dpo_loss`. Works under ``torch.no_grad()`` and never builds a
-    graph into its inputs (everything is detached); the derivatives come from autograd on (P,) vectors.
+    Same options (a :class:`DPOOptions` or its keywords) and validation as :func:`dpo_loss`. Works under
+    ``torch.no_grad()`` and never builds a graph into its inputs (everything is detached); the derivatives come
+    from autograd on (P,) vectors.
 
     Args:
         num_pairs: P of the *whole* batch when this call sees one group of pairs: the mean divides by it
