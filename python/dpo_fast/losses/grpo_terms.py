@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -125,14 +125,17 @@ def agg_sequence_sum(per_token: Tensor, mask: Tensor, o: Any, n_items: Tensor | 
 
 
 # ---------------------------------------------------------------------------------------------- metrics
-def _global_mean(x: Tensor, mask: Tensor) -> Tensor:
+# Each loss type's statistics are defined once, unreduced (:class:`MetricParts`): the registry entry's
+# ``metrics`` reduces them on one process (``grpo_loss``'s ``metrics``); a trainer running on several processes
+# takes the same parts (``metrics.parts``) and reduces them across processes the same way (TRL's reductions).
+def global_mean(x: Tensor, mask: Tensor) -> Tensor:
     """TRL's global_masked_mean on one process: (B, 1) values average over sequences, (B, T) over the mask."""
     if x.shape[-1] == 1:
         return x.sum() / max(x.shape[0], 1)
     return (x * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def _seq_mean(x: Tensor, mask: Tensor) -> Tensor:
+def seq_mean(x: Tensor, mask: Tensor) -> Tensor:
     """TRL's masked_seq_mean: one value per sequence (NaN for a sequence without tokens)."""
     if x.shape[-1] == 1:
         return x.squeeze(-1)
@@ -148,7 +151,35 @@ def _nan_extreme(x: Tensor, largest: bool) -> Tensor:
     return torch.where(ok.any(), ext, torch.full_like(ext, math.nan))
 
 
-def metrics_clipped(t: PolicyTerm, x: TokenTermInputs) -> dict[str, Tensor]:
+@dataclass(frozen=True)
+class MetricParts:
+    """One statistic before its reduction: ``values`` (B, T) per token or (B, 1) per sequence, and ``reduce``:
+    ``"mean"`` (TRL's global_masked_mean over the mask; over sequences for (B, 1)), ``"min"`` / ``"max"``
+    (NaN-skipping extreme of the per-sequence means, :func:`seq_mean`)."""
+
+    values: Tensor
+    reduce: str
+
+    def local(self, mask: Tensor) -> Tensor:
+        """The statistic of this process's batch."""
+        if self.reduce == "mean":
+            return global_mean(self.values, mask)
+        return _nan_extreme(seq_mean(self.values, mask), largest=self.reduce == "max")
+
+
+class LossMetrics:
+    """A registry entry's ``metrics``: called with ``(term, inputs)``, this process's statistics (0-d tensors,
+    TRL's names); :meth:`parts` gives them unreduced."""
+
+    def __init__(self, parts: Callable[[PolicyTerm, TokenTermInputs], dict[str, MetricParts]]):
+        self.parts = parts
+        self.__doc__ = parts.__doc__
+
+    def __call__(self, t: PolicyTerm, x: TokenTermInputs) -> dict[str, Tensor]:
+        return {name: p.local(x.mask) for name, p in self.parts(t, x).items()}
+
+
+def _parts_clipped(t: PolicyTerm, x: TokenTermInputs) -> dict[str, MetricParts]:
     """clip_ratio/{low_mean, high_mean, region_mean, low_min, high_max} (TRL's names and reductions)."""
     o = x.options
     A = x.advantages
@@ -156,22 +187,31 @@ def metrics_clipped(t: PolicyTerm, x: TokenTermInputs) -> dict[str, Tensor]:
     high = ((t.coef > 1.0 + o.epsilon_high) & (A > 0)).to(x.mask.dtype)
     region = ((low + high) > 0).to(x.mask.dtype)
     return {
-        "clip_ratio/low_mean": _global_mean(low, x.mask),
-        "clip_ratio/high_mean": _global_mean(high, x.mask),
-        "clip_ratio/region_mean": _global_mean(region, x.mask),
-        "clip_ratio/low_min": _nan_extreme(_seq_mean(low, x.mask), largest=False),
-        "clip_ratio/high_max": _nan_extreme(_seq_mean(high, x.mask), largest=True),
+        "clip_ratio/low_mean": MetricParts(low, "mean"),
+        "clip_ratio/high_mean": MetricParts(high, "mean"),
+        "clip_ratio/region_mean": MetricParts(region, "mean"),
+        "clip_ratio/low_min": MetricParts(low, "min"),
+        "clip_ratio/high_max": MetricParts(high, "max"),
     }
 
 
-def metrics_cispo(t: PolicyTerm, x: TokenTermInputs) -> dict[str, Tensor]:
+def _parts_cispo(t: PolicyTerm, x: TokenTermInputs) -> dict[str, MetricParts]:
+    """cispo_clip_ratio: the share of tokens whose weight min(ρ, ε_high) is clipped (A > 0)."""
     clipped = ((t.coef > x.options.epsilon_high) & (x.advantages > 0)).to(x.mask.dtype)
-    return {"cispo_clip_ratio": _global_mean(clipped, x.mask)}
+    return {"cispo_clip_ratio": MetricParts(clipped, "mean")}
 
 
-def metrics_vespo(t: PolicyTerm, x: TokenTermInputs) -> dict[str, Tensor]:
-    return {"vespo/phi_seq_mean": _global_mean(t.phi, x.mask)}
+def _parts_vespo(t: PolicyTerm, x: TokenTermInputs) -> dict[str, MetricParts]:
+    """vespo/phi_seq_mean: the mean of VESPO's sequence weight φ."""
+    return {"vespo/phi_seq_mean": MetricParts(t.phi, "mean")}
 
 
-def metrics_none(t: PolicyTerm, x: TokenTermInputs) -> dict[str, Tensor]:
+def _parts_none(t: PolicyTerm, x: TokenTermInputs) -> dict[str, MetricParts]:
+    """No clip statistics."""
     return {}
+
+
+metrics_clipped = LossMetrics(_parts_clipped)
+metrics_cispo = LossMetrics(_parts_cispo)
+metrics_vespo = LossMetrics(_parts_vespo)
+metrics_none = LossMetrics(_parts_none)

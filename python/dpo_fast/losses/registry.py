@@ -28,8 +28,9 @@ __all__ = [
     "PairwiseLossType", "PAIRWISE", "LOSS_TYPES", "DEFAULT_LOSS_TYPE", "NEEDS_LENGTHS", "BATCH_COUPLED",
     "EPS_RANGES", "TRL_SMOOTHED", "FDivergence", "F_DIVERGENCES", "F_DIVERGENCE_TYPES", "DEFAULT_F_DIVERGENCE",
     "CPOLossType", "CPO_LOSSES", "CPO_LOSS_TYPES", "DEFAULT_CPO_LOSS_TYPE", "KTOLossType", "KTO_LOSSES",
-    "KTO_LOSS_TYPES", "DEFAULT_KTO_LOSS_TYPE", "kto_entry", "GRPOLossType", "GRPO_LOSSES",
-    "GRPO_LOSS_TYPES", "DEFAULT_GRPO_LOSS_TYPE", "TRL_DEFAULT_GRPO_LOSS_TYPE", "IS_LEVELS", "DEFAULT_IS_LEVEL",
+    "KTO_LOSS_TYPES", "DEFAULT_KTO_LOSS_TYPE", "TRL_KTO_LOSS_TYPES", "kto_entry", "GRPOLossType", "GRPO_LOSSES",
+    "GRPO_LOSS_TYPES", "DEFAULT_GRPO_LOSS_TYPE", "TRL_DEFAULT_GRPO_LOSS_TYPE", "TRL_GRPO_LOSS_TYPES", "IS_LEVELS",
+    "DEFAULT_IS_LEVEL",
     "SEQUENCE_IS_LEVEL", "VLLM_IS_MODES", "VLLM_IS_TRUNCATE_MODES", "VLLM_IS_SEQUENCE_MODES", "REDUCTIONS",
     "pairwise", "grpo_entry", "cpo_entry", "check_name", "render_markdown_table", "render_rst_table",
 ]
@@ -259,6 +260,8 @@ KTO_LOSSES: tuple[KTOLossType, ...] = (
 _KTO_BY_NAME = {e.name: e for e in KTO_LOSSES}
 KTO_LOSS_TYPES: tuple[str, ...] = tuple(e.name for e in KTO_LOSSES)
 DEFAULT_KTO_LOSS_TYPE = KTO_LOSSES[0].name
+#: TRL 1.16's ``KTOConfig.loss_type`` values (what the TRL trainer integration accepts).
+TRL_KTO_LOSS_TYPES: tuple[str, ...] = ("kto", "apo_zero_unpaired")
 
 
 def kto_entry(name: str) -> KTOLossType:
@@ -322,6 +325,9 @@ _GRPO_BY_NAME = {e.name: e for e in GRPO_LOSSES}
 GRPO_LOSS_TYPES: tuple[str, ...] = tuple(e.name for e in GRPO_LOSSES)
 DEFAULT_GRPO_LOSS_TYPE = GRPO_LOSSES[0].name  # dpo_fast's default (kept from the first release)
 TRL_DEFAULT_GRPO_LOSS_TYPE = "dapo"  # GRPOConfig's default in TRL 1.16
+#: TRL 1.16's ``GRPOConfig.loss_type`` values (what the TRL trainer integration accepts; the fused route takes
+#: those that are also in GRPO_LOSS_TYPES).
+TRL_GRPO_LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 IS_LEVELS: tuple[str, ...] = ("token", "sequence")
 DEFAULT_IS_LEVEL, SEQUENCE_IS_LEVEL = IS_LEVELS
 VLLM_IS_MODES: tuple[str, ...] = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
