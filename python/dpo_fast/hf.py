@@ -40,7 +40,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ._validate import cu_seqlens_tensor
+from .engine.checks import cu_seqlens_tensor
 from .logprobs import sequence_logprobs
 from .distributed import is_zero3_param
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import torch
 
 from .distributed import distributed_head
-from ._validate import (as_cu_seqlens, autocast_aware, check_cu_seqlens, check_same_device, check_scalars,
-                        check_tensor)
-from .engine import (LogitsLabelLogprobs, get_workspace_bytes, make_rows, prepare, scored_logprobs,
+from .engine.autocast import autocast_aware
+from .engine.checks import (as_cu_seqlens, check_cu_seqlens, check_ignore_index, check_same_device, check_scalars,
+                            check_tensor)
+from .engine import (LogitsLabelLogprobs, as_head, get_workspace_bytes, make_rows, prepare, scored_logprobs,
                      scored_positions, segment_sum)
 
 # ----------------------------------------------------------------------------------------------------------
@@ -66,9 +67,10 @@ def sequence_logprobs(hidden, weight, labels, *, bias=None, cu_seqlens=None, ign
     """
     if not isinstance(average, bool):
         raise TypeError(f"average: expected a bool, got {type(average).__name__}")
-    sc = prepare(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, ignore_index=ignore_index,
-                 temperature=temperature, softcap=softcap)
-    logp = scored_logprobs(sc, weight, bias, temperature=temperature, softcap=softcap, backend=backend)
+    head = as_head(weight, bias)  # resolved by distributed_head, or the plain (weight, bias)
+    sc = prepare(hidden, head, labels, cu_seqlens=cu_seqlens, ignore_index=ignore_index, temperature=temperature,
+                 softcap=softcap)
+    logp = scored_logprobs(sc, head, temperature=temperature, softcap=softcap, backend=backend)
     out = segment_sum(logp, sc.seq, sc.num_seqs)
     if average:
         out = out / sc.counts().to(logp.dtype).clamp_min(1.0)
@@ -97,9 +99,9 @@ def token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, temp
     shape = tuple(labels.shape)
     if hidden.dim() == 2 and labels.dim() == 1:  # packed tokens: one row (no boundaries needed per token)
         hidden, labels = hidden.unsqueeze(0), labels.unsqueeze(0)
-    sc = prepare(hidden, weight, labels, bias=bias, ignore_index=ignore_index, temperature=temperature,
-                 softcap=softcap)
-    logp = scored_logprobs(sc, weight, bias, temperature=temperature, softcap=softcap, backend=backend)
+    head = as_head(weight, bias)  # resolved by distributed_head, or the plain (weight, bias)
+    sc = prepare(hidden, head, labels, ignore_index=ignore_index, temperature=temperature, softcap=softcap)
+    logp = scored_logprobs(sc, head, temperature=temperature, softcap=softcap, backend=backend)
     out = torch.zeros(sc.hidden2.shape[0], dtype=logp.dtype, device=logp.device).index_copy(0, sc.idx, logp)
     return out.view(shape)
 
@@ -135,8 +137,7 @@ def logprobs_from_logits(logits, labels, *, ignore_index=-100, temperature=1.0, 
     check_tensor("logits", logits, dims=(2, 3), floating=True)
     check_tensor("labels", labels, floating=False)
     cu_seqlens = as_cu_seqlens(cu_seqlens, logits.device)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    check_ignore_index(ignore_index)
     check_scalars(temperature, None)
     check_same_device(logits=logits, labels=labels, cu_seqlens=cu_seqlens)
     if tuple(labels.shape) != tuple(logits.shape[:-1]):

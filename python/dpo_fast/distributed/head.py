@@ -18,7 +18,10 @@
   ``deepspeed.zero.GatheredParameters`` (skipped for parameters already available); see
   :mod:`dpo_fast.distributed.zero3` for the backward.
 
-:func:`distributed_head` is the decorator every public entry point carries: one line per entry point.
+:func:`resolve` turns the triple into ``(hidden, Head)``: the one place that decides what kind of head a call
+runs on (:class:`dpo_fast.engine.Head`, with ``split`` set for a head split across processes).
+:func:`distributed_head` is the decorator every public entry point carries: one line per entry point; it
+calls :func:`resolve` and hands the Head down in the ``weight`` argument.
 """
 
 from __future__ import annotations
@@ -29,10 +32,12 @@ import inspect
 
 import torch
 
+from ..engine.head import Head
 from . import zero3
-from .state import DistributedHeadError, VocabShard, shard_scope
+from .state import DistributedHeadError, VocabShard
+from .vocab_parallel import VOCAB_PARALLEL
 
-__all__ = ["DistributedHeadError", "VocabShard", "distributed_head", "resolve_head", "vocab_parallel",
+__all__ = ["DistributedHeadError", "VocabShard", "distributed_head", "resolve", "resolve_head", "vocab_parallel",
            "head_layout"]
 
 _MARK = "_dpo_fast_vocab_shard"
@@ -270,6 +275,20 @@ def resolve_head(hidden, weight, bias, stack: contextlib.ExitStack | None = None
     return hidden, weight, bias, shard
 
 
+def resolve(hidden, weight, bias, stack: contextlib.ExitStack | None = None, *,
+            names=("hidden", "weight", "bias")) -> tuple[object, Head]:
+    """``(hidden, Head)`` for the engine: :func:`resolve_head`, then the head as one explicit record.
+
+    The kinds of head: whole rows here (``split=None``: plain, gathered DTensor, gathered ZeRO-3 copy) or
+    split over the vocabulary (``shard`` and ``split=VOCAB_PARALLEL``). A new way of splitting a head adds its
+    :class:`dpo_fast.engine.SplitHead` implementation and its branch here.
+    """
+    hidden, weight, bias, shard = resolve_head(hidden, weight, bias, stack, names=names)
+    if shard is None:
+        return hidden, Head(weight, bias)
+    return hidden, Head(weight, bias, shard=shard, split=VOCAB_PARALLEL)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the entry-point decorator
 
@@ -290,11 +309,13 @@ def distributed_head(*triples: tuple[str, str, str]):
         triples: argument names ``(hidden, weight, bias)`` of each head the entry point takes (default one
             triple with those names; DPOLoss adds ``("ref_hidden", "ref_weight", "ref_bias")``).
 
-    Plain tensors pass straight through (one ``isinstance``/``hasattr`` check each). Otherwise the call runs
-    with DTensors gathered or localised, ZeRO-3 parameters gathered (and re-gathered for any backward that
-    needs them), and, for a vocabulary-parallel head, the shard active so that the engine's primitives
-    (:func:`dpo_fast.distributed.state.active_shard`) run their vocabulary-parallel versions. All heads of
-    one call must share one vocabulary layout.
+    Plain tensors pass straight through (one ``isinstance``/``hasattr`` check each). Otherwise each triple is
+    resolved once (:func:`resolve`): the hidden argument receives the local hidden states, the weight argument
+    the :class:`dpo_fast.engine.Head` (DTensors gathered or localised, ZeRO-3 parameters gathered and
+    re-gathered for any backward that needs them, a vocabulary shard with its offset, size and group) and the
+    bias argument None (the bias is inside the Head). The body hands the Head down explicitly
+    (``dpo_fast.engine.as_head(weight, bias)`` accepts both forms). All heads of one call must share one
+    vocabulary layout.
     """
     triples = triples or (("hidden", "weight", "bias"),)
 
@@ -309,18 +330,18 @@ def distributed_head(*triples: tuple[str, str, str]):
                 return fn(*args, **kwargs)
             with contextlib.ExitStack() as stack:
                 shards = []
-                for tr in triples:
-                    h, w, b = (arg.get(n) for n in tr)
+                for hn, wn, bn in triples:
+                    w = arg.get(wn)
                     if w is None:
                         continue
-                    h, w, b, sh = resolve_head(h, w, b, stack, names=tr)
-                    for n, v in zip(tr, (h, w, b)):
-                        if n in arg:
-                            arg[n] = v
-                    shards.append((tr[1], sh))
+                    h, head = resolve(arg.get(hn), w, arg.get(bn), stack, names=(hn, wn, bn))
+                    if hn in arg:
+                        arg[hn] = h
+                    arg[wn] = head
+                    if bn in arg:
+                        arg[bn] = None
+                    shards.append((wn, head.shard))
                 _check_same_layout(shards)
-                shard = next((s for _, s in shards if s is not None), None)
-                stack.enter_context(shard_scope(shard))
                 return fn(*ba.args, **ba.kwargs)
 
         return wrapper

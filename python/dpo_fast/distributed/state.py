@@ -1,73 +1,32 @@
-"""The vocabulary shard a call is running on: a light record and the per-call context the engine reads.
+"""The vocabulary shard record and the questions public code may ask about a head.
 
-This module imports nothing from the engine, so the engine's primitives can ask it, at no cost when no
-vocabulary-parallel call is active, whether the weight they were handed is one rank's slice of the head:
+The layout of a head is no longer ambient state: :func:`dpo_fast.distributed.distributed_head` resolves it
+once per call into a :class:`dpo_fast.engine.Head` and hands that down. :class:`VocabShard` (defined with
+the Head in :mod:`dpo_fast.engine.head`) is re-exported here under its public name.
 
-* :func:`active_shard` ``(weight)`` -> the :class:`VocabShard` or None;
-* :func:`vocab_size` ``(weight)`` -> the *global* vocabulary size (``weight.shape[0]`` outside a shard).
+* :func:`active_shard` ``(weight)`` -> the :class:`VocabShard` of a resolved vocabulary-parallel Head, else None;
+* :func:`vocab_size` ``(weight)`` -> the *global* vocabulary size (``weight.shape[0]`` for a plain tensor).
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from dataclasses import dataclass
-from typing import Any
-
 import torch
+
+from ..engine.head import Head, VocabShard
+
+__all__ = ["DistributedHeadError", "VocabShard", "active_shard", "vocab_size"]
 
 
 class DistributedHeadError(ValueError):
     """The head's distributed layout is inconsistent or unsupported (named argument, expected layout)."""
 
 
-@dataclass(frozen=True)
-class VocabShard:
-    """This rank's rows ``[start, start + local_size)`` of a ``(vocab_size, H)`` output head.
-
-    Attributes:
-        group: the process group over which the vocabulary is split (the TP group).
-        start: first global vocabulary row held here. local_size: rows held here (may be 0 for uneven
-            DTensor shards). vocab_size: the global V (sum of all ranks' local sizes).
-        rank, world: this rank's index in ``group`` and the group's size.
-    """
-
-    group: Any
-    start: int
-    local_size: int
-    vocab_size: int
-    rank: int
-    world: int
-
-    def owns(self, weight: torch.Tensor) -> bool:
-        return weight.dim() == 2 and weight.shape[0] == self.local_size
+def active_shard(weight: torch.Tensor | Head | None) -> VocabShard | None:
+    """The vocabulary shard ``weight`` is a slice of (a :class:`dpo_fast.engine.Head` resolved by
+    :func:`dpo_fast.distributed.distributed_head` for a vocabulary-parallel call); else None."""
+    return weight.shard if isinstance(weight, Head) else None
 
 
-_ACTIVE: contextvars.ContextVar[VocabShard | None] = contextvars.ContextVar("dpo_fast_vocab_shard", default=None)
-
-
-def active_shard(weight: torch.Tensor | None) -> VocabShard | None:
-    """The vocabulary shard ``weight`` is a slice of, during a vocabulary-parallel call; else None."""
-    shard = _ACTIVE.get()
-    if shard is None or weight is None or not shard.owns(weight):
-        return None
-    return shard
-
-
-def vocab_size(weight: torch.Tensor) -> int:
-    """Global vocabulary size of a head weight (its ``shape[0]`` unless it is an active vocabulary shard)."""
-    shard = active_shard(weight)
-    return weight.shape[0] if shard is None else shard.vocab_size
-
-
-@contextlib.contextmanager
-def shard_scope(shard: VocabShard | None):
-    """Run the body with ``shard`` active (None: leave whatever is active unchanged)."""
-    if shard is None:
-        yield
-        return
-    token = _ACTIVE.set(shard)
-    try:
-        yield
-    finally:
-        _ACTIVE.reset(token)
+def vocab_size(weight: torch.Tensor | Head) -> int:
+    """Global vocabulary size of a head weight (its ``shape[0]`` unless it is a vocabulary-parallel Head)."""
+    return weight.vocab_size if isinstance(weight, Head) else weight.shape[0]

@@ -23,11 +23,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..engine import (RowResult, Scored, TokenStats, TorchRows, acc_dtype, backward_tokens, linear_into,
-                      make_rows, per_elem_bytes, tile, workspace)
-from .state import VocabShard
+from ..engine import (Head, RowResult, Scored, TokenStats, TorchRows, VocabShard, acc_dtype, backward_tokens,
+                      linear_into, make_rows, per_elem_bytes, tile, workspace)
 
-__all__ = ["VocabParallelLogprobs", "forward_tokens_vp", "scored_logprobs_vp", "vocab_mean_row"]
+__all__ = ["VOCAB_PARALLEL", "VocabParallel", "VocabParallelLogprobs", "forward_tokens_vp", "scored_logprobs_vp",
+           "vocab_mean_row"]
 
 
 def _local_partials(hidden2, weight, bias, idx, labels_s, shard: VocabShard, rows: TorchRows, budget: int,
@@ -49,7 +49,7 @@ def _local_partials(hidden2, weight, bias, idx, labels_s, shard: VocabShard, row
     for s in range(0, N, chunk):
         e = min(N, s + chunk)
         hc = hidden2.index_select(0, idx[s:e])  # (n, H)
-        zc = rows._tempered(linear_into(tile(buf, e - s, Vl), hc, weight, bias), in_place=True)  # (n, Vl)
+        zc = rows.tempered(linear_into(tile(buf, e - s, Vl), hc, weight, bias), in_place=True)  # (n, Vl)
         local = labels_s[s:e] - shard.start
         own = (local >= 0) & (local < Vl)
         zy = zc.gather(1, local.clamp(0, Vl - 1)[:, None]).squeeze(1)
@@ -163,3 +163,28 @@ def vocab_mean_row(weight: torch.Tensor, bias: torch.Tensor | None, shard: Vocab
     dist.all_reduce(part, op=dist.ReduceOp.SUM, group=shard.group)
     part /= shard.vocab_size
     return part[:H].to(weight.dtype), None if bias is None else part[H].to(bias.dtype)
+
+
+class VocabParallel:
+    """The engine's passes on a head split over the vocabulary (:class:`dpo_fast.engine.SplitHead`).
+
+    :func:`dpo_fast.distributed.distributed_head` puts :data:`VOCAB_PARALLEL` in the ``split`` of every
+    vocabulary-parallel :class:`dpo_fast.engine.Head`; the engine calls it through that protocol.
+    """
+
+    #: the fused one-pass route needs whole logits rows: a split head takes the two-pass route
+    one_pass = False
+
+    def forward_tokens(self, head: Head, hidden2, idx, labels_s, rows, budget: int, stats: bool) -> RowResult:
+        return forward_tokens_vp(hidden2, head.weight, head.bias, idx, labels_s, rows, budget, stats, head.shard)
+
+    def scored_logprobs(self, head: Head, sc: Scored, *, temperature, softcap, stats_out):
+        return scored_logprobs_vp(sc, head.weight, head.bias, temperature=temperature, softcap=softcap,
+                                  stats_out=stats_out, shard=head.shard)
+
+    def vocab_mean_row(self, head: Head):
+        return vocab_mean_row(head.weight, head.bias, head.shard)
+
+
+#: the one (stateless) instance
+VOCAB_PARALLEL = VocabParallel()

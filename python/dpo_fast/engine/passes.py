@@ -22,27 +22,29 @@ from __future__ import annotations
 import torch
 
 from . import workspace
+from .head import Head, as_head
 from .rows import RowOps, RowResult, TokenStats, acc_dtype, make_rows
 from .scored import Scored
 from .tiles import addmm_fp32_, linear_into, matmul, per_elem_bytes, tile, tile_dtype, tile_rows
-from ..distributed.state import active_shard
 
 
-def forward_tokens(hidden2, weight, bias, idx, labels_s, rows: RowOps, budget: int,
+def forward_tokens(hidden2, weight: torch.Tensor | Head, bias, idx, labels_s, rows: RowOps, budget: int,
                    stats: bool = False, tile_dt: torch.dtype | None = None) -> RowResult:
     """No-grad forward over scored tokens: token chunks x full vocabulary.
 
     Args:
-        hidden2: (M, H); weight: (V, H); bias: (V,) or None; idx: (N,) rows of hidden2 to score;
+        hidden2: (M, H); weight: (V, H), or a :class:`~.head.Head` (``bias`` None); bias: (V,) or None;
+        idx: (N,) rows of hidden2 to score;
         labels_s: (N,) int64 labels; rows: the backend's row ops; budget: workspace bytes.
         stats: also compute :class:`TokenStats` in the same pass.
         tile_dt: dtype of the logits tiles (default :func:`.tiles.tile_dtype` of the inputs).
     Returns:
         :class:`RowResult` of (N,) tensors in the accumulation dtype (float32 for 16/32-bit inputs).
     """
-    if (shard := active_shard(weight)) is not None:  # dpo_fast.distributed: vocabulary-parallel head
-        from ..distributed.vocab_parallel import forward_tokens_vp
-        return forward_tokens_vp(hidden2, weight, bias, idx, labels_s, rows, budget, stats, shard)
+    head = as_head(weight, bias)
+    if head.split is not None:  # a head split across processes runs its own passes
+        return head.split.forward_tokens(head, hidden2, idx, labels_s, rows, budget, stats)
+    weight, bias = head.weight, head.bias
     N = idx.numel()
     V = weight.shape[0]
     dev = hidden2.device
@@ -193,17 +195,20 @@ class LinearLabelLogprobs(torch.autograd.Function):
         return dh, dw, db, None, None, None, None, None
 
 
-def scored_logprobs(sc: Scored, weight, bias, *, temperature=1.0, softcap=None, backend="auto",
-                    stats_out: dict | None = None) -> torch.Tensor:
+def scored_logprobs(sc: Scored, weight: torch.Tensor | Head, bias=None, *, temperature=1.0, softcap=None,
+                    backend="auto", stats_out: dict | None = None) -> torch.Tensor:
     """(N,) float32 log-probs of the scored tokens of a prepared batch, differentiable.
+
+    ``weight``: the (V, H) weight (with ``bias``), or a :class:`~.head.Head` (``bias`` None); differentiable
+    w.r.t. its ``weight`` and ``bias``.
 
     ``stats_out``: optional dict filled with the forward's per-token stats, keys :data:`.rows.STAT_KEYS`
     and ``"lse"``, (N,) each (no gradient).
     """
-    if (shard := active_shard(weight)) is not None:  # dpo_fast.distributed: vocabulary-parallel head
-        from ..distributed.vocab_parallel import scored_logprobs_vp
-        return scored_logprobs_vp(sc, weight, bias, temperature=temperature, softcap=softcap, backend=backend,
-                                  stats_out=stats_out, shard=shard)
+    head = as_head(weight, bias)
+    if head.split is not None:  # a head split across processes runs its own passes
+        return head.split.scored_logprobs(head, sc, temperature=temperature, softcap=softcap, stats_out=stats_out)
+    weight, bias = head.weight, head.bias
     rows = make_rows(backend, sc.hidden2.device, sc.hidden2.dtype, temperature, softcap)
     budget = workspace.get_workspace_bytes(sc.hidden2.device)
     return LinearLabelLogprobs.apply(sc.hidden2, weight, bias, sc.idx, sc.labels, rows, budget, stats_out)

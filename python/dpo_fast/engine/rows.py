@@ -103,10 +103,26 @@ class RowOps(Protocol):
         """Gradient of the raw logits of the tile given to :meth:`fwd_for_grad`, written into ``z``; returns z."""
         ...
 
+    def tempered(self, z: torch.Tensor, *, in_place: bool) -> torch.Tensor:
+        """The tile's transformed logits zc (softcap, then temperature) in the accumulation dtype: ``z`` itself
+        when ``in_place`` and it is already in that dtype, else a copy. For passes that reduce tiles
+        themselves (the vocabulary-parallel head's partial sums)."""
+        ...
+
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation/output dtype: float32, or float64 for float64 inputs (gradcheck and references)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tempered(z: torch.Tensor, temperature: float, softcap: float | None, in_place: bool) -> torch.Tensor:
+    """Accumulation-dtype tile with softcap then temperature applied: ``z`` itself when allowed, else a copy."""
+    zc = z if (in_place and z.dtype == acc_dtype(z.dtype)) else z.to(acc_dtype(z.dtype), copy=True)
+    if softcap is not None:  # the model's cap first, then the sampling temperature
+        zc.mul_(1.0 / softcap).tanh_().mul_(softcap)
+    if temperature != 1.0:
+        zc.mul_(1.0 / temperature)
+    return zc
 
 
 class TorchRows:
@@ -125,14 +141,9 @@ class TorchRows:
         #: tempered/capped tiles, plus the softcap chain factor in backward
         self.bytes_per_elem = 8 if self.softcap is not None else 4
 
-    def _tempered(self, z: torch.Tensor, in_place: bool) -> torch.Tensor:
-        """Accumulation-dtype tile with temperature and softcap applied: ``z`` itself when allowed, else a copy."""
-        zc = z if (in_place and z.dtype == acc_dtype(z.dtype)) else z.to(acc_dtype(z.dtype), copy=True)
-        if self.softcap is not None:  # the model's cap first, then the sampling temperature
-            zc.mul_(1.0 / self.softcap).tanh_().mul_(self.softcap)
-        if self.temperature != 1.0:
-            zc.mul_(1.0 / self.temperature)
-        return zc
+    def tempered(self, z: torch.Tensor, *, in_place: bool) -> torch.Tensor:
+        """See :meth:`RowOps.tempered`."""
+        return tempered(z, self.temperature, self.softcap, in_place)
 
     @staticmethod
     def _exp_rows_(zc: torch.Tensor, labels: torch.Tensor):
@@ -145,7 +156,7 @@ class TorchRows:
 
     def fwd(self, z: torch.Tensor, labels: torch.Tensor, *, scratch: bool = True, stats: bool = False) -> RowResult:
         """See :meth:`RowOps.fwd`."""
-        zc = self._tempered(z, in_place=scratch)  # (n, V)
+        zc = self.tempered(z, in_place=scratch)  # (n, V)
         if stats:
             zy = zc.gather(1, labels[:, None]).squeeze(1)
             m_raw = zc.amax(dim=1)
@@ -169,7 +180,7 @@ class TorchRows:
         """
         if self.softcap is not None or stats:
             return self.fwd(z, labels, scratch=False, stats=stats), None
-        e = self._tempered(z, in_place=True)
+        e = self.tempered(z, in_place=True)
         zy, lse, s = self._exp_rows_(e, labels)
         return RowResult(zy - lse, lse), (e, s)
 
@@ -191,7 +202,7 @@ class TorchRows:
         """See :meth:`RowOps.bwd`."""
         n, Vs = z.shape
         # in place on the scratch tile when it is already float32/float64
-        zc = self._tempered(z, in_place=True)
+        zc = self.tempered(z, in_place=True)
         chain = None
         if self.softcap is not None:  # zc = cap tanh(z/cap) / T: dzc/dz = (1 - tanh^2) / T, tanh = zc T / cap
             chain = torch.square(zc * (self.temperature / self.softcap)).neg_().add_(1.0).mul_(1.0 / self.temperature)
@@ -241,6 +252,10 @@ class TritonRows:
 
     def grad_after_fwd(self, z, labels, lse, g, state):
         return self.bwd(z, z, labels, lse, g, 0)
+
+    def tempered(self, z: torch.Tensor, *, in_place: bool) -> torch.Tensor:
+        """See :meth:`RowOps.tempered` (torch ops: the kernels fuse the transform into their own passes)."""
+        return tempered(z, self.temperature, self.softcap, in_place)
 
 
 BACKENDS = ("auto", "torch", "triton")

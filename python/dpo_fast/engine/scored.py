@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .._validate import as_cu_seqlens, check_cu_seqlens, check_engine_inputs, check_labels_range
-from ..distributed.state import vocab_size
+from .checks import as_cu_seqlens, check_cu_seqlens, check_engine_inputs, check_labels_range
+from .head import Head, as_head
 from .segments import segment_counts
 
 
@@ -105,15 +105,19 @@ def scored_positions(labels, vocab: int, ignore_index: int, row_len: int | None,
     return gather_scored(labels, vocab, ignore_index, row_len, cu_seqlens)[:3]
 
 
-def prepare(hidden, weight, labels, *, bias=None, cu_seqlens=None, ignore_index=-100, temperature=1.0,
-            softcap=None) -> Scored:
+def prepare(hidden, weight: torch.Tensor | Head, labels, *, bias=None, cu_seqlens=None, ignore_index=-100,
+            temperature=1.0, softcap=None) -> Scored:
     """Validate the engine's inputs (see :func:`dpo_fast.sequence_logprobs`) and gather the scored positions.
+
+    ``weight``: the (V, H) weight (with ``bias``), or a :class:`~.head.Head` (``bias`` None), whose global
+    vocabulary size bounds the labels.
 
     One host sync: the per-sequence scored counts, with the label-range flag and packed boundaries (their
     values are validated on that host copy). Returns a :class:`Scored`.
     """
-    S, T = check_engine_inputs(hidden, weight, labels, bias, cu_seqlens, ignore_index, temperature, softcap,
-                               cu_values=False)
-    V = vocab_size(weight)  # dpo_fast.distributed: the global V when weight is a vocabulary shard
+    head = as_head(weight, bias)
+    S, T = check_engine_inputs(hidden, head.weight, labels, head.bias, cu_seqlens, ignore_index, temperature,
+                               softcap, cu_values=False)
+    V = head.vocab_size  # the global V when the head is split over the vocabulary
     idx, labels_s, seq, counts_host, cu_host = gather_scored(labels, V, ignore_index, T, cu_seqlens)
     return Scored(hidden.reshape(-1, hidden.shape[-1]), idx, labels_s, seq, S, counts_host, cu_host)

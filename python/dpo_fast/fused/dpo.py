@@ -10,6 +10,7 @@ batch and take the two-pass route.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -17,8 +18,9 @@ import torch
 from ..distributed import distributed_head
 from .. import losses as L
 from ..losses import DPOOptions
-from .._validate import autocast_aware, check_engine_inputs, check_tensor
-from ..engine import Scored, forward_tokens, get_workspace_bytes, make_rows, prepare, scored_logprobs, segment_sum
+from ..engine.autocast import autocast_aware
+from ..engine.checks import check_engine_inputs, check_tensor
+from ..engine import Head, Scored, as_head, forward_tokens, get_workspace_bytes, make_rows, prepare, scored_logprobs, segment_sum
 from .pairs import (add_pair_token_metrics, check_ld_alpha, ld_token_weights, logits_means, pair_layout,
                     pair_units_host, wpo_logweights)
 from .route import FusedLossModule, Values, autocast_entry, with_route
@@ -156,7 +158,7 @@ class DPOLoss(FusedLossModule):
             if ref_chosen_logps is not None or ref_rejected_logps is not None:
                 raise ValueError("ref_hidden: pass either ref_hidden or ref_chosen/rejected_logps, not both")
             ref_chosen_logps, ref_rejected_logps = self._reference(sc, hidden, labels, cu_seqlens, ref_hidden,
-                                                                   ref_weight, ref_bias, p.weight, bias, tokw,
+                                                                   ref_weight, ref_bias, p.head, tokw,
                                                                    c_seq, r_seq)
         elif (ref_chosen_logps is None) != (ref_rejected_logps is None):
             raise ValueError("ref_chosen_logps, ref_rejected_logps: pass both or neither (reference-free)")
@@ -167,7 +169,7 @@ class DPOLoss(FusedLossModule):
                     raise ValueError(f"{name}: expected shape ({P},) (one per pair), got {tuple(t.shape)}")
 
         # logits/* without token_metrics: one GEMV (with token_metrics they come from the pass itself)
-        lm = logits_means(sc, p.weight, bias, counts, c_seq, r_seq, self.temperature) \
+        lm = logits_means(sc, p.head, counts, c_seq, r_seq, self.temperature) \
             if self.compute_metrics and not self.token_metrics else None
         len_w, len_l = counts[c_seq], counts[r_seq]
         task = DPOTask(
@@ -182,22 +184,23 @@ class DPOLoss(FusedLossModule):
         sums = add_pair_token_metrics(out, values, self.compute_metrics) if self.token_metrics else None
         return with_route(out, route, sums)
 
-    def _reference(self, sc: Scored, hidden, labels, cu_seqlens, ref_hidden, ref_weight, ref_bias, weight, bias,
+    def _reference(self, sc: Scored, hidden, labels, cu_seqlens, ref_hidden, ref_weight, ref_bias, head: Head,
                    tokw, c_seq, r_seq):
         """(P,) reference chosen / rejected log-probs of the same scored tokens: the no-grad forward."""
         check_tensor("ref_hidden", ref_hidden, dims=(2, 3), floating=True)
         if ref_hidden.shape[:-1] != hidden.shape[:-1]:
             raise ValueError(f"ref_hidden: expected shape {tuple(hidden.shape[:-1])} + (H,) (hidden's leading "
                              f"dims), got {tuple(ref_hidden.shape)}")
-        rw = weight if ref_weight is None else ref_weight
-        rb = (bias if ref_weight is None else None) if ref_bias is None else ref_bias
-        check_engine_inputs(ref_hidden, rw, labels, rb, cu_seqlens, self.ignore_index, self.temperature,
-                            self.softcap, cu_values=False)  # prepare() validated cu_seqlens' values: no sync
+        if ref_weight is None:  # the policy head (its bias unless ref_bias is given)
+            ref = head if ref_bias is None else dataclasses.replace(head, bias=ref_bias)
+        else:
+            ref = as_head(ref_weight, ref_bias)
+        check_engine_inputs(ref_hidden, ref.weight, labels, ref.bias, cu_seqlens, self.ignore_index,
+                            self.temperature, self.softcap, cu_values=False)  # prepare() validated cu_seqlens
         rows = make_rows(self.backend, ref_hidden.device, ref_hidden.dtype, self.temperature, self.softcap)
         with torch.no_grad():
-            logp = forward_tokens(ref_hidden.reshape(-1, ref_hidden.shape[-1]), rw.detach(),
-                                  None if rb is None else rb.detach(), sc.idx, sc.labels, rows,
-                                  get_workspace_bytes(ref_hidden.device)).logp
+            logp = forward_tokens(ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref.detach(), None, sc.idx,
+                                  sc.labels, rows, get_workspace_bytes(ref_hidden.device)).logp
             seq = segment_sum(logp if tokw is None else logp * tokw, sc.seq, sc.num_seqs)
         return seq[c_seq], seq[r_seq]
 
@@ -217,10 +220,11 @@ def pair_logprobs(hidden, weight, labels, *, bias=None, cu_seqlens=None, pairs=N
         ``(chosen, rejected)``: two (P,) float32 tensors.
     """
     check_ld_alpha(ld_alpha)
-    sc = prepare(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, ignore_index=ignore_index,
-                 temperature=temperature, softcap=softcap)
+    head = as_head(weight, bias)  # resolved by distributed_head, or the plain (weight, bias)
+    sc = prepare(hidden, head, labels, cu_seqlens=cu_seqlens, ignore_index=ignore_index, temperature=temperature,
+                 softcap=softcap)
     c_seq, r_seq = pair_layout(pairs, sc.num_seqs, sc.idx.device)
-    logp = scored_logprobs(sc, weight, bias, temperature=temperature, softcap=softcap, backend=backend)
+    logp = scored_logprobs(sc, head, temperature=temperature, softcap=softcap, backend=backend)
     tokw = None if ld_alpha is None else ld_token_weights(sc, sc.counts(), c_seq, r_seq, ld_alpha)
     seq = segment_sum(logp if tokw is None else logp * tokw, sc.seq, sc.num_seqs)
     return seq[c_seq], seq[r_seq]

@@ -40,7 +40,7 @@ import torch
 
 from .. import losses as L
 from ..losses import GRPOOptions
-from .._validate import as_cu_seqlens
+from ..engine.checks import as_cu_seqlens
 from ..engine import acc_dtype
 from .route import FusedLossModule, Values, autocast_entry, token_metrics, token_sums, with_route
 

@@ -14,7 +14,7 @@ import torch
 
 from .. import losses as L
 from ..losses import KTOOptions
-from .._validate import check_tensor
+from ..engine.checks import check_tensor
 from ..logprobs import sequence_logprobs
 from .route import FusedLossModule, Values, autocast_entry, token_metrics, token_sums, with_route
 
@@ -109,8 +109,7 @@ class KTOLoss(FusedLossModule):
             if kl_labels is None or ref_kl_logps is None:
                 raise ValueError("kl_hidden: needs kl_labels and ref_kl_logps too")
             with torch.no_grad():  # the KL pass: 1 GEMM
-                pol_kl = sequence_logprobs(kl_hidden.detach(), p.weight.detach(), kl_labels,
-                                           bias=None if bias is None else bias.detach(), cu_seqlens=kl_cu_seqlens,
+                pol_kl = sequence_logprobs(kl_hidden.detach(), p.head.detach(), kl_labels, cu_seqlens=kl_cu_seqlens,
                                            ignore_index=self.ignore_index, temperature=self.temperature,
                                            softcap=self.softcap, backend=self.backend)
             if tuple(ref_kl_logps.shape) != tuple(pol_kl.shape):

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from ..distributed import active_shard
-from ..distributed.vocab_parallel import vocab_mean_row
-from .._validate import check_tensor
-from ..engine import Scored, acc_dtype, segment_sum
+from ..engine.checks import check_tensor
+from ..engine import Head, Scored, acc_dtype, segment_sum
 from .route import Values, token_metrics, token_sums
 
 Tensor = torch.Tensor
@@ -79,7 +77,7 @@ def ld_token_weights(sc: Scored, counts: Tensor, c_seq: Tensor, r_seq: Tensor, a
     return w.to(acc_dtype(sc.hidden2.dtype))
 
 
-def logits_means(sc: Scored, weight, bias, counts, c_seq, r_seq, temperature) -> tuple[Tensor, Tensor]:
+def logits_means(sc: Scored, head: Head, counts, c_seq, r_seq, temperature) -> tuple[Tensor, Tensor]:
     """(P,) mean over each sequence's scored tokens of the vocab-mean logit h·mean_v(W_v) + mean(b).
 
     No logits needed: mean_v z_tv = h_t · mean_v(W_v) + mean(b) (divided by the temperature): one GEMV.
@@ -87,11 +85,13 @@ def logits_means(sc: Scored, weight, bias, counts, c_seq, r_seq, temperature) ->
     ``logits/*`` from the pass's own (capped) logits instead.
     """
     acc = acc_dtype(sc.hidden2.dtype)  # float64 for float64 inputs
+    weight, bias = head.weight, head.bias
     with torch.no_grad():
-        wbar = weight.detach().to(acc).mean(0).to(weight.dtype)  # (H,)
-        bbar = None if bias is None else bias.detach().to(acc).mean()
-        if (shard := active_shard(weight)) is not None:  # dpo_fast.distributed: means over the whole vocabulary
-            wbar, bbar = vocab_mean_row(weight, bias, shard)
+        if head.split is not None:  # a split head (dpo_fast.distributed): means over the whole vocabulary
+            wbar, bbar = head.split.vocab_mean_row(head)
+        else:
+            wbar = weight.detach().to(acc).mean(0).to(weight.dtype)  # (H,)
+            bbar = None if bias is None else bias.detach().to(acc).mean()
         m = torch.mv(sc.hidden2.detach(), wbar).index_select(0, sc.idx).to(acc)  # (N,): a GEMV, no copy of h
         if bias is not None:
             m = m + bbar.to(acc)

@@ -70,7 +70,7 @@ class _ReferenceFreePairLoss(FusedLossModule):
         sc = p.sc
         c_seq, r_seq = pair_layout(pairs, sc.num_seqs, sc.idx.device)
         counts = sc.counts()
-        lm = logits_means(sc, p.weight, bias, counts, c_seq, r_seq, self.temperature) \
+        lm = logits_means(sc, p.head, counts, c_seq, r_seq, self.temperature) \
             if self.compute_metrics and not self.token_metrics else None
         len_w = counts[c_seq]
         task = ReferenceFreeTask(torch.stack([c_seq, r_seq], 1), self._loss, len_w, counts[r_seq],

@@ -37,7 +37,7 @@ shared dW / db are necessarily non-finite then — they sum over every unit.
 
 from __future__ import annotations
 
-import contextvars
+import dataclasses
 import functools
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
@@ -46,9 +46,10 @@ import torch
 from torch import nn
 
 from .. import losses as L
-from .._validate import autocast_aware, check_scalars
-from ..distributed import active_shard, distributed_head
-from ..engine import (BACKENDS, Scored, TokenStats, acc_dtype, addmm_fp32_, get_workspace_bytes, linear_into,
+from ..engine.autocast import autocast_aware, autocast_dtype
+from ..engine.checks import check_ignore_index, check_scalars
+from ..distributed import distributed_head
+from ..engine import (BACKENDS, Head, Scored, TokenStats, as_head, acc_dtype, addmm_fp32_, get_workspace_bytes, linear_into,
                       make_rows, per_elem_bytes, prepare, scored_logprobs, segment_counts, segment_sum, tile,
                       tile_dtype)
 from ..engine.passes import forbid_double_backward
@@ -337,16 +338,17 @@ class FusedLogitsPass(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------------
 # autocast: an fp32 master weight stays fp32 so that dW accumulates in fp32
 
-_MASTER_WEIGHT: contextvars.ContextVar[Tensor | None] = contextvars.ContextVar("dpo_fast_master_weight",
-                                                                               default=None)
+
+def _cast(t, dtype):
+    return t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
 
 
 def autocast_entry(*float_args: str):
-    """:func:`dpo_fast._validate.autocast_aware` for a fused module's ``forward(self, hidden, weight, ...)``.
+    """:func:`dpo_fast.engine.autocast.autocast_aware` for a fused module's ``forward(self, hidden, weight, ...)``.
 
-    Under autocast every named floating argument is cast to the autocast dtype, except an fp32 ``weight``:
-    it reaches the route as is (marked as the master weight for this call), the route casts a detached copy
-    for the GEMMs and accumulates dW directly in fp32.
+    Under autocast every named floating argument is cast to the autocast dtype, except ``weight``: an fp32
+    weight reaches the route as the master of a :class:`dpo_fast.engine.Head` with the ``keep_master`` policy
+    (its bias cast), the route casts a copy for the GEMMs and accumulates dW directly in fp32.
     """
     rest = tuple(a for a in float_args if a != "weight")
     cast_rest = autocast_aware(*rest)
@@ -356,17 +358,14 @@ def autocast_entry(*float_args: str):
 
         @functools.wraps(fn)
         def wrapper(self, hidden, weight, *args, **kwargs):
-            master = None
-            if isinstance(hidden, Tensor) and isinstance(weight, Tensor) and weight.dtype == torch.float32:
-                kind = hidden.device.type
-                if kind in ("cpu", "cuda", "xpu") and torch.is_autocast_enabled(kind) and \
-                        torch.get_autocast_dtype(kind) in (torch.bfloat16, torch.float16):
-                    master = weight
-            token = _MASTER_WEIGHT.set(master)
-            try:
-                return inner(self, hidden, weight, *args, **kwargs)
-            finally:
-                _MASTER_WEIGHT.reset(token)
+            dtype = autocast_dtype(hidden)
+            if dtype is not None:
+                w = weight.weight if isinstance(weight, Head) else weight
+                keep = isinstance(w, Tensor) and w.dtype == torch.float32 and dtype in (torch.bfloat16, torch.float16)
+                if keep or isinstance(weight, Head):  # the weight is never cast here; its bias is, as before
+                    head = as_head(weight, kwargs.pop("bias", None))
+                    weight = dataclasses.replace(head, bias=_cast(head.bias, dtype), keep_master=keep)
+            return inner(self, hidden, weight, *args, **kwargs)
 
         # dpo_fast.distributed: DTensor / ZeRO-3 / vocabulary-parallel heads resolved before anything else
         heads = [("hidden", "weight", "bias")]
@@ -383,8 +382,7 @@ def autocast_entry(*float_args: str):
 
 def check_module_options(*, ignore_index, temperature, softcap, backend, workspace_bytes) -> None:
     """Construction-time validation of the options every fused module shares."""
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    check_ignore_index(ignore_index)
     check_scalars(temperature, softcap)
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
@@ -395,13 +393,11 @@ def check_module_options(*, ignore_index, temperature, softcap, backend, workspa
 
 @dataclass
 class Prepared:
-    """A validated batch: scored positions, row ops, and the operands the GEMMs use (compute dtype)."""
+    """A validated batch: scored positions, row ops, and the head the GEMMs use (compute dtype)."""
 
     sc: Scored
     rows: Any
-    weight: Tensor  # (V, H) in the compute dtype (differentiable cast of an autocast master weight)
-    master: Tensor  # (V, H) the weight whose gradient the fused pass makes (== weight unless autocast)
-    bias: Tensor | None
+    head: Head  # weight in the compute dtype (a differentiable cast of an autocast master weight), master, bias
 
 
 class FusedLossModule(nn.Module):
@@ -422,40 +418,40 @@ class FusedLossModule(nn.Module):
         self.compute_metrics, self.token_metrics = bool(compute_metrics), bool(token_metrics)
 
     def prepare(self, hidden, weight, labels, bias=None, cu_seqlens=None) -> Prepared:
-        """Validate the batch and gather its scored positions (one host sync)."""
-        master = weight
-        if _MASTER_WEIGHT.get() is weight and isinstance(hidden, Tensor) and hidden.dtype != weight.dtype \
-                and hidden.dtype in (torch.bfloat16, torch.float16):
-            weight = weight.to(hidden.dtype)  # autocast: GEMMs in 16-bit, dW into the fp32 master
-        sc = prepare(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, ignore_index=self.ignore_index,
+        """Validate the batch and gather its scored positions (one host sync).
+
+        ``weight``: the (V, H) tensor (with ``bias``) or the :class:`dpo_fast.engine.Head` the entry point
+        resolved; under the autocast master policy the GEMMs get a 16-bit copy, dW goes to the fp32 master.
+        """
+        head = as_head(weight, bias).for_compute(hidden)
+        sc = prepare(hidden, head, labels, cu_seqlens=cu_seqlens, ignore_index=self.ignore_index,
                      temperature=self.temperature, softcap=self.softcap)
         rows = make_rows(self.backend, sc.hidden2.device, sc.hidden2.dtype, self.temperature, self.softcap)
-        return Prepared(sc, rows, weight, master, bias)
+        return Prepared(sc, rows, head)
 
     def run(self, p: Prepared, task: UnitTask, hidden: Tensor):
         """The route: returns ``(output record, route, Values of all units)``."""
-        sc = p.sc
+        sc, head = p.sc, p.head
         needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (hidden, p.master, p.bias))
+            t is not None and t.requires_grad for t in (hidden, head.grad_weight, head.bias))
         groups = None
-        # a vocabulary-parallel head (dpo_fast.distributed) takes the two-pass route
-        if self.fused and task.decomposable and needs_grad and active_shard(p.weight) is None:
+        # a head split across processes (dpo_fast.distributed) takes the two-pass route
+        if self.fused and task.decomposable and needs_grad and head.one_pass:
             budget = self.workspace_bytes or 8 * get_workspace_bytes(sc.idx.device)
-            max_tokens = budget // (p.weight.shape[0] * per_elem_bytes(p.rows, sc.hidden2.dtype, grad=True))
+            max_tokens = budget // (head.weight.shape[0] * per_elem_bytes(p.rows, sc.hidden2.dtype, grad=True))
             groups = plan_groups(sc.host_counts(), task.units, max_tokens, sc.idx.device, counts_dev=sc.counts(),
                                  units_host=getattr(task, "units_host", None))
         if groups is None:  # two-pass route: the generic engine + autograd through the loss
             st = {} if task.want_stats else None
-            logp = scored_logprobs(sc, p.weight, p.bias, temperature=self.temperature, softcap=self.softcap,
+            logp = scored_logprobs(sc, head, temperature=self.temperature, softcap=self.softcap,
                                    backend=self.backend, stats_out=st)
             stats = None if st is None else TokenStats(*(st[k] for k in TokenStats._fields))
             lse = st["lse"] if st is not None else torch.zeros_like(logp.detach())
             values = batch_values(sc, task.units, logp, lse, stats)
             return task.batch_loss(values, self.compute_metrics), "two_pass", values
-        use_master = p.master is not p.weight
-        plan = PassPlan(sc, p.rows, groups, task, p.weight.detach() if use_master else p.weight)
-        carrier, logp, lse, *st = FusedLogitsPass.apply(sc.hidden2, p.master if use_master else p.weight, p.bias,
-                                                        plan)
+        use_master = head.master is not None
+        plan = PassPlan(sc, p.rows, groups, task, head.weight.detach() if use_master else head.weight)
+        carrier, logp, lse, *st = FusedLogitsPass.apply(sc.hidden2, head.grad_weight, head.bias, plan)
         values = batch_values(sc, task.units, logp, lse, TokenStats(*st) if st else None)
         with torch.no_grad():
             out = task.batch_loss(values, self.compute_metrics)
