@@ -7,7 +7,9 @@
 - :mod:`dpo_fast.integrations.trl_cpo_orpo`: ``FastCPOTrainer`` / ``FastORPOTrainer`` and ``patch_cpo_trainer`` /
   ``patch_orpo_trainer`` (``trl.experimental``'s CPO and ORPO trainers).
 
-Shared trainer plumbing (TRL version gate, class patching, the no-grad forward) is in ``_trainer_common``.
+What every trainer shares (construction, the options table, the loss module, the fused forward, the reference,
+routes, metric logging, patching an instance) is :class:`~dpo_fast.integrations.adapter.TrainerAdapter`; the
+helpers that need no trainer (TRL version gate, the no-grad forward) are in ``_trainer_common``.
 
 Every trainer and patch function is importable from this package and from :mod:`dpo_fast.integrations.trl`
 (``from dpo_fast.integrations import FastGRPOTrainer``, ``from dpo_fast.integrations.trl import FastKTOTrainer``),

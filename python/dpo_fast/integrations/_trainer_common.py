@@ -1,7 +1,6 @@
-"""Plumbing shared by the TRL trainer integrations (DPO, GRPO, KTO, CPO, ORPO).
+"""Helpers of the TRL trainer integrations that need no trainer (the trainer side is :mod:`.adapter`).
 
 - the TRL version gate (:func:`check_trl_version`): the hooks the integrations override are private TRL API;
-- :func:`patch_instance`: swap an existing trainer's class for a fast subclass, keeping its state;
 - :func:`no_grad_token_logprobs`: per-token log-probs of a padded batch through the 1-GEMM no-grad forward
   (decoder, then the fused engine on the scored positions only; no logits tensor);
 - :func:`reduced_mean`: a metric's mean over all processes from per-process (sum, count).
@@ -12,15 +11,14 @@ Imports TRL only inside functions, so it can be imported to read :data:`SUPPORTE
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
 
 import torch
 
 from ..distributed import distributed_head
 from .._validate import autocast_aware
 
-__all__ = ["SUPPORTED_TRL", "UnsupportedTRLVersion", "check_trl_version", "patch_instance",
-           "no_grad_token_logprobs", "token_logprobs_and_entropy", "reduced_mean", "reject_multimodal"]
+__all__ = ["SUPPORTED_TRL", "UnsupportedTRLVersion", "check_trl_version", "no_grad_token_logprobs",
+           "token_logprobs_and_entropy", "reduced_mean", "reject_multimodal"]
 
 #: TRL versions the integrations are tested with: [low, high).
 SUPPORTED_TRL = ("1.16.0", "1.17.0")
@@ -51,37 +49,6 @@ def check_trl_version(version: str | None = None) -> str:
             f"dpo_fast.integrations supports TRL >={lo},<{hi}; found trl {version}. Install a supported "
             f"release (pip install 'trl>={lo},<{hi}') or set {_ALLOW_ENV}=1 to try this one untested.")
     return version
-
-
-_PATCHED: dict[tuple[type, type], type] = {}
-
-
-def patch_instance(trainer: Any, base: type, mixin: type, init: Callable[[Any], None]) -> Any:
-    """Swap ``trainer``'s class for ``(mixin, type(trainer))`` and run ``init(trainer)``; returns ``trainer``.
-
-    Args:
-        trainer: an instance of ``base`` (or a subclass); its state (model, optimizer, callbacks) is kept.
-        base: the TRL trainer class the mixin is written for.
-        mixin: the class holding the overriding methods.
-        init: called on the patched instance (option checks, forward installation).
-
-    Raises:
-        TypeError: ``trainer`` is not a ``base`` instance.
-    """
-    check_trl_version()
-    if not isinstance(trainer, base):
-        raise TypeError(f"trainer: expected a {base.__module__}.{base.__name__} instance, got "
-                        f"{type(trainer).__name__}")
-    if isinstance(trainer, mixin):
-        return trainer
-    cls = type(trainer)
-    new = _PATCHED.get((cls, mixin))
-    if new is None:
-        new = type(f"Fast{cls.__name__}", (mixin, cls), {"__module__": mixin.__module__})
-        _PATCHED[(cls, mixin)] = new
-    trainer.__class__ = new
-    init(trainer)
-    return trainer
 
 
 def reject_multimodal(who: str, inputs: dict, keys=("pixel_values", "image_grid_thw", "pixel_attention_mask",

@@ -23,7 +23,7 @@ Supported TRL releases: :data:`SUPPORTED_TRL` (tested in this repository's tests
 :class:`UnsupportedTRLVersion` — the hooks used here (``_compute_loss``, ``compute_ref_log_probs``, the
 ``_metrics`` store) are private TRL API. Not supported (clear errors): vision-language datasets, MoE
 router aux loss (``router_aux_loss_coef`` != 0 on MoE models), prompt-learning PEFT, a PEFT adapter on
-``lm_head``.
+``lm_head``. The options table is ``_FastDPOMixin._dpo_fast_options`` (:mod:`dpo_fast.integrations.adapter`).
 """
 
 from __future__ import annotations
@@ -34,10 +34,11 @@ from typing import Any
 import torch
 
 from ..fused import DPOLoss, pair_logprobs
-from ..hf import call_with_hidden_states, install_fused_forward
+from ..hf import call_with_hidden_states
 from ..losses.registry import TRL_SMOOTHED
 from ..packing import shifted_labels
 from ._trainer_common import SUPPORTED_TRL, UnsupportedTRLVersion, check_trl_version
+from .adapter import Kwarg, Option, TrainerAdapter, moe_aux_option, patch_instance, vision_option
 from .padding_free import PaddingFreePreferenceCollator, check_packed_attention, token_budget_sampler
 
 try:
@@ -56,8 +57,10 @@ def __getattr__(name: str) -> Any:
     return _resolve(__name__, name)
 
 
-# loss types whose TRL formula uses label_smoothing (TRL's "sigmoid" does not, unlike dpo_fast's cDPO)
-_SMOOTHED = set(TRL_SMOOTHED)
+def _smoothed(t) -> list[str]:
+    """The configured loss types whose TRL formula uses label_smoothing (TRL's "sigmoid" does not, unlike
+    dpo_fast's cDPO)."""
+    return sorted(set(t.loss_types) & TRL_SMOOTHED)
 
 
 def _packed_layout(inputs) -> dict[str, Any] | None:
@@ -75,40 +78,70 @@ def _engine_layout(h, labels, packed):
     return h.reshape(-1, h.shape[-1]), labels.reshape(-1).to(h.device), layout
 
 
-class _FastDPOMixin:
+def _flat_rows(hidden):
+    return hidden.reshape(-1, hidden.shape[-1])
+
+
+def _bound_args(args, kwargs):
+    """The DPOConfig passed to DPOTrainer(model, ref_model, args, ...) positionally or by keyword, or None."""
+    if "args" in kwargs:
+        return kwargs["args"]
+    return args[2] if len(args) > 2 else None
+
+
+class _FastDPOMixin(TrainerAdapter):
     """The methods FastDPOTrainer overrides; mixed into a DPOTrainer (sub)class."""
 
-    def _dpo_fast_init(self, token_metrics: bool = True, token_budget: int | None = None,
-                       packed_row_tokens: int | str | None = None) -> None:
-        check_trl_version()
+    _dpo_fast_trl_class = DPOTrainer
+    _dpo_fast_stock = "trl.DPOTrainer"
+    _dpo_fast_kwargs = (Kwarg("token_metrics", True, "bool"), Kwarg("token_budget", None, "int | None"),
+                        Kwarg("packed_row_tokens", None, "int | str | None"))
+    _dpo_fast_options = (
+        vision_option("_is_vision_dataset", "_is_vlm"),
+        moe_aux_option(),
+        Option("label_smoothing", lambda t: bool(float(t.label_smoothing) and "sigmoid" in t.loss_types
+                                                  and _smoothed(t)), "error",
+               "{who}: TRL applies label_smoothing to {t._dpo_fast_smoothed} but not to 'sigmoid'; dpo_fast has one "
+               "label_smoothing for all losses of a list. Split the losses or set label_smoothing=0."),
+    )
+
+    @property
+    def _dpo_fast_smoothed(self) -> list[str]:
+        return _smoothed(self)
+
+    @contextlib.contextmanager
+    def _dpo_fast_constructing(self, args, kwargs, token_metrics=True, token_budget=None, packed_row_tokens=None):
+        self.dpo_fast_token_metrics = bool(token_metrics)
+        self._dpo_fast_pf_request = None
+        cfg = _bound_args(args, kwargs)
+        pf = bool(getattr(cfg, "padding_free", False))
+        if pf:
+            # TRL 1.16 would log that padding_free is unavailable and fall back to padding; this class honours
+            # it. Hide the flag from TRL's __init__ only, and give the caller's config back unchanged.
+            cfg.padding_free = False
+            self._dpo_fast_pf_request = (token_budget, packed_row_tokens)
+        try:
+            yield
+        finally:
+            if pf:
+                cfg.padding_free = True
+            self._dpo_fast_pf_request = None
+
+    def _dpo_fast_setup(self, token_metrics: bool = True, token_budget: int | None = None,
+                        packed_row_tokens: int | str | None = None) -> None:
         self.dpo_fast_token_metrics = bool(token_metrics)
         self._dpo_fast_setup_padding_free(token_budget, packed_row_tokens)
-        if getattr(self, "_is_vision_dataset", False) or getattr(self, "_is_vlm", False):
-            raise NotImplementedError("FastDPOTrainer: vision-language models/datasets are not supported; use "
-                                      "trl.DPOTrainer")
-        if getattr(self, "aux_loss_enabled", False):
-            raise NotImplementedError("FastDPOTrainer: the MoE router aux loss is not supported; set "
-                                      "router_aux_loss_coef=0.0 or use trl.DPOTrainer")
-        types = list(self.loss_types)
+
+    def _dpo_fast_build_loss(self, temperature, softcap):
         eps = float(self.label_smoothing)
-        if eps and "sigmoid" in types:
-            if set(types) & _SMOOTHED:
-                raise NotImplementedError(
-                    f"FastDPOTrainer: TRL applies label_smoothing to {sorted(set(types) & _SMOOTHED)} but not to "
-                    "'sigmoid'; dpo_fast has one label_smoothing for all losses of a list. Split the losses or "
-                    "set label_smoothing=0.")
-            eps = 0.0  # TRL's sigmoid ignores it
-        self._dpo_fast_options = dict(
-            beta=self.beta, loss_type=types, loss_weights=list(self.loss_weights), label_smoothing=eps,
-            f_divergence_type=self.f_divergence_type, f_alpha_divergence_coef=self.f_alpha_divergence_coef,
-            discopop_tau=self.args.discopop_tau, use_weighting=bool(self.use_weighting), ld_alpha=self.ld_alpha,
-            compute_metrics=False)
-        DPOLoss(**self._dpo_fast_options)  # validate now, not at the first step
-        # Install the fused entry point before accelerate wraps forward (mixed precision), so its autocast
-        # applies to our path too.
-        install_fused_forward(self.model)
-        if getattr(self, "ref_model", None) is not None:
-            install_fused_forward(self.ref_model)
+        if eps and "sigmoid" in self.loss_types:
+            eps = 0.0  # TRL's sigmoid ignores it (a list mixing it with smoothed types is an options-table error)
+        return DPOLoss(beta=self.beta, loss_type=list(self.loss_types), loss_weights=list(self.loss_weights),
+                       label_smoothing=eps, f_divergence_type=self.f_divergence_type,
+                       f_alpha_divergence_coef=self.f_alpha_divergence_coef, discopop_tau=self.args.discopop_tau,
+                       use_weighting=bool(self.use_weighting), ld_alpha=self.ld_alpha, compute_metrics=False,
+                       temperature=temperature, softcap=softcap,
+                       token_metrics=self.dpo_fast_token_metrics)  # token stats from the same pass
 
     # ------------------------------------------------------------------------------------------------------
     # padding-free batches (DPOConfig(padding_free=True)); see dpo_fast.integrations.padding_free
@@ -200,23 +233,9 @@ class _FastDPOMixin:
         return kw
 
     # ------------------------------------------------------------------------------------------------------
-    def _dpo_fast_ref_context(self, model):
-        """(model to run, adapter context) for the reference: ref_model, or the PEFT model without adapter."""
-        from accelerate.utils import is_peft_model
-
-        if self.ref_model is None and is_peft_model(self.model):
-            from trl.trainer.utils import use_adapter
-
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            name = "ref" if "ref" in unwrapped.peft_config else None
-            return self.model, use_adapter(unwrapped, adapter_name=name)
-        return (model if model is not None else (self.ref_model or self.model)), contextlib.nullcontext()
-
-    def _dpo_fast_reference(self, model, inputs, labels):
-        """(ref_chosen_logps, ref_rejected_logps), each (P,) in pair order, through the 1-GEMM no-grad forward."""
-        from trl.models.utils import disable_gradient_checkpointing
-
-        run, adapter = self._dpo_fast_ref_context(model)
+    def _dpo_fast_ref_pair_logps(self, run, inputs, labels):
+        """(ref_chosen_logps, ref_rejected_logps), each (P,) in pair order, through the 1-GEMM no-grad forward of
+        ``run`` (called inside :meth:`_dpo_fast_reference`)."""
         ld_alpha = self.ld_alpha
         packed = _packed_layout(inputs)
 
@@ -225,42 +244,34 @@ class _FastDPOMixin:
             h, lab, layout = _engine_layout(h, labels, packed)
             return pair_logprobs(h, w, lab, bias=b, ld_alpha=ld_alpha, **layout, **head.engine_kwargs())
 
-        with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-              adapter, self.accelerator.autocast()):
+        with self.accelerator.autocast():
             return call_with_hidden_states(run, fn, inputs["input_ids"], **self._dpo_fast_forward(inputs))
 
     # TRL hook: reference log-probs of one batch (precompute_ref_log_probs), in the batch's example order
     def compute_ref_log_probs(self, model, inputs):
-        if "cu_seqlens" not in inputs:
-            return self._dpo_fast_reference(model, inputs, shifted_labels(inputs["input_ids"], inputs["completion_mask"]))
-        c, r = self._dpo_fast_reference(model, inputs, inputs["labels"])
+        packed = "cu_seqlens" in inputs
+        labels = inputs["labels"] if packed else shifted_labels(inputs["input_ids"], inputs["completion_mask"])
+        with self._dpo_fast_reference(model) as run:
+            c, r = self._dpo_fast_ref_pair_logps(run, inputs, labels)
+        if not packed:
+            return c, r
         order = torch.argsort(inputs["example_index"].to(c.device))  # pair order -> example order
         return c[order], r[order]
 
     # TRL hook: the loss and the metrics of one batch
     def _compute_loss(self, model, inputs, return_outputs):
-        mode = "train" if self.model.training else "eval"
+        mode = self._dpo_fast_mode()
         input_ids = inputs["input_ids"]
         packed = _packed_layout(inputs)
         # (2P, T) padded, or (R, L) packed rows whose labels the collator derived by the same rule
         labels = inputs["labels"] if packed else shifted_labels(input_ids, inputs["completion_mask"])
-        if self.precompute_ref_logps:
-            ref_c, ref_r = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
-        else:
-            ref_c, ref_r = self._dpo_fast_reference(None, inputs, labels)
-        opts, want_stats = self._dpo_fast_options, self.dpo_fast_token_metrics
-
-        def fn(hidden, head):
-            h, w, b = head.operands(hidden)
-            h, lab, layout = _engine_layout(h, labels, packed)
-            kw = head.engine_kwargs()
-            loss_fn = DPOLoss(**opts, **kw, token_metrics=want_stats)  # token stats from the same pass
-            out = loss_fn(h, w, lab, ref_c.float(), ref_r.float(), bias=b, **layout)
-            return out, out.token_sums
-
+        ref_c, ref_r = self._dpo_fast_ref_values(inputs, ("ref_chosen_logps", "ref_rejected_logps"),
+                                                 lambda run: self._dpo_fast_ref_pair_logps(run, inputs, labels))
         fwd = self._dpo_fast_forward(inputs)
-        out, stats = call_with_hidden_states(model, fn, input_ids, **fwd)
-        self._dpo_fast_log(mode, inputs, labels, out, stats)
+        out, _ = self._dpo_fast_fused(model, input_ids, labels.reshape(-1) if packed else labels, ref_c.float(),
+                                      ref_r.float(), forward=fwd, rows=_flat_rows if packed else None,
+                                      **(packed or {}))
+        self._dpo_fast_log_step(mode, inputs, out, out.token_sums)
         loss = out.loss
         n_step = getattr(self, "_dpo_fast_step_pairs", None)
         if mode == "train" and getattr(self, "_dpo_fast_token_budget", None) is not None and n_step is not None:
@@ -274,32 +285,35 @@ class _FastDPOMixin:
             return loss, outputs
         return loss
 
-    def _dpo_fast_log(self, mode, inputs, labels, out, stats) -> None:
+    def _dpo_fast_log_step(self, mode, inputs, out, stats) -> None:
         """Append the metrics TRL logs, under TRL's names, gathered across processes as TRL does."""
-        acc, m = self.accelerator, self._metrics[mode]
+        acc = self.accelerator
+
         def total(name):  # a per-process sum, summed over processes
             return acc.gather_for_metrics(stats[name]).sum().item()
 
         if stats is not None:
             n_tok = total("tokens")
-            m["entropy"].append(total("entropy_sum") / n_tok if n_tok > 0 else 0.0)
+            self._dpo_fast_log(mode, {"entropy": total("entropy_sum") / n_tok if n_tok > 0 else 0.0})
         if mode == "train":
             real = inputs["seq_lens"] if "cu_seqlens" in inputs else inputs["attention_mask"]
             n = acc.gather_for_metrics(real.sum()).sum().item()
             self._total_train_tokens += n // self._tp_size
-        m["num_tokens"] = [self._total_train_tokens]
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        values = {}
         if stats is not None:
             nc, nr = total("chosen_tokens"), total("rejected_tokens")
-            m["logits/chosen"].append(total("chosen_logits_sum") / nc if nc > 0 else 0.0)
-            m["logits/rejected"].append(total("rejected_logits_sum") / nr if nr > 0 else 0.0)
-            m["mean_token_accuracy"].append(total("chosen_hits") / nc if nc > 0 else 0.0)
+            values["logits/chosen"] = total("chosen_logits_sum") / nc if nc > 0 else 0.0
+            values["logits/rejected"] = total("rejected_logits_sum") / nr if nr > 0 else 0.0
+            values["mean_token_accuracy"] = total("chosen_hits") / nc if nc > 0 else 0.0
         cr, rr = acc.gather(out.chosen_rewards.detach()), acc.gather(out.rejected_rewards.detach())
-        m["rewards/chosen"].append(cr.mean().item())
-        m["rewards/rejected"].append(rr.mean().item())
-        m["rewards/accuracies"].append((cr > rr).float().mean().item())
-        m["rewards/margins"].append((cr - rr).mean().item())
-        m["logps/chosen"].append(acc.gather(out.chosen_logps.detach()).mean().item())
-        m["logps/rejected"].append(acc.gather(out.rejected_logps.detach()).mean().item())
+        values["rewards/chosen"] = cr.mean().item()
+        values["rewards/rejected"] = rr.mean().item()
+        values["rewards/accuracies"] = (cr > rr).float().mean().item()
+        values["rewards/margins"] = (cr - rr).mean().item()
+        values["logps/chosen"] = acc.gather(out.chosen_logps.detach()).mean().item()
+        values["logps/rejected"] = acc.gather(out.rejected_logps.detach()).mean().item()
+        self._dpo_fast_log(mode, values)
 
 
 class FastDPOTrainer(_FastDPOMixin, DPOTrainer):
@@ -330,36 +344,6 @@ class FastDPOTrainer(_FastDPOMixin, DPOTrainer):
             packed sequences apart; ``token_budget`` without ``padding_free`` or below ``2 * max_length``.
     """
 
-    def __init__(self, *args, token_metrics: bool = True, token_budget: int | None = None,
-                 packed_row_tokens: int | str | None = None, **kwargs):
-        check_trl_version()
-        self.dpo_fast_token_metrics = bool(token_metrics)
-        self._dpo_fast_pf_request = None
-        cfg = _bound_args(args, kwargs)
-        pf = bool(getattr(cfg, "padding_free", False))
-        if pf:
-            # TRL 1.16 would log that padding_free is unavailable and fall back to padding; this class honours
-            # it. Hide the flag from TRL's __init__ only, and give the caller's config back unchanged.
-            cfg.padding_free = False
-            self._dpo_fast_pf_request = (token_budget, packed_row_tokens)
-        try:
-            super().__init__(*args, **kwargs)
-        finally:
-            if pf:
-                cfg.padding_free = True
-        self._dpo_fast_pf_request = None
-        self._dpo_fast_init(token_metrics, token_budget, packed_row_tokens)
-
-
-def _bound_args(args, kwargs):
-    """The DPOConfig passed to DPOTrainer(model, ref_model, args, ...) positionally or by keyword, or None."""
-    if "args" in kwargs:
-        return kwargs["args"]
-    return args[2] if len(args) > 2 else None
-
-
-_PATCHED_CLASSES: dict[type, type] = {}
-
 
 def patch_trainer(trainer: DPOTrainer, *, token_metrics: bool = True, token_budget: int | None = None,
                   packed_row_tokens: int | str | None = None) -> DPOTrainer:
@@ -374,16 +358,5 @@ def patch_trainer(trainer: DPOTrainer, *, token_metrics: bool = True, token_budg
     Returns:
         The same trainer object.
     """
-    check_trl_version()
-    if not isinstance(trainer, DPOTrainer):
-        raise TypeError(f"trainer: expected a trl.DPOTrainer instance, got {type(trainer).__name__}")
-    if isinstance(trainer, _FastDPOMixin):
-        return trainer
-    cls = type(trainer)
-    new = _PATCHED_CLASSES.get(cls)
-    if new is None:
-        new = type(f"Fast{cls.__name__}", (_FastDPOMixin, cls), {"__module__": __name__})
-        _PATCHED_CLASSES[cls] = new
-    trainer.__class__ = new
-    trainer._dpo_fast_init(token_metrics, token_budget, packed_row_tokens)
-    return trainer
+    return patch_instance(trainer, _FastDPOMixin, token_metrics=token_metrics, token_budget=token_budget,
+                          packed_row_tokens=packed_row_tokens)

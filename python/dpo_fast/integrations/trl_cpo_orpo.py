@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import torch
 
-from ..hf import call_with_hidden_states, install_fused_forward
-from ._trainer_common import SUPPORTED_TRL, UnsupportedTRLVersion, check_trl_version, patch_instance
+from ..hf import call_with_hidden_states
+from ._trainer_common import SUPPORTED_TRL, UnsupportedTRLVersion, check_trl_version  # noqa: F401 (re-export)
+from .adapter import ENCODER_DECODER_OPTION, SOFTCAP_OPTION, TrainerAdapter, moe_aux_option, patch_instance
 
 try:
     from trl.experimental.cpo import CPOTrainer
@@ -59,32 +60,16 @@ def _row_logit_means(hidden: torch.Tensor, head, upto: int) -> torch.Tensor:
     return z.mean(1, keepdim=True)
 
 
-class _FastPairMixin:
-    """Shared by the CPO and ORPO mixins: options check and the hidden-state forward."""
+class _FastPairMixin(TrainerAdapter):
+    """Shared by the CPO and ORPO mixins: options table and the hidden-state forward."""
 
+    _dpo_fast_options = (
+        ENCODER_DECODER_OPTION,
+        moe_aux_option("output_router_logits=False"),  # these trainers enable it from the model config
+        SOFTCAP_OPTION,
+    )
     _dpo_fast_nll_full = False  # ORPO: NLL over the whole chosen sequence; CPO: over the completion tokens
     _dpo_fast_logits_upto_last = False  # ORPO logs logits[:, :-1]; CPO all positions
-
-    def _dpo_fast_init(self) -> None:
-        check_trl_version()
-        who = type(self).__name__
-        if self.is_encoder_decoder:
-            raise NotImplementedError(f"{who}: encoder-decoder models are not supported; use TRL's trainer")
-        if self.aux_loss_enabled:
-            raise NotImplementedError(f"{who}: the MoE router aux loss (output_router_logits) is not supported; "
-                                      "use TRL's trainer")
-        from ..hf import output_head
-
-        if output_head(self.model).softcap is not None:
-            raise NotImplementedError(
-                f"{who}: soft-capped output heads (final_logit_softcapping) are not supported: TRL's logged "
-                "logits/* metric (the mean logit) then needs every logit; use TRL's trainer")
-        self.dpo_fast_route: str | None = None
-        self._dpo_fast_setup()
-        install_fused_forward(self.model)
-
-    def _dpo_fast_setup(self) -> None:
-        pass
 
     def _dpo_fast_inputs(self, batch):
         pad = self.padding_value if hasattr(self, "padding_value") else self.pad_token_id  # ORPO / CPO names
@@ -120,7 +105,7 @@ class _FastPairMixin:
             nll = -(lp[:n_chosen] * mc).sum() / mc.sum()  # CrossEntropyLoss(mean) over the chosen rows' tokens
         else:
             nll = torch.tensor(0.0, device=lp.device)
-        self.dpo_fast_route = "two_pass"
+        self._dpo_fast_record("two_pass")
         return logps[:n_chosen], logps[n_chosen:], logit_means[:n_chosen], logit_means[n_chosen:], nll
 
     def _dpo_fast_average(self) -> bool:
@@ -133,17 +118,16 @@ class _FastPairMixin:
 class _FastCPOMixin(_FastPairMixin):
     """FastCPOTrainer's methods; mixed into a CPOTrainer (sub)class."""
 
-    def _dpo_fast_setup(self) -> None:
+    _dpo_fast_trl_class = CPOTrainer
+    _dpo_fast_stock = "trl.experimental.cpo.CPOTrainer"
+    _dpo_fast_loss_rejected = "two_pass"  # an option CPOLoss rejects: TRL's cpo_loss on the engine's log-probs
+
+    def _dpo_fast_build_loss(self, temperature, softcap):
         from .. import CPOLoss
 
-        self._dpo_fast_options = dict(beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
-                                      simpo_gamma=getattr(self, "simpo_gamma", self.args.simpo_gamma),
-                                      cpo_alpha=self.cpo_alpha, alpha=self.alpha)
-        try:
-            CPOLoss(**self._dpo_fast_options)
-            self._dpo_fast_fused = True
-        except ValueError:  # an option CPOLoss rejects: TRL's cpo_loss on the engine's log-probs
-            self._dpo_fast_fused = False
+        return CPOLoss(beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
+                       simpo_gamma=getattr(self, "simpo_gamma", self.args.simpo_gamma), cpo_alpha=self.cpo_alpha,
+                       alpha=self.alpha, temperature=temperature, softcap=softcap)
 
     def _dpo_fast_average(self) -> bool:
         return self.loss_type in ("ipo", "simpo")
@@ -153,24 +137,15 @@ class _FastCPOMixin(_FastPairMixin):
 
     # TRL hook: loss and metrics of one batch
     def get_batch_loss_metrics(self, model, batch, train_eval="train"):
-        if not self._dpo_fast_fused:
+        if self.dpo_fast_fallback_reasons:
             return super().get_batch_loss_metrics(model, batch, train_eval)
-        from .. import CPOLoss
-
         cb, n_chosen = self._dpo_fast_inputs(batch)
         ids, am = cb["concatenated_input_ids"], cb["concatenated_attention_mask"]
         labels = torch.full_like(ids, -100)
         labels[:, :-1] = cb["concatenated_labels"][:, 1:]  # (2B, T) shifted: chosen rows, then rejected rows
         T = ids.shape[1]
-
-        def fn(hidden, head):
-            h, w, b = head.operands(hidden)
-            out = CPOLoss(**self._dpo_fast_options, **head.engine_kwargs())(h, w, labels.to(h.device), bias=b)
-            return out, _row_logit_means(hidden, head, T)
-
-        with self.accelerator.autocast():
-            out, logit_means = call_with_hidden_states(model, fn, ids, attention_mask=am)
-        self.dpo_fast_route = out.route
+        out, logit_means = self._dpo_fast_fused(model, ids, labels, forward=dict(attention_mask=am), autocast=True,
+                                                extra=lambda hidden, head: _row_logit_means(hidden, head, T))
         acc = self.accelerator
         cr, rr = out.chosen_rewards.detach(), out.rejected_rewards.detach()
         lc, lr = out.chosen_logps.detach(), out.rejected_logps.detach()
@@ -204,6 +179,8 @@ class _FastCPOMixin(_FastPairMixin):
 class _FastORPOMixin(_FastPairMixin):
     """FastORPOTrainer's methods; mixed into an ORPOTrainer (sub)class (two-pass route, see the module doc)."""
 
+    _dpo_fast_trl_class = ORPOTrainer
+    _dpo_fast_stock = "trl.experimental.orpo.ORPOTrainer"
     _dpo_fast_nll_full = True
     _dpo_fast_logits_upto_last = True
 
@@ -215,11 +192,6 @@ class FastCPOTrainer(_FastCPOMixin, CPOTrainer):
     ``NotImplementedError`` for encoder-decoder models, soft-capped heads and the MoE aux loss.
     """
 
-    def __init__(self, *args, **kwargs):
-        check_trl_version()
-        super().__init__(*args, **kwargs)
-        self._dpo_fast_init()
-
 
 class FastORPOTrainer(_FastORPOMixin, ORPOTrainer):
     """``trl.experimental.orpo.ORPOTrainer`` with the policy's log-probs from hidden states (no logits tensor).
@@ -227,17 +199,12 @@ class FastORPOTrainer(_FastORPOMixin, ORPOTrainer):
     Same constructor as TRL's; errors as :class:`FastCPOTrainer`.
     """
 
-    def __init__(self, *args, **kwargs):
-        check_trl_version()
-        super().__init__(*args, **kwargs)
-        self._dpo_fast_init()
-
 
 def patch_cpo_trainer(trainer: CPOTrainer) -> CPOTrainer:
     """Swap an existing ``trl.experimental.cpo.CPOTrainer`` instance's class for the fast one (state kept)."""
-    return patch_instance(trainer, CPOTrainer, _FastCPOMixin, _FastCPOMixin._dpo_fast_init)
+    return patch_instance(trainer, _FastCPOMixin)
 
 
 def patch_orpo_trainer(trainer: ORPOTrainer) -> ORPOTrainer:
     """Swap an existing ``trl.experimental.orpo.ORPOTrainer`` instance's class for the fast one (state kept)."""
-    return patch_instance(trainer, ORPOTrainer, _FastORPOMixin, _FastORPOMixin._dpo_fast_init)
+    return patch_instance(trainer, _FastORPOMixin)

@@ -40,7 +40,8 @@ Routes (the route of the last step is ``trainer.dpo_fast_route``; steps per rout
   entropy: TRL's head and loss.
 
 Options off the fused route are logged with a warning naming them — never silently ignored. A loss type
-or importance-sampling level TRL does not have raises ``ValueError`` at construction.
+or importance-sampling level TRL does not have raises ``ValueError`` at construction. The options table is
+``_FastGRPOMixin._dpo_fast_options`` (:mod:`dpo_fast.integrations.adapter`).
 
 ``FastRLOOTrainer`` / ``patch_rloo_trainer`` (``trl.RLOOTrainer``) share the log-prob hook but not the loss
 (RLOO clips a ratio of summed sequence log-probs, with the KL folded into the reward, which ``GRPOLoss`` does
@@ -53,14 +54,15 @@ Supported TRL releases: :data:`SUPPORTED_TRL`.
 
 from __future__ import annotations
 
-import collections
-import logging
-
 import torch
 
-from ..hf import call_with_hidden_states, install_fused_forward
+from ..hf import call_with_hidden_states
+from ..losses import grpo_terms as G
+from ..losses import policy_gradient as PG
+from ..losses.registry import GRPO_LOSS_TYPES, IS_LEVELS, TRL_GRPO_LOSS_TYPES
 from ._trainer_common import (SUPPORTED_TRL, UnsupportedTRLVersion, check_trl_version, no_grad_token_logprobs,
-                              patch_instance, reduced_mean, reject_multimodal, token_logprobs_and_entropy)
+                              reduced_mean, reject_multimodal, token_logprobs_and_entropy)
+from .adapter import Option, TrainerAdapter, moe_aux_option, patch_instance, vision_option
 
 try:
     from trl import GRPOTrainer, RLOOTrainer
@@ -71,58 +73,43 @@ except ImportError as e:  # pragma: no cover - exercised only without trl
 __all__ = ["FastGRPOTrainer", "patch_grpo_trainer", "FastRLOOTrainer", "patch_rloo_trainer", "FUSED_LOSS_TYPES",
            "TRL_LOSS_TYPES", "SUPPORTED_TRL", "UnsupportedTRLVersion"]
 
-logger = logging.getLogger(__name__)
-
 #: TRL 1.16's GRPO loss types.
-TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
-# loss types whose logged metrics are the clip ratios
-_CLIPPED_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
-
-
-def _grpo_loss_accepts(loss_type: str) -> bool:
-    from .. import GRPOLoss
-
-    try:
-        GRPOLoss(loss_type=loss_type)
-    except ValueError:
-        return False
-    return True
-
-
+TRL_LOSS_TYPES = TRL_GRPO_LOSS_TYPES
 #: loss types that take the fused route (the TRL loss types :class:`dpo_fast.GRPOLoss` computes).
-FUSED_LOSS_TYPES = tuple(t for t in TRL_LOSS_TYPES if _grpo_loss_accepts(t))
-
-# loss types TRL normalises by num_items_in_batch (already per accumulation window): no division by the steps
-_ITEM_NORMALISED = ("dapo", "cispo", "vespo")
+FUSED_LOSS_TYPES = tuple(t for t in TRL_LOSS_TYPES if t in GRPO_LOSS_TYPES)
 
 _MODALITY_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "num_tiles",
                   "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids", "num_images")
 
+# options neither GRPO nor RLOO supports
+_COMMON_OPTIONS = (
+    vision_option("_is_vlm"),
+    moe_aux_option(),
+    Option("cast_lm_head_to_fp32", lambda t: bool(getattr(t.args, "cast_lm_head_to_fp32", False)), "error",
+           "{who}: cast_lm_head_to_fp32=True is not supported (dpo_fast already accumulates the head in float32); "
+           "unset it or use {stock}"),
+)
+
 
 def _masked_mean(acc, x: torch.Tensor, mask: torch.Tensor) -> float:
-    """TRL's ``global_masked_mean``: over completion tokens, or over sequences when ``x`` is (B, 1)."""
+    """TRL's ``global_masked_mean`` over all processes: over completion tokens, or over sequences for (B, 1)."""
     if x.shape[1] == 1:
         return reduced_mean(acc, x.sum(), torch.tensor(float(x.shape[0]), device=x.device))
     return reduced_mean(acc, (x * mask).sum(), mask.sum())
 
 
-def _seq_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """TRL's ``masked_seq_mean``: (B,) per-sequence mean (NaN for a sequence with no tokens)."""
-    if x.shape[1] == 1:
-        return x.squeeze(1)
-    return (x * mask).sum(-1) / mask.sum(-1)
-
-
-class _HiddenStateLogpsMixin:
+class _HiddenStateLogpsMixin(TrainerAdapter):
     """TRL's per-token log-prob hook (shared by GRPOTrainer and RLOOTrainer) through dpo_fast's engine."""
 
-    _dpo_fast_trl_loss = False  # True: the policy's log-probs inside TRL's loss come from TRL's head
+    def _dpo_fast_temperature(self) -> float:
+        return self.temperature
 
     # TRL hook: per-token log-probs (old policy / reference under no_grad; the policy inside TRL's own loss)
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **modality):
         grad = torch.is_grad_enabled()
-        if compute_aux_loss or any(v is not None for v in modality.values()) or (grad and self._dpo_fast_trl_loss):
+        trl_loss = getattr(self, "_dpo_fast_fallback_route", None) == "trl"
+        if compute_aux_loss or any(v is not None for v in modality.values()) or (grad and trl_loss):
             # multimodal inputs, or TRL's own loss with the entropy bonus (entropy needs its gradient): TRL's head
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
@@ -146,64 +133,37 @@ class _HiddenStateLogpsMixin:
         return logps, (ent if compute_entropy else None), None
 
 
-def _check_common(self) -> None:
-    """Options neither trainer integration supports: clear errors."""
-    who = type(self).__name__
-    if getattr(self, "_is_vlm", False):
-        raise NotImplementedError(f"{who}: vision-language models are not supported; use TRL's trainer")
-    if getattr(self, "aux_loss_enabled", False):
-        raise NotImplementedError(f"{who}: the MoE router aux loss is not supported; set router_aux_loss_coef=0.0 "
-                                  "or use TRL's trainer")
-    if getattr(self.args, "cast_lm_head_to_fp32", False):
-        raise NotImplementedError(f"{who}: cast_lm_head_to_fp32=True is not supported (dpo_fast already "
-                                  "accumulates the head in float32); unset it or use TRL's trainer")
-
-
 class _FastGRPOMixin(_HiddenStateLogpsMixin):
     """The methods FastGRPOTrainer overrides; mixed into a GRPOTrainer (sub)class."""
 
-    def _dpo_fast_init(self) -> None:
-        check_trl_version()
-        who = type(self).__name__
-        _check_common(self)
-        if self.loss_type not in TRL_LOSS_TYPES:
-            raise ValueError(f"loss_type: {self.loss_type!r} is not a TRL GRPO loss type; expected one of "
-                             f"{list(TRL_LOSS_TYPES)}")
-        if self.importance_sampling_level not in ("token", "sequence"):
-            raise ValueError(f"importance_sampling_level: expected 'token' or 'sequence', got "
-                             f"{self.importance_sampling_level!r}")
-        reasons = []
-        if self.loss_type not in FUSED_LOSS_TYPES:
-            reasons.append(f"loss_type={self.loss_type!r}")
-        if self.top_entropy_quantile < 1.0:  # TRL's threshold is a quantile over every process's tokens
-            reasons.append(f"top_entropy_quantile={self.top_entropy_quantile}")
-        if getattr(self, "_entropy_bonus_enabled", False):
-            reasons.append("the entropy bonus (entropy_coef / use_adaptive_entropy)")
-        if self.use_vllm and self.vllm_importance_sampling_correction:  # TRL's ratio kept as TRL applies it
-            reasons.append("vllm_importance_sampling_correction")
-        self.dpo_fast_fallback_reasons = reasons
-        # TRL differentiates the entropy only for its entropy bonus: then TRL's head computes the policy's log-probs
-        self._dpo_fast_trl_loss = bool(getattr(self, "_entropy_bonus_enabled", False))
-        self.dpo_fast_route: str | None = None
-        self.dpo_fast_routes: collections.Counter = collections.Counter()
-        if reasons:
-            route = ("'trl': TRL's head and loss" if self._dpo_fast_trl_loss else
-                     "'two_pass': dpo_fast's log-probs and entropies, then TRL's loss formula")
-            logger.warning("%s: %s not fused by dpo_fast; the loss runs TRL's own _compute_loss (route %s). Old "
-                           "and reference log-probs still use the fused no-grad forward.", who, ", ".join(reasons),
-                           route)
-        else:
-            from .. import GRPOLoss
+    _dpo_fast_trl_class = GRPOTrainer
+    _dpo_fast_stock = "trl.GRPOTrainer"
+    _dpo_fast_options = _COMMON_OPTIONS + (
+        Option("loss_type", lambda t: t.loss_type not in TRL_LOSS_TYPES, "error",
+               "loss_type: {t.loss_type!r} is not a TRL GRPO loss type; expected one of " + str(list(TRL_LOSS_TYPES)),
+               ValueError),
+        Option("importance_sampling_level", lambda t: t.importance_sampling_level not in IS_LEVELS, "error",
+               "importance_sampling_level: expected 'token' or 'sequence', got {t.importance_sampling_level!r}",
+               ValueError),
+        Option("loss_type", lambda t: t.loss_type not in FUSED_LOSS_TYPES, "two_pass", "loss_type={t.loss_type!r}"),
+        # TRL's threshold is a quantile over every process's tokens
+        Option("top_entropy_quantile", lambda t: t.top_entropy_quantile < 1.0, "two_pass",
+               "top_entropy_quantile={t.top_entropy_quantile}"),
+        # TRL differentiates the entropy for its entropy bonus: then TRL's head computes the policy's log-probs
+        Option("entropy_coef", lambda t: bool(getattr(t, "_entropy_bonus_enabled", False)), "trl",
+               "the entropy bonus (entropy_coef / use_adaptive_entropy)"),
+        # TRL's ratio, kept as TRL applies it
+        Option("vllm_importance_sampling_correction",
+               lambda t: bool(t.use_vllm and t.vllm_importance_sampling_correction), "two_pass",
+               "vllm_importance_sampling_correction"),
+    )
 
-            GRPOLoss(**self._dpo_fast_loss_options())  # validate now, not at the first step
-        # the fused entry point goes in before accelerate wraps forward, so its autocast covers our path too
-        install_fused_forward(self.model)
-        if getattr(self, "ref_model", None) is not None:
-            install_fused_forward(self.ref_model)
+    def _dpo_fast_build_loss(self, temperature, softcap):
+        from .. import GRPOLoss
+        from .. import losses as L
 
-    def _dpo_fast_loss_options(self) -> dict:
         args = self.args
-        return dict(beta=self.beta, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
+        opts = dict(beta=self.beta, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
                     importance_sampling_level=self.importance_sampling_level, loss_type=self.loss_type,
                     max_completion_length=self.max_completion_length, delta=args.delta,
                     sapo_temperature_pos=args.sapo_temperature_pos, sapo_temperature_neg=args.sapo_temperature_neg,
@@ -211,16 +171,17 @@ class _FastGRPOMixin(_HiddenStateLogpsMixin):
                     vespo_k_neg=args.vespo_k_neg, vespo_lambda_neg=args.vespo_lambda_neg,
                     use_bias_correction_kl=bool(args.use_bias_correction_kl),
                     off_policy_mask_threshold=self.off_policy_mask_threshold)
+        self._dpo_fast_grpo = L.GRPOOptions(**opts)  # the metrics' per-token terms (_dpo_fast_log_step)
+        # compute_metrics=False: the metrics come from the loss layer's parts, reduced across processes
+        return GRPOLoss(**opts, temperature=temperature, softcap=softcap, token_metrics=True, compute_metrics=False)
 
     # TRL hook: the loss and the metrics of one micro-batch
     def _compute_loss(self, model, inputs):
         if self.dpo_fast_fallback_reasons or inputs["advantages"].dim() != 1:
-            self._dpo_fast_record("trl" if self._dpo_fast_trl_loss else "two_pass")
+            self._dpo_fast_record(self._dpo_fast_fallback_route or "two_pass")
             return super()._compute_loss(model, inputs)
         reject_multimodal(type(self).__name__, inputs, _MODALITY_KEYS)
-        from .. import GRPOLoss
-
-        mode = "train" if self.model.training else "eval"
+        mode = self._dpo_fast_mode()
         prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
@@ -234,82 +195,51 @@ class _FastGRPOMixin(_HiddenStateLogpsMixin):
         ref = inputs.get("ref_per_token_logps") if self.beta != 0.0 else None
         sampling = inputs.get("sampling_per_token_logps") if self.off_policy_mask_threshold is not None else None
         accum = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        item_normalised = self._dpo_fast_grpo.entry.token_normalised
         n_items = None
-        if self.loss_type in _ITEM_NORMALISED:  # TRL's normaliser: the batch's tokens, per accumulation window
+        if item_normalised:  # TRL's normaliser: the batch's tokens, per accumulation window
             n_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
                 n_items = n_items * self.current_gradient_accumulation_steps / self.args.steps_per_generation
-        opts = self._dpo_fast_loss_options()
-
-        def fn(hidden, head):
-            h, w, b = head.operands(hidden[:, -C - 1:-1])
-            loss_fn = GRPOLoss(**opts, **head.engine_kwargs(self.temperature), token_metrics=True)
-            out = loss_fn(h, w, labels.to(h.device), advantages, old, ref, bias=b, num_items_in_batch=n_items,
-                          sampling_logps=sampling)
-            return out, loss_fn
-
-        out, loss_fn = call_with_hidden_states(model, fn, input_ids, attention_mask=attention_mask)
-        self._dpo_fast_record(out.route)
-        loss = out.loss if self.loss_type in _ITEM_NORMALISED else out.loss / accum
+        out, _ = self._dpo_fast_fused(model, input_ids, labels, advantages, old, ref,
+                                      forward=dict(attention_mask=attention_mask),
+                                      rows=lambda hidden: hidden[:, -C - 1:-1], num_items_in_batch=n_items,
+                                      sampling_logps=sampling)
+        loss = out.loss if item_normalised else out.loss / accum
         with torch.no_grad():  # out.token_logps: (B, C) detached policy log-probs from the same pass
-            self._dpo_fast_log(mode, out.token_logps, old, ref, mask, advantages, out)
+            self._dpo_fast_log_step(mode, out, advantages, old, ref, mask)
         return loss
 
-    def _dpo_fast_record(self, route: str) -> None:
-        self.dpo_fast_route = route
-        self.dpo_fast_routes[route] += 1
-
-    def _dpo_fast_log(self, mode, logps, old, ref, mask, advantages, out) -> None:
-        """Append the metrics TRL's _compute_loss logs, with TRL's definitions, from detached tensors."""
-        acc, m = self.accelerator, self._metrics[mode]
-        mask = mask.to(logps.dtype)
-        lp = logps.to(torch.float32)
-        old = lp if old is None else old.to(lp.dtype)
-        A = advantages.to(lp.dtype).unsqueeze(1)  # (B, 1)
-        tok_log_ratio = lp - old
-        log_ratio = tok_log_ratio
-        if self.importance_sampling_level == "sequence":
-            log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-        coef_1 = torch.exp(log_ratio)
-        if self.beta != 0.0:
-            d = ref.to(lp.dtype) - lp
-            kl = torch.exp(d) - d - 1
-            if self.args.use_bias_correction_kl:
-                kl = kl * coef_1
-            m["kl"].append(_masked_mean(acc, kl, mask))
+    def _dpo_fast_log_step(self, mode, out, advantages, old, ref, mask) -> None:
+        """Append the metrics TRL's _compute_loss logs (kl, entropy, the loss type's clip statistics), each
+        defined once in the loss layer and reduced over all processes as TRL reduces it."""
+        acc = self.accelerator
+        o = self._dpo_fast_grpo
+        terms = PG.grpo_token_terms(out.token_logps.float(), advantages, mask, old, ref, options=o)
+        m = terms.inputs.mask
+        values = {}
+        if terms.kl is not None:
+            values["kl"] = _masked_mean(acc, terms.kl, m)
         # per-process sums from the loss's own pass, summed over processes
-        m["entropy"].append(reduced_mean(acc, out.token_sums["entropy_sum"], out.token_sums["tokens"]))
-        if self.loss_type in _CLIPPED_TYPES:
-            if self.args.delta is not None:  # TRL logs the ratio after the two-sided clip
-                coef_1 = torch.clamp(coef_1, max=self.args.delta)
-            low = ((coef_1 < 1 - self.epsilon_low) & (A < 0)).float()
-            high = ((coef_1 > 1 + self.epsilon_high) & (A > 0)).float()
-            m["clip_ratio/low_mean"].append(_masked_mean(acc, low, mask))
-            m["clip_ratio/high_mean"].append(_masked_mean(acc, high, mask))
-            m["clip_ratio/region_mean"].append(_masked_mean(acc, (low.bool() | high.bool()).float(), mask))
-            m["clip_ratio/low_min"].append(nanmin(acc.gather(_seq_mean(low, mask))).item())
-            m["clip_ratio/high_max"].append(nanmax(acc.gather(_seq_mean(high, mask))).item())
-        elif self.loss_type == "cispo":
-            m["cispo_clip_ratio"].append(_masked_mean(acc, ((coef_1 > self.epsilon_high) & (A > 0)).float(), mask))
-        elif self.loss_type == "vespo":
-            a = self.args
-            phi = self.get_gamma_weights(advantages=A, log_ratio_per_token=tok_log_ratio, mask=mask,
-                                         importance_sampling_ratio=None, k_pos=a.vespo_k_pos,
-                                         lambda_pos=a.vespo_lambda_pos, k_neg=a.vespo_k_neg,
-                                         lambda_neg=a.vespo_lambda_neg)
-            m["vespo/phi_seq_mean"].append(_masked_mean(acc, phi, mask))
+        values["entropy"] = reduced_mean(acc, out.token_sums["entropy_sum"], out.token_sums["tokens"])
+        for name, p in o.entry.metrics.parts(terms.policy, terms.inputs).items():
+            if p.reduce == "mean":
+                values[name] = _masked_mean(acc, p.values, m)
+            else:
+                extreme = nanmin if p.reduce == "min" else nanmax
+                values[name] = extreme(acc.gather(G.seq_mean(p.values, m))).item()
+        self._dpo_fast_log(mode, values)
 
 
 class _FastRLOOMixin(_HiddenStateLogpsMixin):
     """FastRLOOTrainer's methods: TRL's RLOO loss on dpo_fast's log-probs (see :class:`FastRLOOTrainer`)."""
 
-    def _dpo_fast_init(self) -> None:
-        check_trl_version()
-        _check_common(self)
-        self.dpo_fast_route = "two_pass"
-        install_fused_forward(self.model)
-        if getattr(self, "ref_model", None) is not None:
-            install_fused_forward(self.ref_model)
+    _dpo_fast_trl_class = RLOOTrainer
+    _dpo_fast_stock = "trl.RLOOTrainer"
+    _dpo_fast_options = _COMMON_OPTIONS
+
+    def _dpo_fast_setup(self) -> None:
+        self._dpo_fast_record("two_pass")  # always: TRL's RLOO loss on the engine's log-probs
 
 
 class FastGRPOTrainer(_FastGRPOMixin, GRPOTrainer):
@@ -323,11 +253,6 @@ class FastGRPOTrainer(_FastGRPOMixin, GRPOTrainer):
         NotImplementedError: vision-language models, MoE aux loss, ``cast_lm_head_to_fp32``.
     """
 
-    def __init__(self, *args, **kwargs):
-        check_trl_version()
-        super().__init__(*args, **kwargs)
-        self._dpo_fast_init()
-
 
 class FastRLOOTrainer(_FastRLOOMixin, RLOOTrainer):
     """``trl.RLOOTrainer`` with the policy's, old-policy and reference log-probs from dpo_fast's engine.
@@ -339,15 +264,10 @@ class FastRLOOTrainer(_FastRLOOMixin, RLOOTrainer):
     forward. Same constructor as ``trl.RLOOTrainer``; errors as :class:`FastGRPOTrainer`.
     """
 
-    def __init__(self, *args, **kwargs):
-        check_trl_version()
-        super().__init__(*args, **kwargs)
-        self._dpo_fast_init()
-
 
 def patch_rloo_trainer(trainer: RLOOTrainer) -> RLOOTrainer:
     """Make an existing ``trl.RLOOTrainer`` instance use :class:`FastRLOOTrainer`'s methods (state kept)."""
-    return patch_instance(trainer, RLOOTrainer, _FastRLOOMixin, _FastRLOOMixin._dpo_fast_init)
+    return patch_instance(trainer, _FastRLOOMixin)
 
 
 def patch_grpo_trainer(trainer: GRPOTrainer) -> GRPOTrainer:
@@ -358,4 +278,4 @@ def patch_grpo_trainer(trainer: GRPOTrainer) -> GRPOTrainer:
     Returns:
         The same trainer object.
     """
-    return patch_instance(trainer, GRPOTrainer, _FastGRPOMixin, _FastGRPOMixin._dpo_fast_init)
+    return patch_instance(trainer, _FastGRPOMixin)

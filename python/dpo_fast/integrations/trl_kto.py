@@ -27,13 +27,13 @@ mean row, exact for a linear head), ``rewards/*``, ``logps/*`` (``logps`` = rewa
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from ..hf import call_with_hidden_states, install_fused_forward, output_head
+from ..hf import call_with_hidden_states
+from ..losses.registry import TRL_KTO_LOSS_TYPES
 from ..packing import shifted_labels
-from ._trainer_common import SUPPORTED_TRL, UnsupportedTRLVersion, check_trl_version, patch_instance
+from ._trainer_common import SUPPORTED_TRL, UnsupportedTRLVersion, check_trl_version  # noqa: F401 (re-export)
+from .adapter import SOFTCAP_OPTION, Option, TrainerAdapter, moe_aux_option, patch_instance, vision_option
 
 try:
     from trl import KTOTrainer
@@ -42,35 +42,27 @@ except ImportError as e:  # pragma: no cover - exercised only without trl
 
 __all__ = ["FastKTOTrainer", "patch_kto_trainer", "SUPPORTED_TRL", "UnsupportedTRLVersion"]
 
-_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
-
-class _FastKTOMixin:
+class _FastKTOMixin(TrainerAdapter):
     """The methods FastKTOTrainer overrides; mixed into a KTOTrainer (sub)class."""
 
-    def _dpo_fast_init(self) -> None:
-        check_trl_version()
-        who = type(self).__name__
-        if getattr(self, "_is_vision_dataset", False):
-            raise NotImplementedError(f"{who}: vision datasets are not supported; use trl.KTOTrainer")
-        if getattr(self, "aux_loss_enabled", False):
-            raise NotImplementedError(f"{who}: the MoE router aux loss is not supported; set router_aux_loss_coef=0.0 "
-                                      "or use trl.KTOTrainer")
-        if self.loss_type not in _LOSS_TYPES:
-            raise ValueError(f"loss_type: {self.loss_type!r} is not a TRL KTO loss type; expected one of "
-                             f"{list(_LOSS_TYPES)}")
-        if output_head(self.model).softcap is not None:
-            raise NotImplementedError(f"{who}: soft-capped output heads are not supported (TRL's logits/* metric "
-                                      "needs every logit); use trl.KTOTrainer")
+    _dpo_fast_trl_class = KTOTrainer
+    _dpo_fast_stock = "trl.KTOTrainer"
+    _dpo_fast_options = (
+        vision_option("_is_vision_dataset"),
+        moe_aux_option(),
+        Option("loss_type", lambda t: t.loss_type not in TRL_KTO_LOSS_TYPES, "error",
+               "loss_type: {t.loss_type!r} is not a TRL KTO loss type; expected one of "
+               + str(list(TRL_KTO_LOSS_TYPES)), ValueError),
+        SOFTCAP_OPTION,
+    )
+
+    def _dpo_fast_build_loss(self, temperature, softcap):
         from .. import KTOLoss
 
-        self._dpo_fast_options = dict(beta=self.beta, desirable_weight=self.desirable_weight,
-                                      undesirable_weight=self.undesirable_weight)
-        KTOLoss(**self._dpo_fast_options)  # validate now
-        self.dpo_fast_route: str | None = None
-        install_fused_forward(self.model)
-        if getattr(self, "ref_model", None) is not None:
-            install_fused_forward(self.ref_model)
+        return KTOLoss(beta=self.beta, desirable_weight=self.desirable_weight,
+                       undesirable_weight=self.undesirable_weight, temperature=temperature, softcap=softcap,
+                       token_metrics=True)
 
     # ------------------------------------------------------------------------------------------------------
     def _dpo_fast_seq_logps(self, model, ids, am, cm) -> torch.Tensor:
@@ -86,17 +78,6 @@ class _FastKTOMixin:
         with torch.no_grad(), self.accelerator.autocast():
             return call_with_hidden_states(model, fn, ids, attention_mask=am)
 
-    def _dpo_fast_ref_context(self):
-        """(model to run, adapter context) for the reference: ref_model, or the PEFT model without adapter."""
-        from accelerate.utils import is_peft_model
-
-        if self.ref_model is None and is_peft_model(self.model):
-            from trl.trainer.utils import use_adapter
-
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            return self.model, use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
-        return (self.ref_model if self.ref_model is not None else self.model), contextlib.nullcontext()
-
     # TRL hook: the KL pass (policy or reference), no-grad
     def _compute_kl_logps(self, model, batch):
         if not self.calculate_KL:
@@ -106,56 +87,43 @@ class _FastKTOMixin:
 
     # TRL hook: reference log-probs of one padded batch (precompute_ref_log_probs and evaluation)
     def compute_ref_log_probs(self, model, inputs):
-        from trl.models.utils import disable_gradient_checkpointing
-
-        _, adapter = self._dpo_fast_ref_context()  # TRL: the given model, adapter disabled for PEFT without ref
         inputs = {k: (v.to(self.accelerator.device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
-        with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), adapter:
-            logps = self._dpo_fast_seq_logps(model, inputs["input_ids"], inputs["attention_mask"],
+        with self._dpo_fast_reference(model) as run:  # TRL: the given model, adapter disabled for PEFT without ref
+            logps = self._dpo_fast_seq_logps(run, inputs["input_ids"], inputs["attention_mask"],
                                              inputs["completion_mask"])
-            kl = self._compute_kl_logps(model, inputs)
-        return logps, kl
+            return logps, self._compute_kl_logps(run, inputs)
+
+    def _dpo_fast_ref_logps(self, model, batch):
+        """(reference log-probs, reference KL log-probs or None) of a training batch."""
+        kl = self._compute_kl_logps(model, batch)
+        return self._dpo_fast_seq_logps(model, batch["input_ids"], batch["attention_mask"],
+                                        batch["completion_mask"]), kl
 
     # TRL hook: the loss and the metrics of one batch
     def _compute_loss(self, model, inputs, return_outputs):
-        from trl.models.utils import disable_gradient_checkpointing
-
-        from .. import KTOLoss
-
-        mode = "train" if self.model.training else "eval"
+        mode = self._dpo_fast_mode()
         acc = self.accelerator
         batch = {k: (v.to(acc.device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
         desirable = torch.as_tensor(batch["label"], dtype=torch.bool, device=acc.device)
         ids, am, cm = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
         kl_logps = self._compute_kl_logps(model, batch)
-        if self.precompute_ref_logps:
-            ref = batch["ref_logps"]
-            ref_kl = batch["ref_KL_logps"] if self.calculate_KL else None
-        else:
-            run, adapter = self._dpo_fast_ref_context()
-            with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), adapter:
-                ref_kl = self._compute_kl_logps(run, batch)
-                ref = self._dpo_fast_seq_logps(run, ids, am, cm)
+        ref, ref_kl = self._dpo_fast_ref_values(batch, ("ref_logps", "ref_KL_logps" if self.calculate_KL else None),
+                                                lambda run: self._dpo_fast_ref_logps(run, batch))
         if self.calculate_KL:
             kl = acc.gather_for_metrics((kl_logps - ref_kl).mean().detach()).mean().clamp(min=0)
         else:
             kl = torch.zeros((), device=acc.device)
         labels = shifted_labels(ids, cm)
-        opts = self._dpo_fast_options
 
-        def fn(hidden, head):
-            h, w, b = head.operands(hidden)
-            out = KTOLoss(**opts, **head.engine_kwargs(), token_metrics=True)(
-                h, w, labels.to(h.device), desirable, ref.float(), bias=b, kl=kl.float())
+        def zmean(hidden, head):
             # per-token vocabulary-mean logit at the scored positions (a GEMV: the mean commutes with h W^T + b)
             w_mean = head.weight.detach().float().mean(0)
             b_mean = 0.0 if head.bias is None else head.bias.detach().float().mean()
-            zmean = (hidden.detach().float() @ w_mean + b_mean) / head.temperature  # (B, T)
-            return out, zmean
+            return (hidden.detach().float() @ w_mean + b_mean) / head.temperature  # (B, T)
 
-        out, zmean = call_with_hidden_states(model, fn, ids, attention_mask=am)
-        self.dpo_fast_route = out.route
-        self._dpo_fast_log(mode, batch, desirable, labels, ref, kl, out, zmean)
+        out, zm = self._dpo_fast_fused(model, ids, labels, desirable, ref.float(), kl=kl.float(),
+                                       forward=dict(attention_mask=am), extra=zmean)
+        self._dpo_fast_log_step(mode, batch, desirable, labels, ref, kl, out, zm)
         loss = out.loss
         if return_outputs:  # deprecated in TRL too: logits for compute_metrics need a plain forward
             with torch.no_grad():
@@ -163,7 +131,7 @@ class _FastKTOMixin:
             return loss, outputs
         return loss
 
-    def _dpo_fast_log(self, mode, batch, desirable, labels, ref, kl, out, zmean) -> None:
+    def _dpo_fast_log_step(self, mode, batch, desirable, labels, ref, kl, out, zmean) -> None:
         acc, m = self.accelerator, self._metrics[mode]
 
         def total(x):  # a per-process sum, summed over processes
@@ -204,15 +172,10 @@ class FastKTOTrainer(_FastKTOMixin, KTOTrainer):
         NotImplementedError: vision datasets, MoE aux loss, soft-capped heads.
     """
 
-    def __init__(self, *args, **kwargs):
-        check_trl_version()
-        super().__init__(*args, **kwargs)
-        self._dpo_fast_init()
-
 
 def patch_kto_trainer(trainer: KTOTrainer) -> KTOTrainer:
     """Make an existing ``trl.KTOTrainer`` (or subclass) instance compute its loss with ``KTOLoss``.
 
     The instance's class is swapped for a subclass (state kept). Call it before ``trainer.train()``.
     """
-    return patch_instance(trainer, KTOTrainer, _FastKTOMixin, _FastKTOMixin._dpo_fast_init)
+    return patch_instance(trainer, _FastKTOMixin)

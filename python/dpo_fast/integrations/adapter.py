@@ -1,0 +1,302 @@
+"""One adapter between a TRL trainer and dpo_fast's fused losses: what every ``Fast*Trainer`` shares.
+
+A trainer integration is a mixin subclassing :class:`TrainerAdapter`, mixed into TRL's trainer class
+(``class FastKTOTrainer(_FastKTOMixin, KTOTrainer)``) or into an existing instance's class by
+:func:`patch_instance`. The adapter owns construction (version gate, the trainer's own keywords), the options
+table (:class:`Option` rows: error, two-pass route or TRL's own loss), the loss module built once, the
+fused-forward install, the reference context, routes and metric logging. A trainer supplies its table, its loss
+module, the TRL hooks that map its batch to the module's inputs, and its metric names. docs/DESIGN.md, section 7
+("The trainer adapter", "Adding a trainer"), has the details. Imports TRL only inside functions.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import inspect
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ..hf import call_with_hidden_states, install_fused_forward, output_head
+from ._trainer_common import check_trl_version
+
+__all__ = ["TrainerAdapter", "Option", "Kwarg", "patch_instance", "vision_option", "moe_aux_option",
+           "SOFTCAP_OPTION", "ENCODER_DECODER_OPTION"]
+
+ACTIONS = ("error", "two_pass", "trl")
+#: what each fallback route does, for the warning
+ROUTE_NOTES = {"two_pass": "dpo_fast's log-probs, then TRL's loss formula", "trl": "TRL's head and loss"}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One row of a trainer's TRL-options table.
+
+    Attributes:
+        name: the TRL option (documentation).
+        when: predicate on the built trainer (its config, attributes, model): True when the row applies.
+        action: ``"error"`` (raise ``error(message)``), ``"two_pass"`` (dpo_fast's log-probs, TRL's loss) or
+            ``"trl"`` (TRL's own head and loss) -- the last two are recorded and logged, never silent.
+        message: the error text, or the fallback reason; ``str.format`` fields ``{who}`` (the trainer's class
+            name), ``{stock}`` (the stock TRL trainer) and ``{t}`` (the trainer).
+        error: the exception class of an ``"error"`` row.
+    """
+
+    name: str
+    when: Callable[[Any], bool]
+    action: str
+    message: str
+    error: type[Exception] = NotImplementedError
+
+    def __post_init__(self):
+        if self.action not in ACTIONS:
+            raise ValueError(f"Option {self.name!r}: action must be one of {ACTIONS}, got {self.action!r}")
+
+
+@dataclass(frozen=True)
+class Kwarg:
+    """A constructor keyword a trainer adds to TRL's (e.g. FastDPOTrainer's ``token_metrics``)."""
+
+    name: str
+    default: Any
+    annotation: str
+
+
+# ------------------------------------------------------------------------------------------------ shared rows
+def vision_option(*attrs: str) -> Option:
+    """Error row: a vision dataset / vision-language model (TRL's ``_is_vision_dataset`` / ``_is_vlm`` flags)."""
+    return Option("vision", lambda t: any(getattr(t, a, False) for a in attrs), "error",
+                  "{who}: vision-language models/datasets are not supported; use {stock}")
+
+
+def moe_aux_option(setting: str = "router_aux_loss_coef=0.0") -> Option:
+    """Error row: the MoE router aux loss (TRL's ``aux_loss_enabled``); ``setting`` turns it off."""
+    return Option("router_aux_loss", lambda t: bool(getattr(t, "aux_loss_enabled", False)), "error",
+                  "{who}: the MoE router aux loss is not supported; set " + setting + " or use {stock}")
+
+
+#: Error row: a soft-capped head, where TRL's logged logits/* metric (the mean logit) needs every logit.
+SOFTCAP_OPTION = Option(
+    "final_logit_softcapping", lambda t: output_head(t.model).softcap is not None, "error",
+    "{who}: soft-capped output heads (final_logit_softcapping) are not supported: TRL's logged logits/* metric "
+    "(the mean logit) then needs every logit; use {stock}")
+
+#: Error row: encoder-decoder models (the integrations run decoder-only models).
+ENCODER_DECODER_OPTION = Option("is_encoder_decoder", lambda t: bool(getattr(t, "is_encoder_decoder", False)),
+                                "error", "{who}: encoder-decoder models are not supported; use {stock}")
+
+
+# ------------------------------------------------------------------------------------------------ the adapter
+class TrainerAdapter:
+    """Base of every trainer mixin (see the module docstring). Class attributes a trainer sets:
+
+    - ``_dpo_fast_trl_class``: the TRL trainer class the mixin is written for; ``_dpo_fast_stock``: its public
+      name, for messages (``"trl.DPOTrainer"``);
+    - ``_dpo_fast_kwargs``: :class:`Kwarg` rows, its own constructor keywords;
+    - ``_dpo_fast_options``: :class:`Option` rows, checked in order after TRL's ``__init__``;
+    - ``_dpo_fast_loss_rejected``: ``"error"`` (default) or ``"two_pass"``: what a ``ValueError`` from
+      ``_dpo_fast_build_loss`` means.
+
+    and methods it may override: ``_dpo_fast_setup(**kwargs)`` (its own state, before the table),
+    ``_dpo_fast_build_loss(temperature, softcap)`` (its loss module, or None), ``_dpo_fast_temperature()``
+    (the sampling temperature the head's logits are divided by, default 1), ``_dpo_fast_constructing(args,
+    kwargs, **kwargs)`` (a context around TRL's ``__init__``).
+    """
+
+    _dpo_fast_trl_class: type | None = None
+    _dpo_fast_stock: str = "TRL's trainer"
+    _dpo_fast_kwargs: tuple[Kwarg, ...] = ()
+    _dpo_fast_options: tuple[Option, ...] = ()
+    _dpo_fast_loss_rejected = "error"
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if vars(cls).get("_dpo_fast_kwargs"):  # the class signature shows the trainer's own keywords
+            P = inspect.Parameter
+            cls.__signature__ = inspect.Signature(
+                [P("args", P.VAR_POSITIONAL)]
+                + [P(k.name, P.KEYWORD_ONLY, default=k.default, annotation=k.annotation) for k in cls._dpo_fast_kwargs]
+                + [P("kwargs", P.VAR_KEYWORD)])
+
+    def __init__(self, *args, **kwargs):
+        check_trl_version()
+        own = self._dpo_fast_take_kwargs(kwargs)
+        with self._dpo_fast_constructing(args, kwargs, **own):
+            super().__init__(*args, **kwargs)
+        self._dpo_fast_init(**own)
+
+    @classmethod
+    def _dpo_fast_take_kwargs(cls, kwargs: dict) -> dict:
+        """The trainer's own keywords popped from ``kwargs`` (defaults filled in); the rest are TRL's."""
+        return {k.name: kwargs.pop(k.name, k.default) for k in cls._dpo_fast_kwargs}
+
+    def _dpo_fast_constructing(self, args, kwargs, **own):
+        return contextlib.nullcontext()
+
+    # -------------------------------------------------------------------------------------------- setup
+    def _dpo_fast_init(self, **own) -> None:
+        """After TRL's ``__init__`` (or on a patched instance): setup, options table, loss module, forward."""
+        check_trl_version()
+        self.dpo_fast_route: str | None = None
+        self.dpo_fast_routes: collections.Counter = collections.Counter()
+        self._dpo_fast_setup(**own)
+        reasons, route = self._dpo_fast_check_options()
+        self._dpo_fast_loss = None
+        if not reasons:
+            try:
+                self._dpo_fast_loss = self._dpo_fast_build_loss(temperature=self._dpo_fast_temperature(),
+                                                                softcap=None)  # validated now, not at step 1
+            except ValueError as e:
+                if self._dpo_fast_loss_rejected != "two_pass":
+                    raise
+                reasons, route = [f"options the fused loss rejects ({e})"], "two_pass"
+        self.dpo_fast_fallback_reasons: list[str] = reasons
+        self._dpo_fast_fallback_route = route
+        if reasons:
+            logging.getLogger(type(self).__module__).warning(
+                "%s: %s not fused by dpo_fast; the loss runs TRL's own loss code (route '%s': %s).",
+                type(self).__name__, ", ".join(reasons), route, ROUTE_NOTES[route])
+        # the fused entry point goes in before accelerate wraps forward (mixed precision), so its autocast
+        # applies to our path too
+        install_fused_forward(self.model)
+        if getattr(self, "ref_model", None) is not None:
+            install_fused_forward(self.ref_model)
+
+    def _dpo_fast_setup(self, **own) -> None:
+        pass
+
+    def _dpo_fast_check_options(self) -> tuple[list[str], str | None]:
+        """Raise for the first applying ``"error"`` row; return (fallback reasons, fallback route or None)."""
+        fmt = dict(who=type(self).__name__, stock=self._dpo_fast_stock, t=self)
+        reasons, route = [], None
+        for row in self._dpo_fast_options:
+            if not row.when(self):
+                continue
+            text = row.message.format(**fmt)
+            if row.action == "error":
+                raise row.error(text)
+            reasons.append(text)
+            route = "trl" if "trl" in (route, row.action) else "two_pass"
+        return reasons, route
+
+    def _dpo_fast_build_loss(self, temperature: float, softcap: float | None):
+        return None
+
+    def _dpo_fast_temperature(self) -> float:
+        return 1.0
+
+    # -------------------------------------------------------------------------------------------- the step
+    def _dpo_fast_loss_for(self, head):
+        """The loss module for ``head``: the one built at construction, rebuilt (once) if the head's transform
+        differs from the one it was built with (a model logit scale or softcap)."""
+        kw = head.engine_kwargs(self._dpo_fast_temperature())
+        m = self._dpo_fast_loss
+        if m.temperature != kw["temperature"] or m.softcap != kw["softcap"]:
+            m = self._dpo_fast_loss = self._dpo_fast_build_loss(**kw)
+        return m
+
+    def _dpo_fast_fused(self, model, input_ids, labels, *args, forward: dict | None = None,
+                        rows: Callable | None = None, extra: Callable | None = None, autocast: bool = False,
+                        **kwargs):
+        """Run the decoder, then this trainer's loss module on its last hidden states; ``(output, extra)``.
+
+        Args:
+            labels: the scored tokens of ``rows(hidden)`` (moved to the hidden states' device).
+            *args: the module's further positional inputs, as they are.
+            forward: the decoder's keyword arguments (``attention_mask``, packed ``position_ids``, ...).
+            rows: hidden -> the hidden rows ``labels`` score (default: all).
+            extra: (hidden, head) -> a value from the same forward (e.g. mean logits), returned beside the output.
+            autocast: run under ``accelerator.autocast()``.
+            **kwargs: the module's keyword inputs; tensors are moved to the hidden states' device.
+        """
+        def fn(hidden, head):
+            h, w, b = head.operands(hidden if rows is None else rows(hidden))
+            kw = {k: (v.to(h.device) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+            out = self._dpo_fast_loss_for(head)(h, w, labels.to(h.device), *args, bias=b, **kw)
+            return out, (None if extra is None else extra(hidden, head))
+
+        with self.accelerator.autocast() if autocast else contextlib.nullcontext():
+            out, ex = call_with_hidden_states(model, fn, input_ids, **(forward or {}))
+        self._dpo_fast_record(out.route)
+        return out, ex
+
+    def _dpo_fast_record(self, route: str) -> None:
+        self.dpo_fast_route = route
+        self.dpo_fast_routes[route] += 1
+
+    def _dpo_fast_mode(self) -> str:
+        return "train" if self.model.training else "eval"
+
+    def _dpo_fast_log(self, mode: str, values: dict[str, float]) -> None:
+        """Append ``values`` (TRL's names) to TRL's ``_metrics`` store, which TRL averages and logs."""
+        m = self._metrics[mode]
+        for name, v in values.items():
+            m[name].append(v)
+
+    # -------------------------------------------------------------------------------------------- reference
+    @contextlib.contextmanager
+    def _dpo_fast_reference(self, model=None):
+        """Context yielding the model that gives reference log-probs: ``model`` (or ``ref_model``, or the
+        policy), under no_grad with gradient checkpointing off; a PEFT policy without ``ref_model`` runs with
+        its adapter off (its ``"ref"`` adapter when it has one), as TRL does."""
+        from accelerate.utils import is_peft_model
+        from trl.models.utils import disable_gradient_checkpointing
+
+        ref = getattr(self, "ref_model", None)
+        adapter = contextlib.nullcontext()
+        if ref is None and is_peft_model(self.model):
+            from trl.trainer.utils import use_adapter
+
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        run = model if model is not None else (ref if ref is not None else self.model)
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
+                adapter:
+            yield run
+
+    def _dpo_fast_ref_values(self, inputs, columns: tuple, compute: Callable):
+        """The reference's values of a batch: TRL's precomputed ``columns`` (a None column gives None) when
+        ``precompute_ref_log_probs``, else ``compute(model)`` inside :meth:`_dpo_fast_reference`."""
+        if self.precompute_ref_logps:
+            return tuple(None if c is None else inputs[c] for c in columns)
+        with self._dpo_fast_reference() as run:
+            return compute(run)
+
+
+_PATCHED: dict[tuple[type, type], type] = {}
+
+
+def patch_instance(trainer: Any, mixin: type, **kwargs) -> Any:
+    """Swap ``trainer``'s class for ``(mixin, type(trainer))`` and run the adapter's init; returns ``trainer``.
+
+    Args:
+        trainer: an instance of ``mixin._dpo_fast_trl_class`` (or a subclass); its state (model, optimizer,
+            callbacks) is kept.
+        mixin: the :class:`TrainerAdapter` subclass holding the overriding methods.
+        **kwargs: the mixin's own keywords (its ``_dpo_fast_kwargs``).
+
+    Raises:
+        TypeError: ``trainer`` is not an instance of the TRL class.
+    """
+    check_trl_version()
+    base = mixin._dpo_fast_trl_class
+    if not isinstance(trainer, base):
+        raise TypeError(f"trainer: expected a {mixin._dpo_fast_stock} instance, got {type(trainer).__name__}")
+    if isinstance(trainer, mixin):
+        return trainer
+    kwargs = dict(kwargs)
+    own = mixin._dpo_fast_take_kwargs(kwargs)
+    if kwargs:
+        raise TypeError(f"unexpected keyword arguments {sorted(kwargs)}; expected some of "
+                        f"{[k.name for k in mixin._dpo_fast_kwargs]}")
+    cls = type(trainer)
+    new = _PATCHED.get((cls, mixin))
+    if new is None:
+        new = type(f"Fast{cls.__name__}", (mixin, cls), {"__module__": mixin.__module__})
+        _PATCHED[(cls, mixin)] = new
+    trainer.__class__ = new
+    trainer._dpo_fast_init(**own)
+    return trainer
