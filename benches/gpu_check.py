@@ -294,9 +294,9 @@ def case_fused_groups(c):
             return -torch.nn.functional.logsigmoid(0.1 * m).mean()
         return f
 
-    from dpo_fast.fused import route as route_mod
+    from dpo_fast.fused import logits_pass as pass_mod
 
-    with Spy((route_mod, "group_values")) as spy:
+    with Spy((pass_mod, "group_values")) as spy:
         loss, g = _grads(ours, [h, w])
     ref, rg = _grads(dpo_ref(F64), [h, w])
     base, bg = _grads(dpo_ref(None), [h, w])

@@ -2,7 +2,7 @@
 
 Every pairwise loss except aot / aot_unpaired decomposes per pair: once a pair's two sequence sums ℓ_w, ℓ_l
 are known, dL/dℓ_w and dL/dℓ_l are scalars, and every scored token of a sequence gets g_t = dL/dℓ (times its
-LD-DPO weight). So the pair is the unit of :mod:`dpo_fast.fused.route` and the loss on a group of pairs is
+LD-DPO weight). So the pair is the unit of :mod:`dpo_fast.fused.logits_pass` and the loss on a group of pairs is
 :func:`dpo_fast.dpo_loss` on their sums, summed and divided by the batch's P (batch constants: P, Σ|y_w|
 for the "sft" term; the reference log-probs and lengths are per pair). aot / aot_unpaired sort over the
 batch and take the two-pass route.
@@ -23,14 +23,16 @@ from ..engine.checks import check_engine_inputs, check_tensor
 from ..engine import Head, Scored, as_head, forward_tokens, get_workspace_bytes, make_rows, prepare, scored_logprobs, segment_sum
 from .pairs import (add_pair_token_metrics, check_ld_alpha, ld_token_weights, logits_means, pair_layout,
                     pair_units_host, wpo_logweights)
-from .route import FusedLossModule, Values, autocast_entry, with_route
+from .module import FusedLossModule, autocast_entry
+from .plan import Values
+from .records import with_route
 
 Tensor = torch.Tensor
 
 
 @dataclass
 class DPOTask:
-    """One DPOLoss forward as a :class:`dpo_fast.fused.route.UnitTask` (units = pairs, batch constants)."""
+    """One DPOLoss forward as a :class:`dpo_fast.fused.plan.UnitTask` (units = pairs, batch constants)."""
 
     units: Tensor  # (P, 2) (chosen, rejected) sequence ids
     decomposable: bool

@@ -42,7 +42,10 @@ from .. import losses as L
 from ..losses import GRPOOptions
 from ..engine.checks import as_cu_seqlens
 from ..engine import acc_dtype
-from .route import FusedLossModule, Values, autocast_entry, token_metrics, token_sums, with_route
+from .metrics import token_metrics, token_sums
+from .module import FusedLossModule, autocast_entry
+from .plan import Values
+from .records import with_route
 
 Tensor = torch.Tensor
 
@@ -53,7 +56,7 @@ NEUTRAL_FILL = {"importance_sampling_ratio": 1.0}
 
 @dataclass
 class GRPOTask:
-    """One GRPOLoss forward as a :class:`dpo_fast.fused.route.UnitTask`: units = sequences."""
+    """One GRPOLoss forward as a :class:`dpo_fast.fused.plan.UnitTask`: units = sequences."""
 
     units: Tensor  # (S, 1)
     options: L.GRPOOptions  # validated, max_completion_length filled in

@@ -16,7 +16,10 @@ from .. import losses as L
 from ..losses import KTOOptions
 from ..engine.checks import check_tensor
 from ..logprobs import sequence_logprobs
-from .route import FusedLossModule, Values, autocast_entry, token_metrics, token_sums, with_route
+from .metrics import token_metrics, token_sums
+from .module import FusedLossModule, autocast_entry
+from .plan import Values
+from .records import with_route
 
 Tensor = torch.Tensor
 
@@ -25,7 +28,7 @@ SLOTS = ("completion",)
 
 @dataclass
 class KTOTask:
-    """One KTOLoss forward as a :class:`dpo_fast.fused.route.UnitTask`: units = sequences."""
+    """One KTOLoss forward as a :class:`dpo_fast.fused.plan.UnitTask`: units = sequences."""
 
     units: Tensor  # (S, 1)
     options: KTOOptions  # validated once, at the module's construction

@@ -7,7 +7,8 @@ import torch
 
 from ..engine.checks import check_tensor
 from ..engine import Head, Scored, acc_dtype, segment_sum
-from .route import Values, token_metrics, token_sums
+from .metrics import token_metrics, token_sums
+from .plan import Values
 
 Tensor = torch.Tensor
 

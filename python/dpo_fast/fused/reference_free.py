@@ -16,14 +16,16 @@ import torch
 from .. import losses as L
 from ..losses import CPOOptions, ORPOOptions
 from .pairs import add_pair_token_metrics, logits_means, pair_layout, pair_units_host
-from .route import FusedLossModule, Values, autocast_entry, with_route
+from .module import FusedLossModule, autocast_entry
+from .plan import Values
+from .records import with_route
 
 Tensor = torch.Tensor
 
 
 @dataclass
 class ReferenceFreeTask:
-    """One CPO/ORPO forward as a :class:`dpo_fast.fused.route.UnitTask`: units = pairs."""
+    """One CPO/ORPO forward as a :class:`dpo_fast.fused.plan.UnitTask`: units = pairs."""
 
     units: Tensor  # (P, 2)
     loss_fn: Callable  # (lw, ll, len_w, len_l, chosen_nll, logit_c, logit_r, compute_metrics) -> DPOOutput
