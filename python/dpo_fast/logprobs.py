@@ -106,6 +106,30 @@ def token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, temp
     return out.view(shape)
 
 
+@distributed_head()  # DTensor / ZeRO-3 / vocabulary-parallel heads (dpo_fast.distributed)
+@autocast_aware("hidden", "weight", "bias")
+def token_logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, bias=None,
+                               temperature: float = 1.0, softcap: float | None = None, ignore_index: int = -100):
+    """(log-probs, entropies), each shaped like ``labels`` (B, T) float32, 0 at ``ignore_index`` positions.
+
+    One engine pass over the scored positions: the log-probs are differentiable w.r.t. hidden / weight /
+    bias (as :func:`token_logprobs`); the entropies of the same rows' softmax come from that forward's
+    statistics and carry no gradient. (Internal for now: the GRPO trainer's helper; not exported by ``dpo_fast``.)
+
+    Args:
+        hidden: (B, T, H); weight: (V, H); labels: (B, T) ints in [0, V) or ``ignore_index``; bias: (V,) or None.
+        temperature, softcap: the model's logit transform (see :meth:`dpo_fast.hf.OutputHead.engine_kwargs`).
+    """
+    head = as_head(weight, bias)  # resolved by distributed_head, or the plain (weight, bias)
+    sc = prepare(hidden, head, labels, ignore_index=ignore_index, temperature=temperature, softcap=softcap)
+    stats: dict = {}
+    logp = scored_logprobs(sc, head, temperature=temperature, softcap=softcap, stats_out=stats)
+    M = sc.hidden2.shape[0]
+    lp = torch.zeros(M, dtype=logp.dtype, device=logp.device).index_copy(0, sc.idx, logp)
+    ent = torch.zeros(M, dtype=torch.float32, device=logp.device).index_copy(0, sc.idx, stats["entropy"].float())
+    return lp.view(labels.shape), ent.view(labels.shape)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # logits you already hold
 

@@ -20,7 +20,7 @@ from .. import losses as L
 from ..losses import DPOOptions
 from ..engine.autocast import autocast_aware
 from ..engine.checks import check_engine_inputs, check_tensor
-from ..engine import Head, Scored, as_head, forward_tokens, get_workspace_bytes, make_rows, prepare, scored_logprobs, segment_sum
+from ..engine import Head, Scored, as_head, prepare, scored_logprobs, segment_sum
 from .pairs import (add_pair_token_metrics, check_ld_alpha, ld_token_weights, logits_means, pair_layout,
                     pair_units_host, wpo_logweights)
 from .module import FusedLossModule, autocast_entry
@@ -199,11 +199,7 @@ class DPOLoss(FusedLossModule):
             ref = as_head(ref_weight, ref_bias)
         check_engine_inputs(ref_hidden, ref.weight, labels, ref.bias, cu_seqlens, self.ignore_index,
                             self.temperature, self.softcap, cu_values=False)  # prepare() validated cu_seqlens
-        rows = make_rows(self.backend, ref_hidden.device, ref_hidden.dtype, self.temperature, self.softcap)
-        with torch.no_grad():
-            logp = forward_tokens(ref_hidden.reshape(-1, ref_hidden.shape[-1]), ref.detach(), None, sc.idx,
-                                  sc.labels, rows, get_workspace_bytes(ref_hidden.device)).logp
-            seq = segment_sum(logp if tokw is None else logp * tokw, sc.seq, sc.num_seqs)
+        seq = self.reference_sums(ref_hidden, ref, sc, tokw)
         return seq[c_seq], seq[r_seq]
 
 

@@ -15,7 +15,7 @@ import torch
 from .. import losses as L
 from ..losses import KTOOptions
 from ..engine.checks import check_tensor
-from ..logprobs import sequence_logprobs
+from ..engine import prepare
 from .metrics import token_metrics, token_sums
 from .module import FusedLossModule, autocast_entry
 from .plan import Values
@@ -111,10 +111,10 @@ class KTOLoss(FusedLossModule):
                 raise ValueError("kl_hidden: pass either kl or kl_hidden (+ ref_kl_logps), not both")
             if kl_labels is None or ref_kl_logps is None:
                 raise ValueError("kl_hidden: needs kl_labels and ref_kl_logps too")
-            with torch.no_grad():  # the KL pass: 1 GEMM
-                pol_kl = sequence_logprobs(kl_hidden.detach(), p.head.detach(), kl_labels, cu_seqlens=kl_cu_seqlens,
-                                           ignore_index=self.ignore_index, temperature=self.temperature,
-                                           softcap=self.softcap, backend=self.backend)
+            # the KL pass: validated and gathered like any batch, then the no-grad forward (1 GEMM)
+            sc_kl = prepare(kl_hidden.detach(), p.head, kl_labels, cu_seqlens=kl_cu_seqlens,
+                            ignore_index=self.ignore_index, temperature=self.temperature, softcap=self.softcap)
+            pol_kl = self.reference_sums(kl_hidden.detach(), p.head, sc_kl)
             if tuple(ref_kl_logps.shape) != tuple(pol_kl.shape):
                 raise ValueError(f"ref_kl_logps: expected shape {tuple(pol_kl.shape)} (one per KL sequence), "
                                  f"got {tuple(ref_kl_logps.shape)}")

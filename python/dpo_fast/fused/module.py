@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from ..distributed import distributed_head
-from ..engine import (BACKENDS, Head, Scored, TokenStats, as_head, get_workspace_bytes, make_rows, per_elem_bytes,
-                      prepare, scored_logprobs)
+from ..engine import (BACKENDS, Head, Scored, TokenStats, as_head, forward_tokens, get_workspace_bytes, make_rows,
+                      per_elem_bytes, prepare, scored_logprobs, segment_sum)
 from ..engine.autocast import autocast_aware, autocast_dtype
 from ..engine.checks import check_ignore_index, check_scalars
 from .logits_pass import FusedLogitsPass, PassPlan
@@ -121,6 +121,17 @@ class FusedLossModule(nn.Module):
                      temperature=self.temperature, softcap=self.softcap)
         rows = make_rows(self.backend, sc.hidden2.device, sc.hidden2.dtype, self.temperature, self.softcap)
         return Prepared(sc, rows, head)
+
+    def reference_sums(self, hidden: Tensor, head: Head, sc: Scored, token_weights: Tensor | None = None) -> Tensor:
+        """(S,) per-sequence sums of the no-grad log-probs of ``sc``'s scored tokens from ``hidden`` through
+        ``head`` (1 GEMM; the module's temperature, softcap and backend): the reference log-probs (DPOLoss's
+        ``ref_hidden``) and the policy's KL-pass log-probs (KTOLoss's ``kl_hidden``). ``token_weights`` (N,):
+        LD-DPO weights. ``hidden`` must match ``sc``'s layout (the caller validated it)."""
+        rows = make_rows(self.backend, hidden.device, hidden.dtype, self.temperature, self.softcap)
+        with torch.no_grad():
+            logp = forward_tokens(hidden.reshape(-1, hidden.shape[-1]), head.detach(), None, sc.idx, sc.labels, rows,
+                                  get_workspace_bytes(hidden.device)).logp
+            return segment_sum(logp if token_weights is None else logp * token_weights, sc.seq, sc.num_seqs)
 
     def run(self, p: Prepared, task: UnitTask, hidden: Tensor):
         """The route: returns ``(output record, route, Values of all units)``."""
