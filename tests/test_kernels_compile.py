@@ -78,10 +78,10 @@ def test_loop_bodies_reads_backward_branches():
 def test_launches_are_checked_against_the_table():
     from dpo_fast.kernels import logprob as k
 
-    meta = k.launch_meta("bwd", 300, (torch.float32, torch.float16), HAS_SOFTCAP=True)
+    meta = k.launch_meta("bwd", 300, (torch.float32, torch.float16), HAS_SOFTCAP=True, WITH_ENTROPY=False)
     assert meta["HAS_SOFTCAP"] is True and meta["BLOCK_V"] >= 16
     with pytest.raises(AssertionError):  # a dtype pair the table does not list
-        k.launch_meta("bwd", 300, (torch.float16, torch.float32), HAS_SOFTCAP=True)
+        k.launch_meta("bwd", 300, (torch.float16, torch.float32), HAS_SOFTCAP=True, WITH_ENTROPY=False)
     with pytest.raises(AssertionError):  # a flag the table does not list
         k.launch_meta("fwd", 300, (torch.float32,), HAS_SOFTCAP=True, WITH_STATS=False, NEW_FLAG=1)
     with pytest.raises(AssertionError):  # a flag left out
@@ -135,8 +135,8 @@ def test_small_block_forward_and_backward_match_float64(temperature, softcap, st
         zs = z[:, v0:v1]
         out = dz[:, v0:v1]
         k._logprob_bwd_kernel[(n, triton_cdiv(v1 - v0, 16))](
-            zs, out, y, lse, g, v1 - v0, v0, zs.stride(0), out.stride(0), 1.0 / temperature,
-            float(softcap or 1.0), HAS_SOFTCAP=softcap is not None, BLOCK_V=16)
+            zs, out, y, lse, g, g, lse, v1 - v0, v0, zs.stride(0), out.stride(0), 1.0 / temperature,
+            float(softcap or 1.0), HAS_SOFTCAP=softcap is not None, WITH_ENTROPY=False, BLOCK_V=16)
     torch.testing.assert_close(dz.double(), zz.grad, rtol=1e-5, atol=2e-6)
 
 

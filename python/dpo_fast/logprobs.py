@@ -15,6 +15,7 @@ from .engine.checks import (as_cu_seqlens, check_cu_seqlens, check_ignore_index,
                             check_tensor)
 from .engine import (LogitsLabelLogprobs, as_head, get_workspace_bytes, make_rows, prepare, scored_logprobs,
                      scored_positions, segment_sum)
+from .engine.passes import scored_logprobs_entropy
 
 # ----------------------------------------------------------------------------------------------------------
 # public API
@@ -109,24 +110,26 @@ def token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, temp
 @distributed_head()  # DTensor / ZeRO-3 / vocabulary-parallel heads (dpo_fast.distributed)
 @autocast_aware("hidden", "weight", "bias")
 def token_logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, bias=None,
-                               temperature: float = 1.0, softcap: float | None = None, ignore_index: int = -100):
+                               temperature: float = 1.0, softcap: float | None = None, ignore_index: int = -100,
+                               backend: str = "auto"):
     """(log-probs, entropies), each shaped like ``labels`` (B, T) float32, 0 at ``ignore_index`` positions.
 
-    One engine pass over the scored positions: the log-probs are differentiable w.r.t. hidden / weight /
-    bias (as :func:`token_logprobs`); the entropies of the same rows' softmax come from that forward's
-    statistics and carry no gradient. (Internal for now: the GRPO trainer's helper; not exported by ``dpo_fast``.)
+    One engine pass over the scored positions: the log-probs and the entropies of the same rows' softmax
+    (from that forward's statistics) are both differentiable w.r.t. hidden / weight / bias; the backward adds
+    the entropy's term to the log-prob's in the same 3 GEMMs (see docs/DESIGN.md, "Engine"). (Internal for
+    now: the GRPO trainer's helper; not exported by ``dpo_fast``.)
 
     Args:
         hidden: (B, T, H); weight: (V, H); labels: (B, T) ints in [0, V) or ``ignore_index``; bias: (V,) or None.
         temperature, softcap: the model's logit transform (see :meth:`dpo_fast.hf.OutputHead.engine_kwargs`).
+        backend: as in :func:`token_logprobs`.
     """
     head = as_head(weight, bias)  # resolved by distributed_head, or the plain (weight, bias)
     sc = prepare(hidden, head, labels, ignore_index=ignore_index, temperature=temperature, softcap=softcap)
-    stats: dict = {}
-    logp = scored_logprobs(sc, head, temperature=temperature, softcap=softcap, stats_out=stats)
+    logp, ent_s = scored_logprobs_entropy(sc, head, temperature=temperature, softcap=softcap, backend=backend)
     M = sc.hidden2.shape[0]
     lp = torch.zeros(M, dtype=logp.dtype, device=logp.device).index_copy(0, sc.idx, logp)
-    ent = torch.zeros(M, dtype=torch.float32, device=logp.device).index_copy(0, sc.idx, stats["entropy"].float())
+    ent = torch.zeros(M, dtype=ent_s.dtype, device=logp.device).index_copy(0, sc.idx, ent_s)
     return lp.view(labels.shape), ent.view(labels.shape)
 
 

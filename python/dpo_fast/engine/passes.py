@@ -6,6 +6,9 @@ Math (per scored token t, raw logits z_t = W h_t + b, tempered/capped zc_t, see 
     d/dz_t  = g_t * (onehot(y_t) - softmax(zc_t)) * dzc/dz        (g_t: upstream gradient of log p_t)
     dh_t    = sum_v (d/dz_tv) W_v,      dW = sum_t (d/dz_t) (x) h_t,      db = sum_t d/dz_t
 
+With entropies H_t = lse_t - sum_v p_tv zc_tv as outputs too (:class:`LinearLabelLogprobsEntropy`), an upstream
+g^H_t adds  -g^H_t p_tv (zc_tv - lse_t + H_t) dzc/dz  to d/dz_tv (zc - sum_u p_u zc_u = zc - lse + H).
+
 Costs, with N scored tokens, H hidden, V vocab (2NHV FLOPs per GEMM): a no-grad forward is 1 GEMM and
 saves the per-token lse (float32, 4 bytes/token) for backward; forward + backward is 4 GEMMs (forward z;
 backward recomputes z, then dh and dW), 3 with a frozen weight (dW skipped entirely).
@@ -70,8 +73,12 @@ def forward_tokens(hidden2, weight: torch.Tensor | Head, bias, idx, labels_s, ro
 
 
 def backward_tokens(g, hidden2, weight, bias, idx, labels_s, lse, rows: RowOps, budget: int,
-                    need_dh: bool, need_dw: bool, need_db: bool, tile_dt: torch.dtype | None = None):
-    """Gradients of sum_t g_t log p_t. g, lse: (N,) float32 (the lse from :func:`forward_tokens`).
+                    need_dh: bool, need_dw: bool, need_db: bool, tile_dt: torch.dtype | None = None,
+                    g_ent=None, ent=None):
+    """Gradients of sum_t g_t log p_t (+ g_ent_t H_t). g, lse: (N,) float32 (the lse from :func:`forward_tokens`).
+
+    ``g_ent``, ``ent``: (N,) upstream gradient of each token's entropy and the entropy itself (the forward's
+    stats), both or neither; the row ops add the entropy term to dz (see :meth:`.rows.RowOps.bwd`).
 
     Logits tiles are in ``tile_dt`` (default :func:`.tiles.tile_dtype`); when that is wider than the inputs,
     the row pass writes the logits gradient into an input-dtype tile that the dh/dW GEMMs read.
@@ -86,6 +93,8 @@ def backward_tokens(g, hidden2, weight, bias, idx, labels_s, lse, rows: RowOps, 
     db_acc = torch.zeros(V, dtype=acc, device=dev) if need_db else None
     tile_dt = tile_dtype(dt) if tile_dt is None else tile_dt
     per = per_elem_bytes(rows, dt, grad=True, tile_dt=tile_dt)  # the forward's tile dtype, not today's knob
+    if g_ent is not None:
+        per += rows.entropy_bytes_per_elem
     min_cols = min(V, 1024)
     tok_chunk = tile_rows(budget // (min_cols * per), N)
     # dW with 16-bit weights and split tokens: each slice accumulates over the token chunks in an fp32
@@ -110,6 +119,8 @@ def backward_tokens(g, hidden2, weight, bias, idx, labels_s, lse, rows: RowOps, 
     buf = torch.empty(tok_chunk * cols, dtype=tile_dt, device=dev)
     gbuf = None if tile_dt == dt else torch.empty(tok_chunk * cols, dtype=dt, device=dev)  # dz for the GEMMs
     g = g.to(acc).contiguous()
+    if g_ent is not None:
+        g_ent, ent = g_ent.to(acc).contiguous(), ent.to(acc).contiguous()
     for v0 in range(0, V, cols):  # vocabulary slices outside, token chunks inside
         v1 = min(V, v0 + cols)
         w_s = weight[v0:v1]  # (vs, H)
@@ -120,7 +131,9 @@ def backward_tokens(g, hidden2, weight, bias, idx, labels_s, lse, rows: RowOps, 
             n = e - s
             hc = hs[s:e]  # (n, H)
             z = linear_into(tile(buf, n, v1 - v0), hc, w_s, b_s)
-            dz = rows.bwd(z, z if gbuf is None else tile(gbuf, n, v1 - v0), labels_s[s:e], lse[s:e], g[s:e], v0)
+            ge = None if g_ent is None else (g_ent[s:e], ent[s:e])
+            dz = rows.bwd(z, z if gbuf is None else tile(gbuf, n, v1 - v0), labels_s[s:e], lse[s:e], g[s:e], v0,
+                          *(ge or ()))
             if need_dh:
                 if dh_acc is None:
                     dh_out.index_copy_(0, idx[s:e], matmul(dz, w_s))  # (n, H): the only slice
@@ -212,6 +225,52 @@ def scored_logprobs(sc: Scored, weight: torch.Tensor | Head, bias=None, *, tempe
     rows = make_rows(backend, sc.hidden2.device, sc.hidden2.dtype, temperature, softcap)
     budget = workspace.get_workspace_bytes(sc.hidden2.device)
     return LinearLabelLogprobs.apply(sc.hidden2, weight, bias, sc.idx, sc.labels, rows, budget, stats_out)
+
+
+class LinearLabelLogprobsEntropy(torch.autograd.Function):
+    """(hidden2 (M, H), weight (V, H), bias (V,)|None) -> (log p, entropy H) at each scored position, (N,) each,
+    both differentiable.
+
+    Per token, H = lse - sum_v p_v zc_v and dH/dz_v = -p_v (zc_v - sum_u p_u zc_u) dzc/dz_v, where
+    zc_v - sum_u p_u zc_u = (zc_v - lse) + H: the backward needs only the saved lse and H, no extra pass.
+    ``stats_out``: optional dict, filled with the forward's :class:`TokenStats` fields and ``lse`` (detached).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden2, weight, bias, idx, labels_s, rows, budget, stats_out=None):
+        tile_dt = tile_dtype(hidden2.dtype)
+        res = forward_tokens(hidden2, weight, bias, idx, labels_s, rows, budget, stats=True, tile_dt=tile_dt)
+        if stats_out is not None:
+            stats_out.update(res.stats._asdict(), lse=res.lse)
+        ent = res.stats.entropy
+        if any(ctx.needs_input_grad[:3]):
+            ctx.save_for_backward(hidden2, weight, bias, idx, labels_s, res.lse, ent)
+            ctx.rows, ctx.budget, ctx.tile_dt = rows, budget, tile_dt
+        return res.logp, ent.clone() if stats_out is not None else ent
+
+    @staticmethod
+    def backward(ctx, g, g_ent):
+        forbid_double_backward("token_logprobs_and_entropy / scored_logprobs_entropy")
+        hidden2, weight, bias, idx, labels_s, lse, ent = ctx.saved_tensors
+        need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
+        dh, dw, db = backward_tokens(g, hidden2, weight, bias, idx, labels_s, lse, ctx.rows, ctx.budget,
+                                     need_dh, need_dw, need_db, ctx.tile_dt, g_ent=g_ent, ent=ent)
+        return dh, dw, db, None, None, None, None, None
+
+
+def scored_logprobs_entropy(sc: Scored, weight: torch.Tensor | Head, bias=None, *, temperature=1.0, softcap=None,
+                            backend="auto", stats_out: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs, entropies), (N,) each, of the scored tokens of a prepared batch, both differentiable
+    (:class:`LinearLabelLogprobsEntropy`); otherwise as :func:`scored_logprobs`. A head split across
+    processes (vocabulary-parallel) is not supported here."""
+    head = as_head(weight, bias)
+    if head.split is not None:
+        raise NotImplementedError("entropies with a gradient are not implemented for a head split across processes "
+                                  "(vocabulary-parallel); use an unsplit head")
+    weight, bias = head.weight, head.bias
+    rows = make_rows(backend, sc.hidden2.device, sc.hidden2.dtype, temperature, softcap)
+    budget = workspace.get_workspace_bytes(sc.hidden2.device)
+    return LinearLabelLogprobsEntropy.apply(sc.hidden2, weight, bias, sc.idx, sc.labels, rows, budget, stats_out)
 
 
 class LogitsLabelLogprobs(torch.autograd.Function):

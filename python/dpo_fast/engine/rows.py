@@ -76,15 +76,20 @@ class RowOps(Protocol):
         ...
 
     def bwd(self, z: torch.Tensor, out: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
-            g: torch.Tensor, v_offset: int) -> torch.Tensor:
-        """Gradient of sum_t g_t log p_t w.r.t. the raw logits of a vocabulary-slice tile.
+            g: torch.Tensor, v_offset: int, g_ent: torch.Tensor | None = None,
+            ent: torch.Tensor | None = None) -> torch.Tensor:
+        """Gradient of sum_t (g_t log p_t + g_ent_t H_t) w.r.t. the raw logits of a vocabulary-slice tile.
+
+        dz_v = [g (onehot_v - p_v) - g_ent p_v (zc_v - lse + H)] dzc/dz, since zc_v - sum_u p_u zc_u =
+        (zc_v - lse) + H: the entropy term needs only the row's saved lse and entropy H.
 
         Args:
             z: (n, Vs) raw logits of columns [v_offset, v_offset + Vs), a scratch tile (may be overwritten).
             out: (n, Vs) destination, ``z`` itself or another tile (e.g. 16-bit for a float32 ``z``).
             labels: (n,) int64 in [0, V) (labels outside the slice get no one-hot term).
             lse: (n,) the rows' full-vocabulary logsumexp from :meth:`fwd`. g: (n,) upstream gradient.
-            Both in the accumulation dtype.
+            g_ent, ent: (n,) upstream gradient of each row's entropy and the entropy itself (the forward's
+            stats), both or neither. All in the accumulation dtype.
         Returns:
             ``out``, in its dtype.
         """
@@ -99,8 +104,10 @@ class RowOps(Protocol):
         ...
 
     def grad_after_fwd(self, z: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
-                       state: Any) -> torch.Tensor:
-        """Gradient of the raw logits of the tile given to :meth:`fwd_for_grad`, written into ``z``; returns z."""
+                       state: Any, g_ent: torch.Tensor | None = None,
+                       ent: torch.Tensor | None = None) -> torch.Tensor:
+        """Gradient of the raw logits of the tile given to :meth:`fwd_for_grad`, written into ``z``; returns z.
+        ``g_ent`` / ``ent``: the entropy term as in :meth:`bwd` (``fwd_for_grad`` ran with ``stats``)."""
         ...
 
     def tempered(self, z: torch.Tensor, *, in_place: bool) -> torch.Tensor:
@@ -140,6 +147,8 @@ class TorchRows:
         #: bytes of temporaries per tile element beyond the tile itself: one float32 copy for 16-bit or
         #: tempered/capped tiles, plus the softcap chain factor in backward
         self.bytes_per_elem = 8 if self.softcap is not None else 4
+        #: extra bytes per tile element of a backward with the entropy term (one accumulation-dtype temporary)
+        self.entropy_bytes_per_elem = 4
 
     def tempered(self, z: torch.Tensor, *, in_place: bool) -> torch.Tensor:
         """See :meth:`RowOps.tempered`."""
@@ -184,10 +193,11 @@ class TorchRows:
         zy, lse, s = self._exp_rows_(e, labels)
         return RowResult(zy - lse, lse), (e, s)
 
-    def grad_after_fwd(self, z, labels, lse, g, state):
+    def grad_after_fwd(self, z, labels, lse, g, state, g_ent=None, ent=None):
         """See :meth:`RowOps.grad_after_fwd`."""
         if state is None:
-            return self.bwd(z, z, labels, lse, g, 0)
+            return self.bwd(z, z, labels, lse, g, 0, g_ent, ent)
+        assert g_ent is None, "the entropy gradient needs fwd_for_grad(..., stats=True)"
         e, s = state
         dz = e.mul_((-g / s)[:, None])  # -g * softmax
         rows = torch.arange(labels.numel(), device=labels.device)
@@ -198,7 +208,7 @@ class TorchRows:
             z.copy_(dz)
         return z
 
-    def bwd(self, z, out, labels, lse, g, v_offset: int):
+    def bwd(self, z, out, labels, lse, g, v_offset: int, g_ent=None, ent=None):
         """See :meth:`RowOps.bwd`."""
         n, Vs = z.shape
         # in place on the scratch tile when it is already float32/float64
@@ -206,8 +216,15 @@ class TorchRows:
         chain = None
         if self.softcap is not None:  # zc = cap tanh(z/cap) / T: dzc/dz = (1 - tanh^2) / T, tanh = zc T / cap
             chain = torch.square(zc * (self.temperature / self.softcap)).neg_().add_(1.0).mul_(1.0 / self.temperature)
-        # p = softmax(zc) restricted to this slice; dz = g * (onehot - p) * chain
-        dz = zc.sub_(lse[:, None]).exp_().mul_(-g[:, None])
+        a = zc.sub_(lse[:, None])  # zc - lse
+        if g_ent is None:
+            # p = softmax(zc) restricted to this slice; dz = g * (onehot - p) * chain
+            dz = a.exp_().mul_(-g[:, None])
+        else:
+            # dz = g onehot - p (g + g_ent (zc - lse + H)): one more tile-sized temporary (ENTROPY_BYTES_PER_ELEM)
+            w = (a + ent[:, None]).mul_(g_ent[:, None]).add_(g[:, None])
+            dz = a.exp_().mul_(w).neg_()
+            del w
         local = labels - v_offset
         # + g at the label when it lies in this slice; other rows add 0 at column 0 (no nonzero: no host sync)
         inside = (local >= 0) & (local < Vs)
@@ -229,6 +246,7 @@ class TritonRows:
     name = "triton"
     #: the kernels read the tile and write the gradient in place: no temporaries beyond the tile itself
     bytes_per_elem = 0
+    entropy_bytes_per_elem = 0
 
     def __init__(self, temperature: float, softcap: float | None):
         from ..kernels import logprob as _k  # imports triton; deferred so `import dpo_fast` stays light
@@ -242,16 +260,16 @@ class TritonRows:
         logp, lse, st = self._k.logprob_fwd(z, labels, self.temperature, self.softcap, stats)
         return RowResult(logp, lse, None if st is None else TokenStats(*st))
 
-    def bwd(self, z, out, labels, lse, g, v_offset: int):
+    def bwd(self, z, out, labels, lse, g, v_offset: int, g_ent=None, ent=None):
         """See :meth:`RowOps.bwd`."""
-        return self._k.logprob_bwd(z, out, labels, lse, g, v_offset, self.temperature, self.softcap)
+        return self._k.logprob_bwd(z, out, labels, lse, g, v_offset, self.temperature, self.softcap, g_ent, ent)
 
     def fwd_for_grad(self, z, labels, *, stats: bool = False):
         """Fused route: the kernels read the tile without writing it; the gradient pass re-reads it."""
         return self.fwd(z, labels, stats=stats), None
 
-    def grad_after_fwd(self, z, labels, lse, g, state):
-        return self.bwd(z, z, labels, lse, g, 0)
+    def grad_after_fwd(self, z, labels, lse, g, state, g_ent=None, ent=None):
+        return self.bwd(z, z, labels, lse, g, 0, g_ent, ent)
 
     def tempered(self, z: torch.Tensor, *, in_place: bool) -> torch.Tensor:
         """See :meth:`RowOps.tempered` (torch ops: the kernels fuse the transform into their own passes)."""

@@ -220,6 +220,8 @@ def _logprob_bwd_kernel(
     labels_ptr,  # (n,) int64 labels in [0, V)
     lse_ptr,  # (n,) fp32 saved logsumexp of each row
     g_ptr,  # (n,) fp32 upstream gradient of each row's log-prob
+    gh_ptr,  # (n,) fp32 (WITH_ENTROPY) upstream gradient of each row's entropy
+    ent_ptr,  # (n,) fp32 (WITH_ENTROPY) the row's entropy H from the forward's stats
     # shapes
     n_cols,
     v_offset,
@@ -231,6 +233,7 @@ def _logprob_bwd_kernel(
     softcap,
     # meta-parameters
     HAS_SOFTCAP: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -250,8 +253,18 @@ def _logprob_bwd_kernel(
         a = z * inv_temp - lse  # one FFMA
         coef = g * inv_temp
     p = _exp2(a * _LOG2E)
-    # dz = g (onehot - p) dzc/dz
-    dz = tl.where(idx == y, coef, 0.0) - coef * p
+    if WITH_ENTROPY:
+        # + g_H dH/dz = -g_H p (zc - sum_u p_u zc_u) dzc/dz, and zc - sum_u p_u zc_u = (zc - lse) + H = a + H
+        gh = tl.load(gh_ptr + row)
+        ent = tl.load(ent_ptr + row)
+        if HAS_SOFTCAP:
+            chain = (4.0 * inv_temp) * (e * q * q)
+        else:
+            chain = inv_temp
+        dz = tl.where(idx == y, coef, 0.0) - p * ((g + gh * (a + ent)) * chain)
+    else:
+        # dz = g (onehot - p) dzc/dz
+        dz = tl.where(idx == y, coef, 0.0) - coef * p
     tl.store(dz_ptr + row * stride_dz_row + idx, dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
@@ -278,7 +291,7 @@ VARIANTS = {
     },
     "bwd": {
         "fn": _logprob_bwd_kernel,
-        "flags": {"HAS_SOFTCAP": (False, True)},
+        "flags": {"HAS_SOFTCAP": (False, True), "WITH_ENTROPY": (False, True)},
         "blocks": lambda flags: (1024,),  # the backward's 2-D grid: 1024-column blocks
         "dtypes": tuple((d, d) for d in TILE_DTYPES) + ((torch.float32, torch.float16),
                                                          (torch.float32, torch.bfloat16)),
@@ -352,6 +365,8 @@ def logprob_bwd(
     v_offset: int,
     temperature: float,
     softcap: float | None,
+    g_ent: torch.Tensor | None = None,
+    ent: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gradient of the raw logits tile ``z`` (columns ``v_offset..v_offset+Vs``) written into ``out``.
 
@@ -360,17 +375,21 @@ def logprob_bwd(
             unit column strides.
         labels: (n,) int64; lse, g: (n,) float32.
         temperature, softcap: as in :func:`logprob_fwd`.
+        g_ent, ent: (n,) float32 upstream gradient of each row's entropy and the entropy (forward stats), both
+            or neither: adds -g_ent p (zc - lse + H) dzc/dz (the ``WITH_ENTROPY`` variant).
     Returns:
         ``out``.
     """
     n, Vs = z.shape
     assert z.stride(1) == 1 and out.stride(1) == 1 and out.shape == z.shape
+    assert (g_ent is None) == (ent is None)
     if n == 0 or Vs == 0:
         return out
-    meta = launch_meta("bwd", Vs, (z.dtype, out.dtype), HAS_SOFTCAP=softcap is not None)
+    with_ent = g_ent is not None
+    meta = launch_meta("bwd", Vs, (z.dtype, out.dtype), HAS_SOFTCAP=softcap is not None, WITH_ENTROPY=with_ent)
     grid = (n, triton.cdiv(Vs, meta["BLOCK_V"]))
     _logprob_bwd_kernel[grid](
-        z, out, labels, lse, g,
+        z, out, labels, lse, g, g_ent if with_ent else g, ent if with_ent else lse,
         Vs, v_offset,
         z.stride(0), out.stride(0),
         1.0 / temperature, float(softcap or 1.0),

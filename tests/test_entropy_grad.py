@@ -1,0 +1,145 @@
+"""Entropy with its gradient (issue 20): the engine's backward with the entropy term, on both row backends, and
+the fused GRPOLoss / FastGRPOTrainer with TRL 1.16's entropy bonus (static and adaptive) against TRL's own code.
+
+Per token H = lse − Σ_v p_v zc_v and ∂H/∂z_v = −p_v (zc_v − Σ_u p_u zc_u) ∂zc_v/∂z_v: checked against float64
+autograd of the same formula (gradcheck on the torch backend, the Triton kernels in the interpreter).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import dpo_fast
+from dpo_fast.engine import make_rows, prepare
+from dpo_fast.engine.passes import scored_logprobs_entropy
+from dpo_fast.logprobs import token_logprobs_and_entropy
+
+INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _ref_logp_ent(h, w, b, labels, temperature, softcap, ignore_index=-100):
+    """float64 (log p, H) per position (0 where ignored) by plain autograd-able ops."""
+    z = h.double() @ w.double().t()
+    if b is not None:
+        z = z + b.double()
+    zc = z if softcap is None else softcap * torch.tanh(z / softcap)
+    zc = zc / temperature
+    lsm = torch.log_softmax(zc, -1)
+    keep = labels != ignore_index
+    lp = lsm.gather(-1, labels.clamp_min(0)[..., None]).squeeze(-1)
+    ent = -(lsm.exp() * lsm).sum(-1)
+    return torch.where(keep, lp, 0.0), torch.where(keep, ent, 0.0)
+
+
+def _batch(B=3, T=5, H=8, V=37, seed=0, dtype=torch.float64, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.randn(B, T, H, generator=g) * 1.5).to(dtype)
+    w = (torch.randn(V, H, generator=g) * 0.7).to(dtype)
+    b = (torch.randn(V, generator=g) * 0.3).to(dtype) if bias else None
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, :2] = -100
+    labels[2, :] = -100  # a fully masked row: no scored token
+    return h, w, b, labels
+
+
+@pytest.mark.parametrize("temperature,softcap", [(1.0, None), (0.7, None), (1.3, 4.0)])
+def test_gradcheck_float64_torch_backend(temperature, softcap):
+    h, w, b, labels = _batch()
+    sc_args = dict(temperature=temperature, softcap=softcap)
+
+    def f(h, w, b):
+        sc = prepare(h, w, labels, bias=b, **sc_args)
+        return scored_logprobs_entropy(sc, w, b, backend="torch", **sc_args)
+
+    hh, ww, bb = (t.clone().requires_grad_() for t in (h, w, b))
+    assert torch.autograd.gradcheck(f, (hh, ww, bb), eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not INTERP, reason="the Triton kernels run on CPU only in the interpreter"))])
+@pytest.mark.parametrize("temperature,softcap", [(1.0, None), (0.6, None), (1.4, 3.0)])
+def test_token_logprobs_and_entropy_grads_vs_float64(backend, temperature, softcap):
+    """Odd V, several backward vocabulary slices and forward token chunks (a tiny workspace), a fully masked row,
+    upstream gradients on both outputs; float32 against float64 autograd."""
+    h, w, b, labels = _batch(B=4, T=6, H=16, V=301, seed=3, dtype=torch.float32)
+    dpo_fast.set_workspace_bytes(20 * 1024)  # forward chunks of a few rows, backward slices of a few columns
+    gen = torch.Generator().manual_seed(5)
+    g_lp, g_ent = torch.randn(labels.shape, generator=gen), torch.randn(labels.shape, generator=gen)
+    hh, ww, bb = (t.clone().requires_grad_() for t in (h, w, b))
+    lp, ent = token_logprobs_and_entropy(hh, ww, labels, bias=bb, temperature=temperature, softcap=softcap,
+                                         backend=backend)
+    ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
+    rh, rw, rb = (t.double().requires_grad_() for t in (h, w, b))
+    rlp, rent = _ref_logp_ent(rh, rw, rb, labels, temperature, softcap)
+    ((rlp * g_lp.double()).sum() + (rent * g_ent.double()).sum()).backward()
+    tol = dict(rtol=1e-4, atol=2e-5)
+    torch.testing.assert_close(lp.double(), rlp.detach(), **tol)
+    torch.testing.assert_close(ent.double(), rent.detach(), **tol)
+    for got, want in ((hh.grad, rh.grad), (ww.grad, rw.grad), (bb.grad, rb.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=5e-5)
+    assert torch.all(hh.grad[2] == 0)  # the fully masked row
+
+
+@pytest.mark.skipif(not INTERP, reason="runs the kernels in the interpreter")
+@pytest.mark.parametrize("temperature,softcap", [(1.0, None), (0.7, None), (1.3, 5.0)])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
+def test_bwd_kernel_entropy_variant_small_blocks(temperature, softcap, out_dtype):
+    """The WITH_ENTROPY kernel at BLOCK_V = 16 over two vocabulary slices with an offset (masked tails)."""
+    from dpo_fast.kernels import logprob as k
+
+    gen = torch.Generator().manual_seed(11)
+    n, V = 5, 203
+    z = torch.randn(n, V, generator=gen) * 4
+    z[0] += torch.linspace(-20, 20, V)
+    y = torch.randint(0, V, (n,), generator=gen)
+    g, gh = torch.linspace(-1.0, 2.0, n), torch.linspace(1.5, -0.5, n)
+    zz = z.double().requires_grad_()
+    zc = (zz if softcap is None else softcap * torch.tanh(zz / softcap)) / temperature
+    lsm = torch.log_softmax(zc, 1)
+    ent = -(lsm.exp() * lsm).sum(1)
+    ((lsm.gather(1, y[:, None]).squeeze(1) * g.double()).sum() + (ent * gh.double()).sum()).backward()
+    lse = torch.logsumexp(zc, 1).float().detach()
+    H = ent.float().detach()
+    dz = torch.empty(n, V, dtype=out_dtype)
+    for v0, v1 in ((0, 77), (77, 203)):
+        zs, out = z[:, v0:v1], dz[:, v0:v1]
+        k._logprob_bwd_kernel[(n, -(-(v1 - v0) // 16))](
+            zs, out, y, lse, g, gh, H, v1 - v0, v0, zs.stride(0), out.stride(0), 1.0 / temperature,
+            float(softcap or 1.0), HAS_SOFTCAP=softcap is not None, WITH_ENTROPY=True, BLOCK_V=16)
+    tol = dict(rtol=1e-5, atol=2e-6) if out_dtype == torch.float32 else dict(rtol=2e-3, atol=1e-4)
+    torch.testing.assert_close(dz.double(), zz.grad, **tol)
+
+
+def test_entropy_without_its_gradient_is_the_logprob_backward():
+    """With g_H = 0 the entropy variant gives exactly the log-prob-only gradient (torch backend)."""
+    h, w, b, labels = _batch(dtype=torch.float32)
+    outs = []
+    for with_ent in (False, True):
+        hh = h.clone().requires_grad_()
+        if with_ent:
+            lp, ent = token_logprobs_and_entropy(hh, w, labels, bias=b, backend="torch")
+            (lp.sum() + 0.0 * ent.sum()).backward()
+        else:
+            dpo_fast.token_logprobs(hh, w, labels, bias=b, backend="torch").sum().backward()
+        outs.append(hh.grad)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-7)
+
+
+def test_rows_bwd_interface_both_backends_agree():
+    """RowOps.bwd with (g_ent, ent) on a tile: TorchRows against float64 (and TritonRows when interpreted)."""
+    gen = torch.Generator().manual_seed(2)
+    n, V = 4, 53
+    z = torch.randn(n, V, generator=gen) * 3
+    y = torch.randint(0, V, (n,), generator=gen)
+    backends = ["torch"] + (["triton"] if INTERP else [])
+    res = []
+    for be in backends:
+        rows = make_rows(be, z.device, z.dtype, 0.8, 6.0)
+        r = rows.fwd(z.clone(), y, stats=True)
+        g, gh = torch.ones(n), torch.full((n,), -0.5)
+        res.append(rows.bwd(z.clone(), torch.empty_like(z), y, r.lse, g, 0, gh, r.stats.entropy))
+    for other in res[1:]:
+        torch.testing.assert_close(other, res[0], rtol=1e-5, atol=1e-6)
