@@ -110,7 +110,7 @@ def step(method, hidden, weight, ids, attention_mask, completion_mask, adv, C):
         loss.backward()
         return loss.item(), entropy
     import dpo_fast
-    from dpo_fast.integrations._trainer_common import token_logprobs_and_entropy
+    from dpo_fast.logprobs import token_logprobs_and_entropy
 
     labels = ids[:, -C:].masked_fill(completion_mask == 0, -100)
     hc = hidden[:, -C - 1:-1]

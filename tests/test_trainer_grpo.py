@@ -163,7 +163,7 @@ def test_peak_memory_beside_stock(tmp_path):
 def test_token_logprobs_and_entropy_vs_float64():
     """The two-pass route's helper: log-probs (with gradient) and entropies vs a float64 softmax; odd sizes,
     an ignored row, temperature."""
-    from dpo_fast.integrations._trainer_common import token_logprobs_and_entropy
+    from dpo_fast.logprobs import token_logprobs_and_entropy
 
     g = torch.Generator().manual_seed(3)
     h = torch.randn(3, 5, 7, generator=g, requires_grad=True)

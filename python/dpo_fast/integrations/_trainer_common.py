@@ -14,11 +14,9 @@ import os
 
 import torch
 
-from ..distributed import distributed_head
-from .._validate import autocast_aware
 
 __all__ = ["SUPPORTED_TRL", "UnsupportedTRLVersion", "check_trl_version", "no_grad_token_logprobs",
-           "token_logprobs_and_entropy", "reduced_mean", "reject_multimodal"]
+           "reduced_mean", "reject_multimodal"]
 
 #: TRL versions the integrations are tested with: [low, high).
 SUPPORTED_TRL = ("1.16.0", "1.17.0")
@@ -98,32 +96,6 @@ def no_grad_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch
         with torch.no_grad(), (autocast() if autocast is not None else contextlib.nullcontext()):
             out.append(call_with_hidden_states(model, fn, ids, attention_mask=am))
     return torch.cat(out, 0)
-
-
-@distributed_head()  # DTensor / ZeRO-3 / vocabulary-parallel heads (dpo_fast.distributed)
-@autocast_aware("hidden", "weight", "bias")
-def token_logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, bias=None,
-                               temperature: float = 1.0, softcap: float | None = None, ignore_index: int = -100):
-    """(log-probs, entropies), each shaped like ``labels`` (B, T) float32, 0 at ``ignore_index`` positions.
-
-    One engine pass over the scored positions: the log-probs are differentiable w.r.t. hidden / weight /
-    bias (as :func:`dpo_fast.token_logprobs`); the entropies of the same rows' softmax come from that
-    forward's statistics and carry no gradient.
-
-    Args:
-        hidden: (B, T, H); weight: (V, H); labels: (B, T) ints in [0, V) or ``ignore_index``; bias: (V,) or None.
-        temperature, softcap: the model's logit transform (see :meth:`dpo_fast.hf.OutputHead.engine_kwargs`).
-    """
-    from ..engine import prepare, scored_logprobs
-
-    sc = prepare(hidden, weight, labels, bias=bias, ignore_index=ignore_index, temperature=temperature,
-                 softcap=softcap)
-    stats: dict = {}
-    logp = scored_logprobs(sc, weight, bias, temperature=temperature, softcap=softcap, stats_out=stats)
-    M = sc.hidden2.shape[0]
-    lp = torch.zeros(M, dtype=logp.dtype, device=logp.device).index_copy(0, sc.idx, logp)
-    ent = torch.zeros(M, dtype=torch.float32, device=logp.device).index_copy(0, sc.idx, stats["entropy"].float())
-    return lp.view(labels.shape), ent.view(labels.shape)
 
 
 def reduced_mean(accelerator, total: torch.Tensor, count: torch.Tensor) -> float:

@@ -60,8 +60,9 @@ from ..hf import call_with_hidden_states
 from ..losses import grpo_terms as G
 from ..losses import policy_gradient as PG
 from ..losses.registry import GRPO_LOSS_TYPES, IS_LEVELS, TRL_GRPO_LOSS_TYPES
+from ..logprobs import token_logprobs_and_entropy
 from ._trainer_common import (SUPPORTED_TRL, UnsupportedTRLVersion, check_trl_version, no_grad_token_logprobs,
-                              reduced_mean, reject_multimodal, token_logprobs_and_entropy)
+                              reduced_mean, reject_multimodal)
 from .adapter import Option, TrainerAdapter, moe_aux_option, patch_instance, vision_option
 
 try:
