@@ -143,3 +143,142 @@ def test_rows_bwd_interface_both_backends_agree():
         res.append(rows.bwd(z.clone(), torch.empty_like(z), y, r.lse, g, 0, gh, r.stats.entropy))
     for other in res[1:]:
         torch.testing.assert_close(other, res[0], rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ GRPOLoss
+# the fused GRPOLoss with TRL's entropy bonus (static, and the adaptive controller's per-step coefficient) against
+# TRL 1.16's own GRPOTrainer._compute_loss (tests/support/trl_oracle.py) on float64 log-probs and entropies
+
+D64 = torch.float64
+#: (TRL's entropy settings, the coefficient GRPOLoss gets for the step): static; adaptive with the controller's
+#: last window entropy at or below its target (the bonus applies) and above it (gated off this step)
+ENTROPY_CASES = {
+    "static": (None, 0.05, 0.05),
+    "adaptive_on": (dict(entropy_target=0.5, entropy_coef_delta=0.01, entropy_coef_min=0.0, entropy_coef_max=0.2,
+                         last_world_entropy=0.3), 0.07, 0.07),
+    "adaptive_off": (dict(entropy_target=0.5, entropy_coef_delta=0.01, entropy_coef_min=0.0, entropy_coef_max=0.2,
+                          last_world_entropy=0.9), 0.07, 0.0),
+}
+
+
+def _grpo_batch(seed, B=4, P=3, Tc=6, H=8, V=19, softcap=None, temperature=1.0):
+    g = torch.Generator().manual_seed(seed)
+    T = P + Tc
+    h = torch.randn(B, T, H, generator=g, dtype=D64)
+    w = torch.randn(V, H, generator=g, dtype=D64) / 2
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[:, :P] = -100
+    for i, n in enumerate([Tc, Tc - 2, 0, Tc - 3][:B]):  # sequence 2: no completion token (fully masked)
+        labels[i, P + n:] = -100
+    return h, w, labels, g
+
+
+def _trl_case(loss_type, case, seed=0, beta=0.0, temperature=1.0, softcap=None, quantile=1.0):
+    from support.trl_oracle import trl_grpo_loss
+
+    P = 3
+    h, w, labels, g = _grpo_batch(seed)
+    B, T = labels.shape
+    cm = (labels != -100)[:, P:].long()
+    Tc = cm.shape[1]
+    adaptive, coef, step_coef = ENTROPY_CASES[case]
+    opts = dict(loss_type=loss_type, beta=beta, epsilon_low=0.2, epsilon_high=5.0 if loss_type == "cispo" else 0.28,
+                max_completion_length=Tc, entropy_coef=coef, top_entropy_quantile=quantile)
+    o = dpo_fast.GRPOOptions(**opts)
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    lp, ent = _ref_logp_ent(hh, ww, None, labels, temperature, softcap)
+    lp_c, ent_c = lp[:, P:], ent[:, P:]
+    old_c = lp_c.detach() + 0.3 * torch.randn(B, Tc, generator=g, dtype=D64) * cm
+    ref_c = lp_c.detach() + 0.3 * torch.randn(B, Tc, generator=g, dtype=D64) * cm
+    adv = torch.tensor([1.0, -0.7, 0.4, -1.3], dtype=D64)
+    n_items = torch.tensor(float(cm.sum()) + 2.0, dtype=D64)
+    inputs = dict(prompt_ids=torch.zeros(B, P, dtype=torch.long), prompt_mask=torch.ones(B, P),
+                  completion_ids=torch.zeros_like(cm), completion_mask=cm, advantages=adv,
+                  old_per_token_logps=old_c, ref_per_token_logps=ref_c, num_items_in_batch=n_items)
+    state = {}
+    cfg = o.as_kwargs()
+    loss, metrics = trl_grpo_loss(lp_c, ent_c, inputs, cfg, adaptive=adaptive, train=adaptive is not None,
+                                  state_out=state)
+    gh, gw = torch.autograd.grad(loss, (hh, ww))
+
+    def layout(c):  # completion columns -> labels' layout
+        return torch.cat([torch.zeros(B, P, dtype=D64), c], 1)
+
+    mod_inputs = dict(labels=labels, advantages=adv, old_logps=layout(old_c), ref_logps=layout(ref_c) if beta else None,
+                      num_items_in_batch=n_items, entropy_coef=step_coef)
+    return dict(h=h, w=w, opts=opts, trl=(loss, gh, gw, metrics, state), mod=mod_inputs, step_coef=step_coef)
+
+
+def _check_against_trl(c, module, backend_tol=None, dtype=D64):
+    loss, gh, gw, metrics, _ = c["trl"]
+    hh = c["h"].to(dtype).clone().requires_grad_()
+    ww = c["w"].to(dtype).clone().requires_grad_()
+    m = c["mod"]
+    out = module(hh, ww, m["labels"], m["advantages"], m["old_logps"], m["ref_logps"],
+                 num_items_in_batch=m["num_items_in_batch"], entropy_coef=m["entropy_coef"])
+    out.loss.backward()
+    tol = backend_tol or dict(rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(out.loss.double(), loss.detach(), **tol)
+    torch.testing.assert_close(hh.grad.double(), gh, **tol)
+    torch.testing.assert_close(ww.grad.double(), gw, **tol)
+    for k, v in metrics.items():
+        if k == "entropy_coef":
+            continue  # trainer state (the controller): checked with FastGRPOTrainer
+        if k == "policy_loss" and c["step_coef"] == 0.0:
+            k_got = out.loss.item()  # the bonus is gated off this step: policy loss == loss
+        else:
+            assert k in out.metrics, k
+            k_got = out.metrics[k]
+        torch.testing.assert_close(torch.tensor(float(k_got), dtype=D64), torch.tensor(float(v), dtype=D64),
+                                   rtol=max(tol["rtol"], 1e-7), atol=max(tol["atol"], 1e-12), equal_nan=True,
+                                   msg=k)
+    return out
+
+
+@pytest.mark.parametrize("case", list(ENTROPY_CASES))
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"])
+def test_fused_grpo_entropy_bonus_matches_trl(loss_type, case):
+    pytest.importorskip("trl.trainer.grpo_trainer")
+    c = _trl_case(loss_type, case, seed=hash((loss_type, case)) % 1000, beta=0.04)
+    module = dpo_fast.GRPOLoss(**c["opts"], token_metrics=True, backend="torch")
+    out = _check_against_trl(c, module)
+    assert out.route == "fused"
+
+
+def test_fused_grpo_entropy_bonus_several_groups_and_two_pass():
+    """One sequence per group (a tiny group workspace), and fused=False: the same loss and gradients as TRL."""
+    pytest.importorskip("trl.trainer.grpo_trainer")
+    c = _trl_case("dapo", "static", seed=4, beta=0.04)
+    out = _check_against_trl(c, dpo_fast.GRPOLoss(**c["opts"], token_metrics=True, workspace_bytes=2048))
+    assert out.route == "fused"
+    out = _check_against_trl(c, dpo_fast.GRPOLoss(**c["opts"], token_metrics=True, fused=False))
+    assert out.route == "two_pass"
+
+
+def test_grpo_entropy_bonus_with_entropy_quantile_two_pass_matches_trl():
+    pytest.importorskip("trl.trainer.grpo_trainer")
+    c = _trl_case("grpo", "static", seed=6, quantile=0.5)
+    out = _check_against_trl(c, dpo_fast.GRPOLoss(**c["opts"], token_metrics=True))
+    assert out.route == "two_pass"
+
+
+@pytest.mark.skipif(not INTERP, reason="runs the kernels in the interpreter")
+def test_fused_grpo_entropy_bonus_triton_float32():
+    pytest.importorskip("trl.trainer.grpo_trainer")
+    c = _trl_case("grpo", "static", seed=8, beta=0.04)
+    module = dpo_fast.GRPOLoss(**c["opts"], token_metrics=True, backend="triton")
+    out = _check_against_trl(c, module, backend_tol=dict(rtol=2e-4, atol=2e-5), dtype=torch.float32)
+    assert out.route == "fused"
+
+
+def test_grpo_loss_module_accepts_entropy_coef_and_per_step_value():
+    h, w, labels, _ = _grpo_batch(1)
+    adv = torch.tensor([1.0, -0.7, 0.4, -1.3], dtype=D64)
+    m0 = dpo_fast.GRPOLoss(entropy_coef=0.0)
+    m1 = dpo_fast.GRPOLoss(entropy_coef=0.1)
+    with pytest.raises(ValueError, match="entropy_coef"):
+        dpo_fast.GRPOLoss(entropy_coef=float("nan"))
+    a = m1(h, w, labels, adv).loss
+    b = m0(h, w, labels, adv, entropy_coef=0.1).loss  # the per-step value wins
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, m1(h, w, labels, adv, entropy_coef=0.0).loss)

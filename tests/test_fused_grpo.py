@@ -199,9 +199,10 @@ def test_per_token_advantages_and_given_is_ratio():
                           metrics_abs=1e-6)
 
 
-def test_entropy_bonus_rejected_with_a_clear_error():
+def test_bad_options_rejected_with_a_clear_error():
+    dpo_fast.GRPOLoss(entropy_coef=0.01)  # fused since issue 20 (tests/test_entropy_grad.py)
     with pytest.raises(ValueError, match="entropy_coef"):
-        dpo_fast.GRPOLoss(entropy_coef=0.01)
+        dpo_fast.GRPOLoss(entropy_coef=float("inf"))
     with pytest.raises(ValueError, match="loss_type"):
         dpo_fast.GRPOLoss(loss_type="ppo")
     with pytest.raises(ValueError, match="vllm_importance_sampling_mode"):

@@ -106,33 +106,45 @@ class GRPOStubAccelerator:
         return x
 
 
-def trl_grpo_loss(lp, ent, inputs, cfg):
-    """TRL 1.16's own ``GRPOTrainer._compute_loss`` on a stub trainer; returns (loss, metrics of the eval mode).
+def trl_grpo_loss(lp, ent, inputs, cfg, *, adaptive: dict | None = None, train: bool = False,
+                  state_out: dict | None = None):
+    """TRL 1.16's own ``GRPOTrainer._compute_loss`` on a stub trainer; returns (loss, metrics of the mode run).
 
     ``lp`` / ``ent``: the (B, T) per-token log-probs / entropies the model call returns (completion positions);
     ``inputs``: TRL's batch dict (completion_mask, advantages, old/ref/sampling log-probs,
     importance_sampling_ratio, num_items_in_batch ...); ``cfg``: :meth:`dpo_fast.losses.GRPOOptions.as_kwargs`.
+    ``adaptive``: TRL's adaptive entropy control — ``entropy_target``, ``entropy_coef_delta``,
+    ``entropy_coef_min``, ``entropy_coef_max`` and the controller state ``last_world_entropy`` (else static
+    ``entropy_coef``); ``train``: run in train mode (where the controller updates and ``entropy_coef`` is logged;
+    one micro-batch per optimizer step); ``state_out``: filled with the controller state after the call
+    (``entropy_coef``, ``last_world_entropy``).
     """
     from trl.trainer.grpo_trainer import GRPOTrainer
 
+    ad = adaptive or {}
     args = types.SimpleNamespace(
         use_bias_correction_kl=cfg["use_bias_correction_kl"], delta=cfg["delta"],
         sapo_temperature_pos=cfg["sapo_temperature_pos"], sapo_temperature_neg=cfg["sapo_temperature_neg"],
         vespo_k_pos=cfg["vespo_k_pos"], vespo_lambda_pos=cfg["vespo_lambda_pos"], vespo_k_neg=cfg["vespo_k_neg"],
-        vespo_lambda_neg=cfg["vespo_lambda_neg"], steps_per_generation=1, entropy_target=0.2)
+        vespo_lambda_neg=cfg["vespo_lambda_neg"], steps_per_generation=1,
+        entropy_target=ad.get("entropy_target", 0.2), entropy_coef_delta=ad.get("entropy_coef_delta", 0.0),
+        entropy_coef_min=ad.get("entropy_coef_min", 0.0), entropy_coef_max=ad.get("entropy_coef_max", 1.0))
     s = types.SimpleNamespace(
-        args=args, accelerator=GRPOStubAccelerator(), model=types.SimpleNamespace(training=False),
+        args=args, accelerator=GRPOStubAccelerator(), model=types.SimpleNamespace(training=train),
         loss_type=cfg["loss_type"], beta=cfg["beta"], epsilon_low=cfg["epsilon_low"],
         epsilon_high=cfg["epsilon_high"], importance_sampling_level=cfg["importance_sampling_level"],
         top_entropy_quantile=cfg["top_entropy_quantile"], off_policy_mask_threshold=cfg["off_policy_mask_threshold"],
         use_vllm=inputs.get("importance_sampling_ratio") is not None, vllm_importance_sampling_correction=True,
         max_completion_length=cfg["max_completion_length"], current_gradient_accumulation_steps=1,
-        aux_loss_enabled=False, entropy_coef=cfg["entropy_coef"], use_adaptive_entropy=False,
-        _entropy_bonus_enabled=cfg["entropy_coef"] != 0.0, _metrics={"train": defaultdict(list),
-                                                                     "eval": defaultdict(list)})
+        aux_loss_enabled=False, entropy_coef=cfg["entropy_coef"], use_adaptive_entropy=adaptive is not None,
+        _entropy_bonus_enabled=cfg["entropy_coef"] != 0.0 or adaptive is not None,
+        _last_world_entropy=ad.get("last_world_entropy", float("inf")), _entropy_window_stats=None,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)})
     s.get_high_entropy_mask = types.MethodType(GRPOTrainer.get_high_entropy_mask, s)
     s.get_off_policy_mask = GRPOTrainer.get_off_policy_mask
     s.get_gamma_weights = GRPOTrainer.get_gamma_weights
     s._get_per_token_logps_and_entropies = lambda *a, **k: (lp, ent, None)
     loss = GRPOTrainer._compute_loss(s, None, inputs)
-    return loss, {k: v[-1] for k, v in s._metrics["eval"].items()}
+    if state_out is not None:
+        state_out.update(entropy_coef=s.entropy_coef, last_world_entropy=s._last_world_entropy)
+    return loss, {k: v[-1] for k, v in s._metrics["train" if train else "eval"].items()}

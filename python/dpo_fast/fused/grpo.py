@@ -19,9 +19,12 @@ Which options are fused (one pass, 3 GEMMs) and why:
 - two-pass route (``out.route == "two_pass"``): ``top_entropy_quantile < 1`` — the entropy threshold is a
   quantile over *every* completion token of the batch, unknown until the whole pass has run, so no group's
   gradient can be formed during it; the engine's pass gives the entropies (no extra GEMM), then autograd.
-- rejected with a clear error: ``entropy_coef != 0`` — the entropy bonus is differentiated through the
-  entropy, whose logits gradient is not of the form g_t (onehot − softmax) that the engine's passes make; use
-  :func:`dpo_fast.grpo_loss` with differentiable entropies for it.
+- fused too: ``entropy_coef != 0`` (TRL's entropy bonus, − coef · mean entropy over the completion tokens; the
+  coefficient may change per step: ``forward(..., entropy_coef=)``, TRL's adaptive controller). Its mean's
+  denominator is a batch constant, so each token's dL/dz depends only on its own (log-prob, entropy): the group
+  loss gives the pair (dL/dlog p, dL/dH) per token and the row pass forms
+  dz = g (onehot − p) − g_H p (zc − lse + H) · dzc/dz from the tile (the engine's entropy backward). With
+  ``top_entropy_quantile < 1`` the bonus runs on the two-pass route with differentiable entropies.
 
 Token layout: the per-token inputs (``old_logps``, ``ref_logps``, ``sampling_logps``, per-token advantages or
 IS ratios) are shaped like ``labels`` — (B, T) padded or (N,) packed with ``cu_seqlens`` — and only their
@@ -42,6 +45,7 @@ from .. import losses as L
 from ..losses import GRPOOptions
 from ..engine.checks import as_cu_seqlens
 from ..engine import acc_dtype
+from ..losses.policy_gradient import entropy_bonus
 from .metrics import token_metrics, token_sums
 from .module import FusedLossModule, autocast_entry
 from .plan import Values
@@ -70,6 +74,8 @@ class GRPOTask:
     want_stats: bool = False
     decomposable: bool = True
     units_host: Tensor | None = None  # host copy of units (the route's plan)
+    entropy_grad: bool = False  # entropy_coef != 0: the loss is differentiated through the entropies too
+    ent_denom: Tensor | None = None  # the batch's completion-token count: the entropy bonus's mean (fused route)
 
     def matrices(self, v: Values, rows: Tensor, ids: Tensor) -> dict:
         """grpo_loss's (R, C) inputs for the tokens of ``v`` at rows ``rows`` (n,) of units ``ids`` (R,)."""
@@ -96,10 +102,16 @@ class GRPOTask:
     def group_loss(self, v: Values) -> Tensor:
         ids = v.units  # (G,) sequence ids
         kw = self.matrices(v, v.seg, ids)
-        kw.pop("entropies", None)  # only top_entropy_quantile < 1 uses them, and that runs two-pass
-        terms = L.grpo_token_terms(kw.pop("logps"), kw.pop("advantages"), kw.pop("mask"), options=self.options,
-                                   **kw)
-        return (terms.per_token_loss * self.coef[ids]).sum()
+        # the quantile mask (top_entropy_quantile < 1) runs two-pass: here the entropies feed the bonus only
+        ent = kw.get("entropies")
+        if self.options.entropy_coef == 0.0:
+            kw.pop("entropies", None)
+        mask = kw.pop("mask")
+        terms = L.grpo_token_terms(kw.pop("logps"), kw.pop("advantages"), mask, options=self.options, **kw)
+        loss = (terms.per_token_loss * self.coef[ids]).sum()
+        if self.options.entropy_coef != 0.0:  # the group's share of - coef * (batch mean entropy)
+            loss = loss - entropy_bonus(ent, mask.to(ent.dtype), self.options.entropy_coef, self.ent_denom)
+        return loss
 
     def batch_loss(self, v: Values, compute_metrics: bool):
         kw = self.matrices(v, self.row, v.units)
@@ -129,9 +141,8 @@ class GRPOLoss(FusedLossModule):
 
     Args:
         {OPTIONS}
-            The options are validated at construction; the module docstring says which are fused.
-            ``entropy_coef`` must be 0 here (the entropy bonus needs differentiable entropies: use
-            :func:`dpo_fast.grpo_loss`).
+            The options are validated at construction; the module docstring says which are fused
+            (``entropy_coef`` is: the entropies are differentiated in the same pass).
         ignore_index, temperature, softcap, backend: as in :func:`dpo_fast.sequence_logprobs` (use the
             sampling temperature here, as TRL does); validated at construction.
         fused: use the one-pass route when possible (default True).
@@ -149,7 +160,9 @@ class GRPOLoss(FusedLossModule):
         shaped like ``labels``; old_logps, ref_logps, sampling_logps: optional per-token log-probs shaped like
         ``labels`` (``ref_logps`` required when beta != 0, ``sampling_logps`` with
         ``vllm_importance_sampling_mode``); importance_sampling_ratio: optional (S, 1) or shaped like
-        ``labels``; bias: optional (V,); num_items_in_batch: for dapo / cispo / vespo. Per-token inputs are
+        ``labels``; bias: optional (V,); num_items_in_batch: for dapo / cispo / vespo; entropy_coef: this
+        step's entropy-bonus coefficient (a float; default the constructor's option), e.g. TRL's adaptive one.
+        Per-token inputs are
         read at scored positions only (a per-token IS ratio counts as 1 elsewhere, as TRL's own ratio is).
         Under ``torch.no_grad()`` / ``torch.inference_mode()`` the loss and metrics are computed (no
         backward); a double backward (``create_graph=True``) raises a RuntimeError.
@@ -174,11 +187,6 @@ class GRPOLoss(FusedLossModule):
                          token_metrics=token_metrics)
         #: the loss options, validated once (by takes_options, before this body)
         self.options = options
-        if options.entropy_coef != 0.0:
-            raise ValueError(
-                f"entropy_coef: GRPOLoss supports only 0, got {options.entropy_coef!r}: the entropy bonus is "
-                "differentiated through the per-token entropies, which the log-prob engine does not "
-                "differentiate; compute entropies with gradients and use dpo_fast.grpo_loss(..., entropies=...)")
 
     def extra_repr(self) -> str:
         defaults = GRPOOptions().as_kwargs()
@@ -188,7 +196,8 @@ class GRPOLoss(FusedLossModule):
     @torch.compiler.disable  # data-dependent grouping: run eagerly inside compiled graphs
     @autocast_entry("hidden", "weight", "bias")
     def forward(self, hidden, weight, labels, advantages, old_logps=None, ref_logps=None, *, bias=None,
-                cu_seqlens=None, num_items_in_batch=None, sampling_logps=None, importance_sampling_ratio=None):
+                cu_seqlens=None, num_items_in_batch=None, sampling_logps=None, importance_sampling_ratio=None,
+                entropy_coef=None):
         # a list / numpy array of boundaries becomes a tensor once, here; prepare() validates it
         cu_seqlens = as_cu_seqlens(cu_seqlens, hidden.device if isinstance(hidden, Tensor) else None)
         p = self.prepare(hidden, weight, labels, bias, cu_seqlens)
@@ -216,6 +225,8 @@ class GRPOLoss(FusedLossModule):
         o = self.options
         if o.max_completion_length is None:
             o = dataclasses.replace(o, max_completion_length=T)
+        if entropy_coef is not None and float(entropy_coef) != o.entropy_coef:  # this step's (adaptive) value
+            o = dataclasses.replace(o, entropy_coef=entropy_coef)  # validated again: finite
 
         def at_scored(t):
             return t.detach().reshape(-1).index_select(0, sc.idx)
@@ -233,11 +244,13 @@ class GRPOLoss(FusedLossModule):
         mask = torch.zeros(S, T, dtype=torch.bool, device=dev).index_put(
             (sc.seq, col), torch.ones_like(col, dtype=torch.bool))
         quantile = o.top_entropy_quantile < 1.0
+        bonus = o.entropy_coef != 0.0
         task = GRPOTask(units=torch.arange(S, device=dev)[:, None], options=o, row=sc.seq, col=col, num_cols=T,
                         per_token=per_token, per_seq=per_seq,
                         coef=aggregation_coefficients(o, mask, num_items_in_batch, acc_dtype(sc.hidden2.dtype)),
-                        num_items_in_batch=num_items_in_batch, want_stats=self.token_metrics or quantile,
-                        decomposable=o.entry.local and not quantile, units_host=torch.arange(S)[:, None])
+                        num_items_in_batch=num_items_in_batch, want_stats=self.token_metrics or quantile or bonus,
+                        decomposable=o.entry.local and not quantile, units_host=torch.arange(S)[:, None],
+                        entropy_grad=bonus, ent_denom=mask.sum().to(acc_dtype(sc.hidden2.dtype)) if bonus else None)
         out, route, values = self.run(p, task, hidden)
         # back to the labels' layout: (S, C) rows -> flat positions
         n_pos = labels.numel()

@@ -8,6 +8,8 @@ computed in a single pass over the logits. For each group of whole units whose l
     logp, lse = rows(z)     row pass: per-token log-probs (+ TokenStats)
     g = dL/dlogp per token  one autograd call on the group's own units (the module's ``group_loss``)
     dz = g (onehot - softmax(z)) in place on the tile
+         (a task with ``entropy_grad`` gets g_H = dL/dH per token from the same call too, and
+          dz -= g_H p (zc - lse + H) dzc/dz: the entropy's own logits gradient)
     dh = dz W               GEMM 2      dW += dz^T h   GEMM 3
 
 Three GEMM-equivalents over scored tokens instead of the generic engine's four. The gradients are made in
@@ -49,15 +51,23 @@ from .plan import Group, UnitTask, group_values
 Tensor = torch.Tensor
 
 
-def group_gradient(task: UnitTask, group: Group, logp: Tensor, lse: Tensor, stats: TokenStats | None) -> Tensor:
-    """dL/dlogp (n,) of the group's tokens: one autograd call on ``task.group_loss`` over the group's units."""
+def group_gradient(task: UnitTask, group: Group, logp: Tensor, lse: Tensor,
+                   stats: TokenStats | None) -> tuple[Tensor, Tensor | None]:
+    """(dL/dlogp, dL/dH) (n,) each of the group's tokens: one autograd call on ``task.group_loss`` over the
+    group's units. dL/dH (the entropy's gradient) only when the task has ``entropy_grad`` (else None)."""
+    want_ent = bool(getattr(task, "entropy_grad", False))
     with torch.enable_grad():
         leaf = logp.detach().requires_grad_(True)
+        leaves = [leaf]
+        if want_ent:
+            ent = stats.entropy.detach().requires_grad_(True)
+            stats = stats._replace(entropy=ent)
+            leaves.append(ent)
         loss = task.group_loss(group_values(group, leaf, lse, stats))
-        if not loss.requires_grad:
-            return torch.zeros_like(leaf)
-        (g,) = torch.autograd.grad(loss, leaf, allow_unused=True)
-    return torch.zeros_like(leaf) if g is None else g
+        grads = (torch.autograd.grad(loss, leaves, allow_unused=True) if loss.requires_grad
+                 else (None,) * len(leaves))
+    g, *rest = (torch.zeros_like(x) if gx is None else gx for x, gx in zip(leaves, grads))
+    return g, (rest[0] if rest else None)
 
 
 @dataclass
@@ -119,10 +129,12 @@ class FusedLogitsPass(torch.autograd.Function):
             logp_all[group.tok], lse_all[group.tok] = res.logp, res.lse
             for dst, src in zip(stats_all, res.stats or ()):
                 dst[group.tok] = src
-            g_tok = group_gradient(plan.task, group, res.logp, res.lse, res.stats).to(acc).contiguous()  # (n,)
+            g_tok, g_ent = group_gradient(plan.task, group, res.logp, res.lse, res.stats)  # (n,) each
+            g_tok = g_tok.to(acc).contiguous()
             if not (need_dh or need_dw or need_db):
                 continue
-            dz = rows.grad_after_fwd(z, lab, res.lse, g_tok, state)  # (n, V), in place in the tile
+            ent_term = () if g_ent is None else (g_ent.to(acc).contiguous(), res.stats.entropy)
+            dz = rows.grad_after_fwd(z, lab, res.lse, g_tok, state, *ent_term)  # (n, V), in place in the tile
             dz = dz.to(dt)  # the GEMMs read the inputs' dtype (a copy only for a float32 tile of 16-bit inputs)
             if need_dh:
                 dh.index_copy_(0, rows_idx, torch.mm(dz, wc))  # GEMM 2

@@ -22,6 +22,7 @@ from ..engine import (BACKENDS, Head, Scored, TokenStats, as_head, forward_token
                       per_elem_bytes, prepare, scored_logprobs, segment_sum)
 from ..engine.autocast import autocast_aware, autocast_dtype
 from ..engine.checks import check_ignore_index, check_scalars
+from ..engine.passes import scored_logprobs_entropy
 from .logits_pass import FusedLogitsPass, PassPlan
 from .plan import UnitTask, batch_values, plan_groups
 
@@ -147,8 +148,13 @@ class FusedLossModule(nn.Module):
                                  units_host=getattr(task, "units_host", None))
         if groups is None:  # two-pass route: the generic engine + autograd through the loss
             st = {} if task.want_stats else None
-            logp = scored_logprobs(sc, head, temperature=self.temperature, softcap=self.softcap,
-                                   backend=self.backend, stats_out=st)
+            if getattr(task, "entropy_grad", False) and needs_grad:  # the loss differentiates the entropies too
+                logp, ent = scored_logprobs_entropy(sc, head, temperature=self.temperature, softcap=self.softcap,
+                                                    backend=self.backend, stats_out=st)
+                st["entropy"] = ent
+            else:
+                logp = scored_logprobs(sc, head, temperature=self.temperature, softcap=self.softcap,
+                                       backend=self.backend, stats_out=st)
             stats = None if st is None else TokenStats(*(st[k] for k in TokenStats._fields))
             lse = st["lse"] if st is not None else torch.zeros_like(logp.detach())
             values = batch_values(sc, task.units, logp, lse, stats)

@@ -84,6 +84,8 @@ class UnitTask(Protocol):
         units: (U, k) int64 sequence indices of each unit (pairs: k = 2, (chosen, rejected)).
         decomposable: whether ``group_loss`` summed over groups is the total loss (else: two-pass route).
         want_stats: the row pass must compute :class:`dpo_fast.engine.TokenStats`.
+        entropy_grad: optional (default False; needs ``want_stats``): the loss is differentiated through the
+            entropies too (``v.stats.entropy`` is differentiable in ``group_loss`` and on the two-pass route).
     """
 
     units: Tensor

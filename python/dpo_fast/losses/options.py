@@ -487,7 +487,8 @@ class GRPOOptions:
     entropy_coef: float = opt(
         0.0,
         "entropy bonus: loss − coef · mean entropy over the kept tokens (TRL's static coefficient; the adaptive "
-        "controller is trainer state). Needs differentiable entropies: ``GRPOLoss`` accepts only 0.")
+        "controller is trainer state: ``GRPOLoss.forward(..., entropy_coef=)`` takes a per-step value). Needs "
+        "differentiable entropies; ``GRPOLoss`` differentiates them in its one pass (fused route).")
     use_bias_correction_kl: bool = opt(
         False,
         "multiply the per-token KL by ρ (DeepSeek-V3.2). TRL's default is ``True``; dpo_fast's is ``False`` (its "

@@ -28,10 +28,20 @@ from .outputs import GRPOOutput, sync_metrics
 Tensor = torch.Tensor
 
 __all__ = ["GRPOOptions", "GRPOTerms", "grpo_token_terms", "grpo_loss", "vllm_importance_sampling",
-           "high_entropy_mask"]
+           "high_entropy_mask", "entropy_bonus"]
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def entropy_bonus(entropies: Tensor, effective_mask: Tensor, coef: float, denom: Tensor | None = None) -> Tensor:
+    """TRL's entropy bonus term, coef · Σ H · eff / Σ eff (the mean entropy over the tokens it acts on), to be
+    subtracted from the loss; differentiable in ``entropies``. ``denom``: Σ eff when ``effective_mask`` is only a
+    part of the batch (a fused group: its share of the batch's bonus), default ``effective_mask.sum()``; clamped
+    at 1 (TRL's ``clamp(min=1.0)``)."""
+    eff = effective_mask
+    d = eff.sum() if denom is None else denom
+    return coef * (torch.where(eff > 0, entropies, 0.0) * eff).sum() / d.clamp_min(1.0)
+
+
 def high_entropy_mask(entropies: Tensor, mask: Tensor, quantile: float) -> Tensor:
     """(B, T) bool: completion tokens whose entropy is ≥ the ``quantile`` quantile of the completion-token
     entropies (TRL's ``get_high_entropy_mask`` on one process; all False when no token is scored)."""
@@ -309,8 +319,7 @@ def grpo_loss(
     policy_loss = loss
     ent = None if entropies is None else entropies.to(device=m.device, dtype=m.dtype)
     if o.entropy_coef != 0.0:
-        eff = t.effective_mask
-        loss = loss - o.entropy_coef * (torch.where(eff > 0, ent, 0.0) * eff).sum() / eff.sum().clamp_min(1.0)
+        loss = loss - entropy_bonus(ent, t.effective_mask, o.entropy_coef)
 
     metrics: dict[str, float] = {}
     if compute_metrics:
