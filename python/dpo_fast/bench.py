@@ -460,6 +460,10 @@ def environment(device: str) -> dict:
     if device == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
         env["cuda"] = torch.version.cuda
+    from dpo_fast.engine import gemm_path  # which fp32-output GEMM path 16-bit inputs take on this device
+
+    env["gemm_path"] = {str(dt).removeprefix("torch."): gemm_path(device, dt)
+                        for dt in (torch.bfloat16, torch.float16)}
     return env
 
 
@@ -764,7 +768,7 @@ def main(argv=None) -> int:
     if no_plot:
         print(f"dpo-fast bench: {no_plot}; results.json is written, results.png is not", file=sys.stderr)
     print(f"dpo-fast bench on {env.get('gpu', env['cpu'])} ({device}, {dtype}), torch {env['torch']}, "
-          f"triton {env['triton']}, shapes {shapes}, {reps} reps")
+          f"triton {env['triton']}, shapes {shapes}, {reps} reps, 16-bit GEMM path {env['gemm_path']}")
     loadavg_before = _loadavg()
     results = run(shapes, methods, device, dtype, reps, a.peaked)
     load = load_record(results, device, loadavg_before, _loadavg())
