@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from . import _compiled
+from ._compiled import compile_path
 from .distributed import distributed_head
 from .engine.autocast import autocast_aware
 from .engine.checks import (as_cu_seqlens, check_cu_seqlens, check_ignore_index, check_same_device, check_scalars,
@@ -21,7 +23,7 @@ from .engine.passes import scored_logprobs_entropy
 # public API
 
 
-@torch.compiler.disable  # data-dependent tiling: run eagerly inside compiled graphs
+@compile_path(_compiled.sequence_logprobs)  # under torch.compile: the dpo_fast:: custom ops
 @distributed_head()  # DTensor / ZeRO-3 / vocabulary-parallel heads (dpo_fast.distributed)
 @autocast_aware("hidden", "weight", "bias")
 def sequence_logprobs(hidden, weight, labels, *, bias=None, cu_seqlens=None, ignore_index=-100,
@@ -78,7 +80,7 @@ def sequence_logprobs(hidden, weight, labels, *, bias=None, cu_seqlens=None, ign
     return out
 
 
-@torch.compiler.disable  # data-dependent tiling: run eagerly inside compiled graphs
+@compile_path(_compiled.token_logprobs)  # under torch.compile: the dpo_fast:: custom ops
 @distributed_head()  # DTensor / ZeRO-3 / vocabulary-parallel heads (dpo_fast.distributed)
 @autocast_aware("hidden", "weight", "bias")
 def token_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, temperature=1.0, softcap=None,
@@ -140,7 +142,7 @@ def token_logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
 _REDUCTIONS = ("sum", "mean", "none")
 
 
-@torch.compiler.disable  # data-dependent tiling: run eagerly inside compiled graphs
+@compile_path(_compiled.logprobs_from_logits)  # under torch.compile: the dpo_fast:: custom ops
 @autocast_aware("logits")
 def logprobs_from_logits(logits, labels, *, ignore_index=-100, temperature=1.0, cu_seqlens=None,
                          reduction="sum") -> torch.Tensor:

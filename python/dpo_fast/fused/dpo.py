@@ -23,7 +23,7 @@ from ..engine.checks import check_engine_inputs, check_tensor
 from ..engine import Head, Scored, as_head, prepare, scored_logprobs, segment_sum
 from .pairs import (add_pair_token_metrics, check_ld_alpha, ld_token_weights, logits_means, pair_layout,
                     pair_units_host, wpo_logweights)
-from .module import FusedLossModule, autocast_entry
+from .module import FusedLossModule, autocast_entry, compilable_forward
 from .plan import Values
 from .records import with_route
 
@@ -144,7 +144,7 @@ class DPOLoss(FusedLossModule):
         lt = self.options.loss_type
         return f"beta={self.options.beta}, loss_type={lt if isinstance(lt, str) else list(lt)!r}, fused={self.fused}"
 
-    @torch.compiler.disable  # data-dependent grouping: run eagerly inside compiled graphs
+    @compilable_forward  # under torch.compile: the dpo_fast::fused_loss custom op
     @autocast_entry("hidden", "weight", "bias", "ref_hidden", "ref_weight", "ref_bias")
     def forward(self, hidden, weight, labels, ref_chosen_logps=None, ref_rejected_logps=None, *, bias=None,
                 cu_seqlens=None, pairs=None, ref_hidden=None, ref_weight=None, ref_bias=None):

@@ -47,7 +47,7 @@ from ..engine.checks import as_cu_seqlens
 from ..engine import acc_dtype
 from ..losses.policy_gradient import entropy_bonus
 from .metrics import token_metrics, token_sums
-from .module import FusedLossModule, autocast_entry
+from .module import FusedLossModule, autocast_entry, compilable_forward
 from .plan import Values
 from .records import with_route
 
@@ -193,7 +193,7 @@ class GRPOLoss(FusedLossModule):
         shown = {k: v for k, v in self.options.as_kwargs().items() if v != defaults[k] or k == "loss_type"}
         return ", ".join(f"{k}={v!r}" for k, v in shown.items()) + f", fused={self.fused}"
 
-    @torch.compiler.disable  # data-dependent grouping: run eagerly inside compiled graphs
+    @compilable_forward  # under torch.compile: the dpo_fast::fused_loss custom op
     @autocast_entry("hidden", "weight", "bias")
     def forward(self, hidden, weight, labels, advantages, old_logps=None, ref_logps=None, *, bias=None,
                 cu_seqlens=None, num_items_in_batch=None, sampling_logps=None, importance_sampling_ratio=None,

@@ -17,7 +17,7 @@ from ..losses import KTOOptions
 from ..engine.checks import check_tensor
 from ..engine import prepare
 from .metrics import token_metrics, token_sums
-from .module import FusedLossModule, autocast_entry
+from .module import FusedLossModule, autocast_entry, compilable_forward
 from .plan import Values
 from .records import with_route
 
@@ -92,7 +92,7 @@ class KTOLoss(FusedLossModule):
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.as_kwargs().items()) + f", fused={self.fused}"
 
-    @torch.compiler.disable  # data-dependent grouping: run eagerly inside compiled graphs
+    @compilable_forward  # under torch.compile: the dpo_fast::fused_loss custom op
     @autocast_entry("hidden", "weight", "bias", "kl_hidden")
     def forward(self, hidden, weight, labels, desirable, ref_logps=None, *, bias=None, cu_seqlens=None, kl=None,
                 kl_hidden=None, kl_labels=None, kl_cu_seqlens=None, ref_kl_logps=None):

@@ -24,6 +24,7 @@ from ..engine.autocast import autocast_aware, autocast_dtype
 from ..engine.checks import check_ignore_index, check_scalars
 from ..engine.passes import scored_logprobs_entropy
 from .logits_pass import FusedLogitsPass, PassPlan
+from . import ops as _ops
 from .plan import UnitTask, batch_values, plan_groups
 
 Tensor = torch.Tensor
@@ -70,6 +71,20 @@ def autocast_entry(*float_args: str):
     return deco
 
 
+def compilable_forward(fn):
+    """A fused module's ``forward`` under ``torch.compile``: while Dynamo traces, one ``dpo_fast::fused_loss``
+    custom op (:mod:`dpo_fast.fused.ops`) instead of the eager forward ``fn`` (kept as ``forward.eager``)."""
+
+    @functools.wraps(fn)
+    def forward(self, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            return _ops.compiled_forward(self, args, kwargs)
+        return fn(self, *args, **kwargs)
+
+    forward.eager = fn
+    return forward
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the module base: configuration, validation, and the route itself
 
@@ -101,6 +116,20 @@ class FusedLossModule(nn.Module):
     backend (``auto`` | ``torch`` | ``triton``), fused (bool), workspace_bytes (None or int >= 1024),
     compute_metrics (bool), token_metrics (bool) — all validated here, at construction.
     """
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+
+        @functools.wraps(init)
+        def __init__(self, *args, **kwargs):
+            init(self, *args, **kwargs)
+            if type(self) is cls:  # the module flattened for the compiled path's custom op
+                self._compile_spec = _ops.module_spec(self, args, kwargs)
+
+        cls.__init__ = __init__
 
     def __init__(self, *, ignore_index: int, temperature: float, softcap: float | None, backend: str, fused: bool,
                  workspace_bytes: int | None, compute_metrics: bool, token_metrics: bool = False):

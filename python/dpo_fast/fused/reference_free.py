@@ -16,7 +16,7 @@ import torch
 from .. import losses as L
 from ..losses import CPOOptions, ORPOOptions
 from .pairs import add_pair_token_metrics, logits_means, pair_layout, pair_units_host
-from .module import FusedLossModule, autocast_entry
+from .module import FusedLossModule, autocast_entry, compilable_forward
 from .plan import Values
 from .records import with_route
 
@@ -60,7 +60,7 @@ class _ReferenceFreePairLoss(FusedLossModule):
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.as_kwargs().items()) + f", fused={self.fused}"
 
-    @torch.compiler.disable  # data-dependent grouping: run eagerly inside compiled graphs
+    @compilable_forward  # under torch.compile: the dpo_fast::fused_loss custom op
     @autocast_entry("hidden", "weight", "bias")
     def forward(self, hidden, weight, labels, *, bias=None, cu_seqlens=None, pairs=None):
         """Same layouts as :meth:`dpo_fast.DPOLoss.forward` (no reference model).
