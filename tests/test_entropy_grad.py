@@ -282,3 +282,43 @@ def test_grpo_loss_module_accepts_entropy_coef_and_per_step_value():
     b = m0(h, w, labels, adv, entropy_coef=0.1).loss  # the per-step value wins
     torch.testing.assert_close(a, b)
     assert not torch.allclose(a, m1(h, w, labels, adv, entropy_coef=0.0).loss)
+
+
+# ------------------------------------------------------------------------------------------------ FastGRPOTrainer
+TRAINER_ENTROPY = {
+    "static": dict(loss_type="grpo", entropy_coef=0.05),
+    "static_dapo_accum": dict(loss_type="dapo", entropy_coef=0.05, gradient_accumulation_steps=2),
+    # the controller steps the coefficient every optimizer step: up (target above the entropy), then applied
+    "adaptive": dict(loss_type="bnpo", entropy_coef=0.02, use_adaptive_entropy=True, entropy_target=50.0,
+                     entropy_coef_delta=0.01, entropy_coef_max=0.1, max_steps=3),
+}
+
+
+@pytest.mark.parametrize("cfg", list(TRAINER_ENTROPY))
+def test_fast_grpo_trainer_entropy_bonus_fused_and_logs_what_trl_logs(tmp_path, cfg):
+    pytest.importorskip("trl")
+    pytest.importorskip("datasets")
+    from support.trainer_fixtures import assert_same_logs, logged, make_grpo_trainer, saved_tiny_llama
+
+    from dpo_fast.integrations import trl_grpo
+
+    try:
+        trl_grpo.check_trl_version()
+    except trl_grpo.UnsupportedTRLVersion as e:  # pragma: no cover
+        pytest.skip(str(e))
+    model_path = saved_tiny_llama(tmp_path / "model")
+    opts = dict(num_iterations=2, epsilon=0.02, learning_rate=0.05, max_steps=2)
+    opts.update(TRAINER_ENTROPY[cfg])
+    stock = make_grpo_trainer("trl", tmp_path / "a", model_path, **opts)
+    stock.train()
+    fast = make_grpo_trainer("fast", tmp_path / "b", model_path, **opts)
+    fast.train()
+    assert not fast.dpo_fast_fallback_reasons and set(fast.dpo_fast_routes) == {"fused"}
+    assert fast.dpo_fast_route == "fused"
+    a, b = logged(stock), logged(fast)
+    assert_same_logs(a, b)
+    assert "policy_loss" in b[0] and "entropy_coef" in b[0] and "entropy" in b[0]
+    assert fast.entropy_coef == pytest.approx(stock.entropy_coef)
+    assert fast._last_world_entropy == pytest.approx(stock._last_world_entropy, rel=1e-4)
+    if cfg == "adaptive":
+        assert [h["entropy_coef"] for h in b] != [b[0]["entropy_coef"]] * len(b)  # the controller moved

@@ -78,8 +78,9 @@ def test_fused_route_matches_stock(tmp_path, model_path, options):
 
 @pytest.mark.parametrize("options, route", [
     (dict(top_entropy_quantile=0.5, **MOVING), "two_pass"),  # TRL's quantile spans every process's tokens
-    (dict(entropy_coef=0.01), "trl"),  # the entropy bonus differentiates the entropy
-], ids=["top_entropy_quantile", "entropy_bonus"])
+    # with the entropy bonus: TRL's formula on the engine's differentiable entropies
+    (dict(top_entropy_quantile=0.5, entropy_coef=0.05, **MOVING), "two_pass"),
+], ids=["top_entropy_quantile", "top_entropy_quantile_with_entropy_bonus"])  # entropy bonus alone: fused
 def test_unfused_options_take_the_recorded_route_and_match(tmp_path, model_path, options, route, caplog):
     with caplog.at_level("WARNING", logger="dpo_fast.integrations.trl_grpo"):
         stock, fast = _pair(tmp_path, model_path, **options)

@@ -30,14 +30,14 @@ Routes (the route of the last step is ``trainer.dpo_fast_route``; steps per rout
   (:data:`FUSED_LOSS_TYPES`: grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, vespo), token- or sequence-level
   importance sampling, ``num_iterations``, ``beta`` with or without ``use_bias_correction_kl``, ``delta``,
   ``off_policy_mask_threshold``, ``epsilon``/``epsilon_high``, the SAPO / VESPO parameters,
-  ``max_completion_length``.
+  ``max_completion_length``, the entropy bonus (``entropy_coef``, and ``use_adaptive_entropy``: TRL's controller
+  state is kept on the trainer as TRL keeps it, its per-step coefficient goes to the module's forward; logs
+  ``policy_loss`` and ``entropy_coef`` as TRL does).
 * ``"two_pass"`` — ``top_entropy_quantile < 1`` (TRL takes the entropy quantile over every process's tokens),
   vLLM importance-sampling correction (TRL's own ratio, applied as TRL applies it; vLLM cannot be exercised
   in this repository's CPU tests) and per-token advantages: dpo_fast's engine gives the policy's per-token
   log-probs (differentiable) and entropies (from the same pass), then TRL's own ``_compute_loss`` formula runs
-  on them.
-* ``"trl"`` — the entropy bonus (``entropy_coef != 0`` or ``use_adaptive_entropy``), which differentiates the
-  entropy: TRL's head and loss.
+  on them (its entropies carry their gradient, so the entropy bonus works there too).
 
 Options off the fused route are logged with a warning naming them — never silently ignored. A loss type
 or importance-sampling level TRL does not have raises ``ValueError`` at construction. The options table is
@@ -150,9 +150,6 @@ class _FastGRPOMixin(_HiddenStateLogpsMixin):
         # TRL's threshold is a quantile over every process's tokens
         Option("top_entropy_quantile", lambda t: t.top_entropy_quantile < 1.0, "two_pass",
                "top_entropy_quantile={t.top_entropy_quantile}"),
-        # TRL differentiates the entropy for its entropy bonus: then TRL's head computes the policy's log-probs
-        Option("entropy_coef", lambda t: bool(getattr(t, "_entropy_bonus_enabled", False)), "trl",
-               "the entropy bonus (entropy_coef / use_adaptive_entropy)"),
         # TRL's ratio, kept as TRL applies it
         Option("vllm_importance_sampling_correction",
                lambda t: bool(t.use_vllm and t.vllm_importance_sampling_correction), "two_pass",
@@ -202,14 +199,45 @@ class _FastGRPOMixin(_HiddenStateLogpsMixin):
             n_items = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
                 n_items = n_items * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+        bonus = bool(getattr(self, "_entropy_bonus_enabled", False))
+        coef = 0.0
+        if bonus:  # TRL's coefficient from the end of the previous optimizer step (adaptive: gated by the target)
+            adaptive = self.use_adaptive_entropy and self._last_world_entropy > self.args.entropy_target
+            coef = 0.0 if adaptive else float(self.entropy_coef)
+            coef = coef / accum if item_normalised else coef  # TRL scales the bonus for accumulation only
         out, _ = self._dpo_fast_fused(model, input_ids, labels, advantages, old, ref,
                                       forward=dict(attention_mask=attention_mask),
                                       rows=lambda hidden: hidden[:, -C - 1:-1], num_items_in_batch=n_items,
-                                      sampling_logps=sampling)
+                                      sampling_logps=sampling, entropy_coef=coef)
         loss = out.loss if item_normalised else out.loss / accum
         with torch.no_grad():  # out.token_logps: (B, C) detached policy log-probs from the same pass
             self._dpo_fast_log_step(mode, out, advantages, old, ref, mask)
+            if bonus:
+                self._dpo_fast_entropy_control(mode, out, coef)
         return loss
+
+    def _dpo_fast_entropy_control(self, mode, out, coef) -> None:
+        """TRL's entropy-bonus bookkeeping after a step: the ``policy_loss`` metric, the adaptive controller's
+        window statistics and update at the optimizer-step boundary, and the ``entropy_coef`` metric."""
+        ent_sum, tokens = out.token_sums["entropy_sum"], out.token_sums["tokens"]
+        policy_loss = out.loss.detach() + coef * ent_sum / tokens.clamp(min=1.0)  # the loss before the bonus
+        self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
+        if self.use_adaptive_entropy and mode == "train":
+            stats = torch.stack([ent_sum, tokens]).detach().to(torch.float32)
+            self._entropy_window_stats = stats if self._entropy_window_stats is None else (
+                self._entropy_window_stats + stats)
+            if self.accelerator.sync_gradients:
+                window = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+                world_entropy = (window[0] / window[1].clamp(min=1.0)).item()
+                a = self.args
+                if world_entropy <= a.entropy_target:
+                    self.entropy_coef = min(self.entropy_coef + a.entropy_coef_delta, a.entropy_coef_max)
+                else:
+                    self.entropy_coef = max(self.entropy_coef - a.entropy_coef_delta, a.entropy_coef_min)
+                self._last_world_entropy = world_entropy
+                self._entropy_window_stats = None
+        if mode == "train" and self.accelerator.sync_gradients:
+            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
 
     def _dpo_fast_log_step(self, mode, out, advantages, old, ref, mask) -> None:
         """Append the metrics TRL's _compute_loss logs (kl, entropy, the loss type's clip statistics), each
