@@ -302,8 +302,6 @@ def test_random_lengths_recompile_at_most_twice():
 # the TRL trainer with torch_compile=True
 
 
-@pytest.mark.xfail(strict=True, raises=Exception, reason="hf.output_head does not unwrap torch.compile's "
-                   "OptimizedModule (UnsupportedHeadError); hf.py is outside issue 21's files")
 def test_fast_dpo_trainer_torch_compile_logs_match_eager(tmp_path):
     pytest.importorskip("trl")
     from trl import DPOConfig

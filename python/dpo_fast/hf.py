@@ -129,9 +129,10 @@ def unwrap_model(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     m = model
-    for _ in range(8):  # DDP(FSDP(...)) and the like nest a few levels at most
-        inner = getattr(m, "module", None)
-        if isinstance(inner, nn.Module) and not hasattr(m, "get_output_embeddings"):
+    for _ in range(8):  # DDP(FSDP(...)), torch.compile(...) and the like nest a few levels at most
+        compiled = m._modules.get("_orig_mod")  # torch.compile's OptimizedModule (forwards attributes to it)
+        inner = compiled if isinstance(compiled, nn.Module) else getattr(m, "module", None)
+        if isinstance(inner, nn.Module) and (compiled is not None or not hasattr(m, "get_output_embeddings")):
             m = inner
         else:
             break
