@@ -12,6 +12,7 @@ import torch
 from . import _compiled
 from ._compiled import compile_path
 from .distributed import distributed_head
+from .distributed.sequence_parallel import reduce_sums_counts
 from .engine.autocast import autocast_aware
 from .engine.checks import (as_cu_seqlens, check_cu_seqlens, check_ignore_index, check_same_device, check_scalars,
                             check_tensor)
@@ -75,8 +76,11 @@ def sequence_logprobs(hidden, weight, labels, *, bias=None, cu_seqlens=None, ign
                  softcap=softcap)
     logp = scored_logprobs(sc, head, temperature=temperature, softcap=softcap, backend=backend)
     out = segment_sum(logp, sc.seq, sc.num_seqs)
+    counts = sc.counts() if average else None
+    # hidden sharded over tokens (head.seq): this rank's partial sums -> the global ones, one all-reduce
+    out, counts = reduce_sums_counts(head.seq, out, counts)
     if average:
-        out = out / sc.counts().to(logp.dtype).clamp_min(1.0)
+        out = out / counts.to(logp.dtype).clamp_min(1.0)
     return out
 
 

@@ -27,12 +27,14 @@ calls :func:`resolve` and hands the Head down in the ``weight`` argument.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 
 import torch
 
 from ..engine.head import Head
+import dpo_fast.distributed.sequence_parallel as _sp  # the module (the package exports the function)
 from . import zero3
 from .state import DistributedHeadError, VocabShard
 from .vocab_parallel import VOCAB_PARALLEL
@@ -297,7 +299,8 @@ def _needs_work(*tensors) -> bool:
     for t in tensors:
         if t is None:
             continue
-        if _is_dtensor(t) or zero3.is_zero3_param(t) or getattr(t, _MARK, None) is not None:
+        if _is_dtensor(t) or zero3.is_zero3_param(t) or getattr(t, _MARK, None) is not None \
+                or getattr(t, _sp._SEQ_MARK, None) is not None:
             return True
     return False
 
@@ -316,11 +319,18 @@ def distributed_head(*triples: tuple[str, str, str]):
     bias argument None (the bias is inside the Head). The body hands the Head down explicitly
     (``dpo_fast.engine.as_head(weight, bias)`` accepts both forms). All heads of one call must share one
     vocabulary layout.
+
+    Hidden states sharded over tokens (:func:`dpo_fast.distributed.sequence_parallel`, or a DTensor
+    ``Shard`` on the token dimension) become this rank's local tokens, with ``labels`` and a global
+    ``cu_seqlens`` localised the same way; the Head carries the :class:`dpo_fast.engine.SeqShard` (its
+    ``seq``) and the body all-reduces its per-sequence sums (:mod:`.sequence_parallel`).
     """
     triples = triples or (("hidden", "weight", "bias"),)
 
     def deco(fn):
         sig = inspect.signature(fn)
+        cu_name = "cu_seqlens" if "cu_seqlens" in sig.parameters else None
+        labels_name = "labels" if "labels" in sig.parameters else None
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
@@ -330,11 +340,21 @@ def distributed_head(*triples: tuple[str, str, str]):
                 return fn(*args, **kwargs)
             with contextlib.ExitStack() as stack:
                 shards = []
-                for hn, wn, bn in triples:
+                seq = None  # the token split of the call's first hidden (sequence / context parallelism)
+                for i, (hn, wn, bn) in enumerate(triples):
+                    if _sp.is_token_sharded(arg.get(hn)):
+                        s_i = _sp.localize(arg, hn, labels=labels_name if i == 0 else None,
+                                           cu=cu_name if i == 0 else None, like=seq)
+                        seq = seq or s_i
+                    elif i > 0 and seq is not None and _is_dtensor(arg.get(hn)):
+                        raise DistributedHeadError(f"{hn}: a DTensor not sharded over tokens like hidden")
                     w = arg.get(wn)
                     if w is None:
                         continue
                     h, head = resolve(arg.get(hn), w, arg.get(bn), stack, names=(hn, wn, bn))
+                    if seq is not None:
+                        _sp.check_head(head, seq)
+                        head = dataclasses.replace(head, seq=seq)
                     if hn in arg:
                         arg[hn] = h
                     arg[wn] = head
@@ -342,6 +362,9 @@ def distributed_head(*triples: tuple[str, str, str]):
                         arg[bn] = None
                     shards.append((wn, head.shard))
                 _check_same_layout(shards)
+                if seq is not None and arg.get("kl_hidden") is not None:
+                    raise DistributedHeadError(
+                        "kl_hidden: not supported with sequence-sharded hidden states yet; pass the KL estimate as kl=")
                 return fn(*ba.args, **ba.kwargs)
 
         return wrapper

@@ -16,9 +16,15 @@ Who builds it:
 Kinds of head. A head whose rows are all here has ``split=None`` and runs the engine's own passes. A head
 split across processes carries ``split``, an object of the :class:`SplitHead` protocol that runs the passes
 for that layout (today: :class:`dpo_fast.distributed.vocab_parallel.VocabParallel`, the vocabulary split
-over a tensor-parallel group). A new layout (e.g. a sequence-sharded head) is a new :class:`SplitHead`
-implementation plus the line in :func:`dpo_fast.distributed.head.resolve` that builds its Head; the engine,
-the fused route and the entry points do not change.
+over a tensor-parallel group). A new way of splitting the *rows* is a new :class:`SplitHead` implementation
+plus the line in :func:`dpo_fast.distributed.head.resolve` that builds its Head.
+
+Hidden states sharded over *tokens* (context / sequence parallelism) are the other axis: every per-token pass
+is unchanged and local, only the per-sequence sums cross processes. Such a call carries ``seq``, a
+:class:`SeqShard` (which tokens are here, and the group); it composes with ``split`` (sequence x vocabulary),
+turns off the one-pass route (``one_pass``: the loss's dL/dsum needs the global sums before any dz) and the
+entry points all-reduce their per-sequence sums over ``seq.group``
+(:mod:`dpo_fast.distributed.sequence_parallel`).
 
 This module imports nothing from the rest of dpo_fast beyond the engine.
 """
@@ -37,7 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 Tensor = torch.Tensor
 
-__all__ = ["Head", "SplitHead", "VocabShard", "as_head"]
+__all__ = ["Head", "SeqShard", "SplitHead", "VocabShard", "as_head"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,27 @@ class VocabShard:
 
     def owns(self, weight: torch.Tensor) -> bool:
         return weight.dim() == 2 and weight.shape[0] == self.local_size
+
+
+@dataclass(frozen=True)
+class SeqShard:
+    """This rank's tokens of hidden states sharded over the token dimension across ``group``.
+
+    Attributes:
+        group: the sequence-parallel (context-parallel) process group.
+        rank, world: this rank's index in ``group`` and the group's size.
+        dim: the token dimension of the caller's hidden states (1 for padded (B, T, H), 0 for packed (N, H)).
+        start: the first global token (along ``dim``) held here. local_len: tokens held here.
+        total_len: tokens along ``dim`` over the whole group (global ``cu_seqlens`` end there).
+    """
+
+    group: Any
+    rank: int
+    world: int
+    dim: int
+    start: int
+    local_len: int
+    total_len: int
 
 
 class SplitHead(Protocol):
@@ -95,6 +122,7 @@ class Head:
             process's slice; for a gathered DTensor / ZeRO-3 weight, the full gathered copy).
         bias: ``(V_local,)`` or None, laid out like ``weight``.
         shard: the vocabulary split (offset, global size, process group), or None when every row is here.
+        seq: the token split of the hidden states (:class:`SeqShard`, sequence / context parallelism), or None.
         split: the passes for a split head (a :class:`SplitHead`), or None for the engine's own passes.
         master: the tensor whose gradient the fused pass makes when it differs from ``weight`` (an fp32
             master weight under autocast, ``weight`` a 16-bit copy of it); None: ``weight`` itself.
@@ -108,6 +136,7 @@ class Head:
     split: SplitHead | None = None
     master: Tensor | None = None
     keep_master: bool = False
+    seq: SeqShard | None = None
 
     # -- the vocabulary ------------------------------------------------------------------------------------
     @property
@@ -127,8 +156,9 @@ class Head:
 
     @property
     def one_pass(self) -> bool:
-        """Whether the fused one-pass route can run on this head (whole rows on this process)."""
-        return self.split is None or self.split.one_pass
+        """Whether the fused one-pass route can run on this head (whole rows on this process, whole sequences:
+        a sequence-sharded call needs the global per-sequence sums before any dz, so it runs two passes)."""
+        return self.seq is None and (self.split is None or self.split.one_pass)
 
     # -- gradients and dtypes ------------------------------------------------------------------------------
     @property

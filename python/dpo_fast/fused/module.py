@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from ..distributed import distributed_head
+from ..distributed.sequence_parallel import check_task as _sp_check_task, reduce_sums as _sp_reduce_sums, \
+    seq_scored as _sp_seq_scored, seq_values as _sp_seq_values
 from ..engine import (BACKENDS, Head, Scored, TokenStats, as_head, forward_tokens, get_workspace_bytes, make_rows,
                       per_elem_bytes, prepare, scored_logprobs, segment_sum)
 from ..engine.autocast import autocast_aware, autocast_dtype
@@ -149,6 +151,8 @@ class FusedLossModule(nn.Module):
         head = as_head(weight, bias).for_compute(hidden)
         sc = prepare(hidden, head, labels, cu_seqlens=cu_seqlens, ignore_index=self.ignore_index,
                      temperature=self.temperature, softcap=self.softcap)
+        if head.seq is not None:  # hidden sharded over tokens: counts() are the global ones
+            sc = _sp_seq_scored(sc, head.seq)
         rows = make_rows(self.backend, sc.hidden2.device, sc.hidden2.dtype, self.temperature, self.softcap)
         return Prepared(sc, rows, head)
 
@@ -161,7 +165,8 @@ class FusedLossModule(nn.Module):
         with torch.no_grad():
             logp = forward_tokens(hidden.reshape(-1, hidden.shape[-1]), head.detach(), None, sc.idx, sc.labels, rows,
                                   get_workspace_bytes(hidden.device)).logp
-            return segment_sum(logp if token_weights is None else logp * token_weights, sc.seq, sc.num_seqs)
+            sums = segment_sum(logp if token_weights is None else logp * token_weights, sc.seq, sc.num_seqs)
+            return _sp_reduce_sums(head.seq, sums)  # hidden sharded over tokens: one all-reduce
 
     def run(self, p: Prepared, task: UnitTask, hidden: Tensor):
         """The route: returns ``(output record, route, Values of all units)``."""
@@ -169,7 +174,10 @@ class FusedLossModule(nn.Module):
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (hidden, head.grad_weight, head.bias))
         groups = None
-        # a head split across processes (dpo_fast.distributed) takes the two-pass route
+        if head.seq is not None:  # hidden sharded over tokens: losses of per-sequence sums only
+            _sp_check_task(task, self.token_metrics)
+        # a head split across processes (dpo_fast.distributed) takes the two-pass route; so does a call on
+        # hidden states sharded over tokens: dL/dsum needs the global sums (one all-reduce) before any dz
         if self.fused and task.decomposable and needs_grad and head.one_pass:
             budget = self.workspace_bytes or 8 * get_workspace_bytes(sc.idx.device)
             max_tokens = budget // (head.weight.shape[0] * per_elem_bytes(p.rows, sc.hidden2.dtype, grad=True))
@@ -187,6 +195,8 @@ class FusedLossModule(nn.Module):
             stats = None if st is None else TokenStats(*(st[k] for k in TokenStats._fields))
             lse = st["lse"] if st is not None else torch.zeros_like(logp.detach())
             values = batch_values(sc, task.units, logp, lse, stats)
+            if head.seq is not None:  # per-sequence sums all-reduced over the sequence group (grad: identity)
+                values = _sp_seq_values(values, head.seq)
             return task.batch_loss(values, self.compute_metrics), "two_pass", values
         use_master = head.master is not None
         plan = PassPlan(sc, p.rows, groups, task, head.weight.detach() if use_master else head.weight)

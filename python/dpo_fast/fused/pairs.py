@@ -97,7 +97,11 @@ def logits_means(sc: Scored, head: Head, counts, c_seq, r_seq, temperature) -> t
         if bias is not None:
             m = m + bbar.to(acc)
         m = m / temperature
-        per_seq = segment_sum(m, sc.seq, sc.num_seqs) / counts.clamp_min(1.0)
+        per_seq = segment_sum(m, sc.seq, sc.num_seqs)
+        if head.seq is not None:  # hidden sharded over tokens: the global sums (dpo_fast.distributed)
+            from ..distributed.sequence_parallel import reduce_sums
+            per_seq = reduce_sums(head.seq, per_seq)
+        per_seq = per_seq / counts.clamp_min(1.0)
     return per_seq[c_seq], per_seq[r_seq]
 
 

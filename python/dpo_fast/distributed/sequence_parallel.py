@@ -1,0 +1,321 @@
+"""Hidden states sharded over tokens (context / sequence parallelism): local per-token work, global sums.
+
+Ring attention / Ulysses shard a long sequence's tokens across a process group. The head needs nothing from
+the other ranks per token (the weight is replicated, or vocabulary-parallel on another group): every token's
+log-prob is computed where its hidden state lives. Only per-sequence quantities cross ranks:
+
+* forward: each rank sums its tokens per sequence (the engine's deterministic segment sums over *its*
+  tokens), then one all-reduce SUM of those S partial sums over the group (float64 on the wire; counts for
+  means travel in the same collective). Every rank then holds the global sums and computes the same loss.
+* backward: the all-reduce's backward is the identity. Each rank's loss is the (replicated) global loss L,
+  so dL/d(partial sum on rank r) = dL/d(global sum): the gradient reaching each rank's tokens is exactly
+  their share of the global gradient. Summing it over the ranks as well would count it ``world`` times.
+
+Who reduces dW: nobody here. Each rank's dW (and db) is its own tokens' contribution, like the gradient of
+every decoder parameter under context parallelism; the gradient synchronisation that already runs over the
+data-parallel x context-parallel group (DDP / FSDP2 over the flattened ``dp_cp`` mesh) adds them. See
+docs/DISTRIBUTED.md ("Sequence-sharded hidden states") for the scaling of that reduction.
+
+Public: :func:`sequence_parallel` (the explicit marker). A DTensor hidden with ``Shard(token dim)`` on a 1-D
+mesh is recognised without it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..engine.head import Head, SeqShard
+from ..engine.scored import Scored
+from .state import DistributedHeadError
+
+__all__ = ["SeqShard", "is_token_sharded", "localize", "reduce_sums", "reduce_sums_counts", "seq_scored",
+           "seq_values", "sequence_parallel", "check_task"]
+
+_SEQ_MARK = "_dpo_fast_seq_shard"
+
+
+def _dist():
+    import torch.distributed as dist
+    if not dist.is_available() or not dist.is_initialized():
+        raise DistributedHeadError("sequence_parallel: torch.distributed is not initialised (init_process_group first)")
+    return dist
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(t, DTensor)
+
+
+def _token_dim(t) -> int:
+    return 1 if t.dim() == 3 else 0
+
+
+def _shard_dim(t):
+    """The dim of a 1-D mesh DTensor's single Shard placement, else None."""
+    from torch.distributed.tensor import Shard
+    if t.device_mesh.ndim != 1 or len(t.placements) != 1 or not isinstance(t.placements[0], Shard):
+        return None
+    return t.placements[0].dim
+
+
+def _all_gather_ints(values, group):
+    dist = _dist()
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    t = torch.tensor(values, dtype=torch.int64, device=dev)
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, t, group=group)
+    return [tuple(int(v) for v in o.tolist()) for o in out]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the marker
+
+
+def sequence_parallel(hidden: torch.Tensor, group=None) -> torch.Tensor:
+    """Mark hidden states as this rank's shard of the tokens across ``group``; returns ``hidden`` itself.
+
+    Args:
+        hidden: this rank's ``(B, T_r, H)`` slice of padded rows (tokens ``[start_r, start_r + T_r)`` of every
+            row) or ``(N_r, H)`` slice of packed tokens; ranks hold consecutive slices in rank order.
+        group: the sequence / context-parallel process group (default: the world).
+
+    Pass labels sharded the same way (this rank's ``(B, T_r)`` / ``(N_r,)``) and, for packed input, the
+    *global* ``cu_seqlens`` (sequences may cross shard boundaries). Padded rows must be split into equal
+    slices; packed slices may differ in length when ``cu_seqlens`` (whose last entry is the total) says so.
+    Per-token outputs (:func:`dpo_fast.token_logprobs`) stay local; per-sequence results
+    (:func:`dpo_fast.sequence_logprobs`, every fused loss) are the global ones on every rank.
+
+    One all-gather of a few integers per rank checks the layout (ranks must agree on the batch and hidden
+    size). A DTensor with ``Shard(1)`` (padded) / ``Shard(0)`` (packed) on a 1-D mesh needs no marker.
+
+    Raises:
+        DistributedHeadError: ranks whose shards disagree (batch rows, hidden size, layout), unequal padded
+            slices, a group that is not a DTensor hidden's mesh group.
+    """
+    dist = _dist()
+    if _is_dtensor(hidden):
+        mesh = hidden.device_mesh
+        if _shard_dim(hidden) != _token_dim(hidden):
+            raise DistributedHeadError(
+                f"hidden: expected a DTensor sharded over tokens (Shard({_token_dim(hidden)}) on a 1-D mesh), got "
+                f"placements {tuple(hidden.placements)} on a {mesh.ndim}-D mesh")
+        if group is not None and group != mesh.get_group():
+            raise DistributedHeadError(
+                "group: does not match the hidden states' device mesh; pass group=None or the mesh's group")
+        setattr(hidden, _SEQ_MARK, True)
+        return hidden
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() not in (2, 3):
+        raise DistributedHeadError(f"hidden: expected this rank's (B, T_r, H) or (N_r, H) shard, got "
+                                   f"{type(hidden).__name__} {tuple(getattr(hidden, 'shape', ()))}")
+    if group is None:
+        group = dist.group.WORLD
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    d = _token_dim(hidden)
+    lead = hidden.shape[0] if d == 1 else -1
+    n = int(hidden.shape[d])
+    layout = _all_gather_ints([hidden.dim(), lead, int(hidden.shape[-1]), n], group)
+    if any(x[:3] != layout[0][:3] for x in layout):
+        raise DistributedHeadError(
+            "hidden: sharded differently across the group: (dims, batch rows, hidden size, tokens) per rank "
+            f"{layout}; every rank must hold the same rows and a slice of their tokens")
+    lens = [x[3] for x in layout]
+    if d == 1 and any(x != lens[0] for x in lens):
+        raise DistributedHeadError(
+            f"hidden: unequal token shards of padded rows (tokens per rank {lens}); split T equally (pad it to a "
+            "multiple of the group size), or pack the tokens and pass the global cu_seqlens")
+    setattr(hidden, _SEQ_MARK, SeqShard(group, rank, world, d, sum(lens[:rank]), n, sum(lens)))
+    return hidden
+
+
+def is_token_sharded(hidden) -> bool:
+    """Whether ``hidden`` is marked with :func:`sequence_parallel` or is a DTensor sharded over its tokens."""
+    if hidden is None:
+        return False
+    if getattr(hidden, _SEQ_MARK, None) is not None:
+        return True
+    return _is_dtensor(hidden) and hidden.dim() in (2, 3) and _shard_dim(hidden) == _token_dim(hidden)
+
+
+def _dtensor_seq(hidden) -> SeqShard:
+    mesh = hidden.device_mesh
+    d = _token_dim(hidden)
+    total, world, rank = int(hidden.shape[d]), mesh.size(), mesh.get_local_rank()
+    chunk = -(-total // world)  # torch.chunk's split, which Shard uses
+    start = min(total, rank * chunk)
+    return SeqShard(mesh.get_group(), rank, world, d, start, int(hidden.to_local().shape[d]), total)
+
+
+def _local(t, name: str, seq: SeqShard, mesh, want_shape):
+    """A per-token argument (labels, ref_hidden) -> this rank's shard, checked against the hidden states'."""
+    if t is None:
+        return None
+    if _is_dtensor(t):
+        if mesh is None or t.device_mesh != mesh or _shard_dim(t) != seq.dim:
+            raise DistributedHeadError(
+                f"{name}: sharded differently from hidden ({tuple(t.placements)} on {t.device_mesh}); shard it "
+                f"over tokens like hidden (Shard({seq.dim}) on the same mesh), or pass this rank's local slice")
+        t = t.to_local()
+    elif getattr(t, _SEQ_MARK, None) is not None and isinstance(getattr(t, _SEQ_MARK), SeqShard):
+        other = getattr(t, _SEQ_MARK)
+        if other.group != seq.group or other.start != seq.start or other.local_len != seq.local_len:
+            raise DistributedHeadError(f"{name}: marked with another group or token range than hidden")
+    if want_shape is not None and tuple(t.shape[:len(want_shape)]) != tuple(want_shape):
+        raise DistributedHeadError(
+            f"{name}: expected this rank's shard of the tokens, shape {tuple(want_shape)} like the local hidden "
+            f"states, got {tuple(t.shape)} (shard it over tokens the same way as hidden)")
+    return t
+
+
+def localize(arg: dict, hn: str, *, labels: str | None = "labels", cu: str | None = "cu_seqlens",
+             like: SeqShard | None = None) -> SeqShard:
+    """Turn the token-sharded hidden ``arg[hn]`` (and ``arg[labels]``, global ``arg[cu]``) into local tensors.
+
+    Rewrites ``arg`` in place: local hidden, local labels, ``cu_seqlens`` in local coordinates (clamped to this
+    rank's tokens: sequences outside them become empty, a crossing one keeps its local part). ``like``: the
+    shard of the call's first hidden (a second hidden, e.g. ``ref_hidden``, must be sharded the same way).
+    Returns this rank's :class:`SeqShard`.
+    """
+    h = arg[hn]
+    mesh = None
+    if _is_dtensor(h):
+        seq = _dtensor_seq(h)
+        mesh = h.device_mesh
+        h = h.to_local()
+    else:
+        seq = getattr(h, _SEQ_MARK)
+    if like is not None and (seq.group != like.group or seq.start != like.start or seq.local_len != like.local_len
+                             or seq.dim != like.dim):
+        raise DistributedHeadError(f"{hn}: sharded over tokens differently from hidden (group or token range)")
+    arg[hn] = h
+    if labels is not None and labels in arg:
+        arg[labels] = _local(arg[labels], labels, seq, mesh, tuple(h.shape[:-1]))
+    if cu is not None and arg.get(cu) is not None:
+        if seq.dim != 0:
+            raise DistributedHeadError(f"{cu}: given with padded (B, T, H) hidden states; pack them as (N, H)")
+        from ..engine.checks import as_cu_seqlens
+        c = as_cu_seqlens(arg[cu], h.device)
+        end = int(c[-1])  # one small readback (the global boundaries are checked against the shards here)
+        if end != seq.total_len:
+            raise DistributedHeadError(
+                f"{cu}: ends at {end}, but the token shards hold {seq.total_len} tokens in all (this rank: "
+                f"[{seq.start}, {seq.start + seq.local_len})); with sequence-sharded hidden states cu_seqlens is in "
+                "global coordinates and must cover every rank's tokens")
+        arg[cu] = (c.to(torch.int64) - seq.start).clamp(0, seq.local_len)
+    return seq
+
+
+def check_head(head: Head, seq: SeqShard) -> None:
+    """A vocabulary split must run over another group than the token split (2-D: sequence x vocabulary)."""
+    if head.shard is not None and head.shard.group == seq.group and seq.world > 1:
+        raise DistributedHeadError(
+            "weight: split over the vocabulary on the same process group as the hidden states' tokens; with "
+            "sequence x vocabulary parallelism the two groups must be different (orthogonal) groups")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the reductions
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Forward: the SUM of ``t`` over ``group`` (in float64). Backward: the identity (each rank's loss is the
+    replicated global loss; its gradient w.r.t. this rank's partial sums is the gradient w.r.t. the sums)."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        import torch.distributed as dist
+        out = t.detach().to(torch.float64).clone()
+        dist.all_reduce(out, group=group)
+        return out.to(t.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+def reduce_sums(seq: SeqShard | None, sums: torch.Tensor) -> torch.Tensor:
+    """Per-sequence partial sums -> the global ones (one all-reduce of S values); ``sums`` itself if ``seq`` is None."""
+    return sums if seq is None else _AllReduceSum.apply(sums, seq.group)
+
+
+def reduce_sums_counts(seq: SeqShard | None, sums: torch.Tensor, counts: torch.Tensor | None):
+    """(sums, counts) global in one all-reduce of 2S values (counts may be None: S values)."""
+    if seq is None:
+        return sums, counts
+    if counts is None:
+        return reduce_sums(seq, sums), None
+    S = sums.shape[0]
+    both = reduce_sums(seq, torch.cat([sums, counts.detach().to(sums.dtype)]))
+    return both[:S], both[S:].detach()
+
+
+@dataclasses.dataclass
+class SeqScored(Scored):
+    """A :class:`dpo_fast.engine.Scored` of this rank's tokens whose ``counts()`` are the global ones."""
+
+    shard: SeqShard | None = None
+
+    def counts(self) -> torch.Tensor:
+        if self._counts is None:
+            self._counts = reduce_sums(self.shard, super().counts().to(torch.float64)).to(torch.float32)
+        return self._counts
+
+
+def seq_scored(sc: Scored, seq: SeqShard) -> SeqScored:
+    return SeqScored(**{f.name: getattr(sc, f.name) for f in dataclasses.fields(Scored)}, shard=seq)
+
+
+_VALUES_CLS: dict = {}
+
+
+def _values_cls(base):
+    """A subclass of the fused route's ``Values`` (``base``; not imported here: distributed sits below fused)
+    whose per-sequence sums and means are the global ones."""
+    cls = _VALUES_CLS.get(base)
+    if cls is None:
+        from ..engine import segment_counts, segment_sum
+
+        def unit_sums(self, per_token=None, token_weights=None):
+            v = self.logp if per_token is None else per_token
+            if token_weights is not None:
+                v = v * token_weights.index_select(0, self.tok)
+            return reduce_sums(self.shard, segment_sum(v, self.seg, self.num_segs))[self.slots]
+
+        def unit_means(self, per_token):
+            cnt = segment_counts(self.seg, self.num_segs)
+            s, c = reduce_sums_counts(self.shard, segment_sum(per_token, self.seg, self.num_segs), cnt)
+            return (s / c.to(s.dtype).clamp_min(1.0))[self.slots]
+
+        cls = type("SeqValues", (base,), {"unit_sums": unit_sums, "unit_means": unit_means,
+                                          "__doc__": "Values with global per-sequence sums (sequence parallel)."})
+        _VALUES_CLS[base] = cls
+    return cls
+
+
+def seq_values(values, seq: SeqShard):
+    """The batch's ``Values`` (:class:`dpo_fast.fused.plan.Values`) whose :meth:`unit_sums` / :meth:`unit_means`
+    are all-reduced over the sequence group (one collective of S (or 2S) values each)."""
+    out = _values_cls(type(values))(**{f.name: getattr(values, f.name) for f in dataclasses.fields(values)})
+    out.shard = seq
+    return out
+
+
+def check_task(task, token_metrics: bool) -> None:
+    """Losses whose inputs are more than per-sequence sums of this rank's tokens are refused (clear error)."""
+    if token_metrics:
+        raise DistributedHeadError(
+            "token_metrics: not supported on sequence-sharded hidden states yet (its token sums are per rank); "
+            "construct the module with token_metrics=False")
+    if getattr(task, "token_weights", None) is not None:
+        raise DistributedHeadError(
+            "ld_alpha: LD-DPO weights a token by its position in its sequence, which a token shard does not know; "
+            "not supported on sequence-sharded hidden states yet")
+    if hasattr(task, "per_token") and hasattr(task, "coef"):
+        raise DistributedHeadError(
+            "GRPOLoss: not supported on sequence-sharded hidden states yet (its token-level aggregation needs the "
+            "global (S, T) layout); compute per-token log-probs with dpo_fast.token_logprobs on the shard "
+            "(local, differentiable) and reduce your loss's per-sequence sums over the group")
