@@ -14,6 +14,13 @@ What the head may be (anything else raises :class:`UnsupportedHeadError` instead
 * inside a PEFT (LoRA-family) model: adapters in the decoder train as usual; the frozen head costs no dW
   GEMM. An adapter *on* the head cannot be fused (the engine reads ``weight`` directly) and raises;
   prompt-learning PEFT methods (prefix/prompt tuning) change the forward and raise too.
+* the language model of a vision-language model (``*ForConditionalGeneration``: Qwen2-VL / Qwen2.5-VL,
+  LLaVA-style, Gemma-3, ...) in the transformers 5 layout: ``lm_head`` on the outer model, the decoder body
+  (``model``: vision tower, projector and the nested ``language_model``) returning the language model's last
+  hidden states. Image tokens are inputs of the body, never scored. The scalings are read from the text config
+  (``config.get_text_config()``) only for the classes whose forward applies them (:data:`VLM_HEAD_TRANSFORMS`);
+  a VLM class not in that table whose text config sets a scaling raises, and so does any layout where the
+  head is not the outer model's own module (e.g. a nested causal LM carrying its own head).
 
 How the decoder runs. :func:`call_with_hidden_states` installs (once) a thin wrapper around the model's
 ``forward`` that, only when called with the keyword ``dpo_fast_fn``, runs the decoder body and hands its
@@ -54,6 +61,7 @@ __all__ = [
     "hidden_states_from_model",
     "sequence_logprobs_from_model",
     "check_output_head",
+    "VLM_HEAD_TRANSFORMS",
 ]
 
 _PATCH_FLAG = "_dpo_fast_forward_installed"
@@ -163,6 +171,53 @@ def _text_config(hf_model):
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 
+#: The head scalings (text-config attributes) that a vision-language model's own ``forward`` applies to its
+#: logits, per class, as read in the transformers 5.25 sources. A multimodal model whose text config sets a
+#: scaling (a softcap, a logit scale other than 1) must be listed here: its ``forward`` may apply the text
+#: model's scaling or not (Gemma-3's ``Gemma3ForConditionalGeneration`` does not apply
+#: ``final_logit_softcapping``, unlike ``Gemma3ForCausalLM``). Classes whose text config sets none need no row.
+VLM_HEAD_TRANSFORMS: dict[str, frozenset[str]] = {
+    "Gemma3ForConditionalGeneration": frozenset(),
+    "Gemma3nForConditionalGeneration": frozenset({"final_logit_softcapping"}),
+    "PaliGemmaForConditionalGeneration": frozenset({"final_logit_softcapping"}),
+    "AyaVisionForConditionalGeneration": frozenset({"logit_scale"}),
+    "Granite4VisionForConditionalGeneration": frozenset({"logits_scaling"}),
+    "LlavaForConditionalGeneration": frozenset(),
+    "LlavaNextForConditionalGeneration": frozenset(),
+    "LlavaOnevisionForConditionalGeneration": frozenset(),
+    "Qwen2VLForConditionalGeneration": frozenset(),
+    "Qwen2_5_VLForConditionalGeneration": frozenset(),
+}
+_SCALINGS = ("final_logit_softcapping", "logit_scale", "lm_head_multiplier", "logits_scaling")
+
+
+def _head_config(hf) -> dict[str, Any]:
+    """The head scalings (attribute -> value) ``hf``'s forward applies: the text config's, filtered for a VLM."""
+    cfg = _text_config(hf)
+    found = {a: getattr(cfg, a, None) for a in _SCALINGS}
+    found = {a: v for a, v in found.items() if v is not None and not (a != "final_logit_softcapping" and v == 1)}
+    if cfg is hf.config or not found:
+        return found
+    applied = VLM_HEAD_TRANSFORMS.get(type(hf).__name__)
+    if applied is None:
+        raise UnsupportedHeadError(
+            f"model: {type(hf).__name__} is a multimodal model whose text config sets {sorted(found)}; dpo_fast does "
+            "not know whether its forward applies them to the logits (dpo_fast.hf.VLM_HEAD_TRANSFORMS lists the "
+            "classes it knows). Compute log-probs from the model's logits with dpo_fast.logprobs_from_logits "
+            "instead, or add the class to VLM_HEAD_TRANSFORMS after checking with dpo_fast.hf.check_output_head.")
+    return {a: v for a, v in found.items() if a in applied}
+
+
+def _check_layout(hf, head: nn.Module) -> None:
+    """The head must be the outer model's own module, applied to what the decoder body returns."""
+    if not any(c is head for c in hf.children()):
+        raise UnsupportedHeadError(
+            f"model: {type(hf).__name__}'s output head is not one of its own modules (it sits in a nested model, "
+            "e.g. a language_model that is itself a causal LM with its head); dpo_fast knows the layout where the "
+            "outer model holds lm_head and its decoder body (base_model_prefix) returns the last hidden states. "
+            "Compute log-probs from the model's logits with dpo_fast.logprobs_from_logits instead.")
+
+
 def output_head(model: nn.Module) -> OutputHead:
     """The model's output head as (weight, bias, temperature, softcap); raises if it cannot be fused.
 
@@ -171,12 +226,15 @@ def output_head(model: nn.Module) -> OutputHead:
 
     Raises:
         UnsupportedHeadError: adapter on the head, a head that is not a plain linear layer, a quantized
-            head, or a non-positive logit scale.
+            head, a non-positive logit scale, a head that is not the outer model's own module (a layout dpo_fast
+            does not know; the message names the model class), or a multimodal class outside
+            :data:`VLM_HEAD_TRANSFORMS` whose text config sets a logit scaling.
     """
     _, hf = unwrap_model(model)
     head = hf.get_output_embeddings()
     if head is None:
         raise UnsupportedHeadError(f"model: {type(hf).__name__} has no output embeddings (not a causal LM head)")
+    _check_layout(hf, head)
     _, BaseTunerLayer = _peft_types()
     if BaseTunerLayer is not None and isinstance(head, BaseTunerLayer):
         raise UnsupportedHeadError(
@@ -194,16 +252,16 @@ def output_head(model: nn.Module) -> OutputHead:
         raise UnsupportedHeadError(
             f"model: the output head's weight is {type(w).__name__} {getattr(w, 'dtype', '')} (quantized?); "
             "the fused engine needs a floating (V, H) weight")
-    cfg = _text_config(hf)
-    softcap = getattr(cfg, "final_logit_softcapping", None)
+    cfg = _head_config(hf)
+    softcap = cfg.get("final_logit_softcapping")
     scale, how = 1.0, "multiply"
     for attr in ("logit_scale", "lm_head_multiplier"):
-        v = getattr(cfg, attr, None)
+        v = cfg.get(attr)
         if v is not None:
             scale = float(v)
             break
     else:
-        v = getattr(cfg, "logits_scaling", None)
+        v = cfg.get("logits_scaling")
         if v is not None:
             scale, how = float(v), "divide"
     if not (math.isfinite(scale) and scale > 0):
@@ -283,7 +341,10 @@ def call_with_hidden_states(model: nn.Module, fn: Callable[[torch.Tensor, Output
         cu_seqlens: (S+1,) boundaries of the sequences in the flattened rows (packed batches): an integer
             tensor, or a list / numpy array of ints; 0 = cu[0] <= ... <= cu[S] = input_ids.numel().
         max_seqlen: longest sequence, for flash-attention varlen (computed when omitted).
-        **model_kwargs: passed to the decoder (e.g. ``pixel_values`` is *not* supported: text only).
+        **model_kwargs: passed to the decoder body as they are: a vision-language model's inputs
+            (``pixel_values``, ``image_grid_thw``, ``mm_token_type_ids``, ``image_sizes``, ``token_type_ids``,
+            ...) go to its ``model`` (vision tower, projector, language model), which returns the language model's
+            last hidden states; image-token positions are inputs, score them only if your labels do.
 
     Returns:
         Whatever ``fn`` returns.

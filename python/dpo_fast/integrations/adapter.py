@@ -24,7 +24,7 @@ from ..hf import call_with_hidden_states, install_fused_forward, output_head
 from ._trainer_common import check_trl_version
 
 __all__ = ["TrainerAdapter", "Option", "Kwarg", "patch_instance", "vision_option", "moe_aux_option",
-           "SOFTCAP_OPTION", "ENCODER_DECODER_OPTION"]
+           "SOFTCAP_OPTION", "ENCODER_DECODER_OPTION", "VLM_HEAD_OPTION"]
 
 ACTIONS = ("error", "two_pass", "trl")
 #: what each fallback route does, for the warning
@@ -67,7 +67,8 @@ class Kwarg:
 
 # ------------------------------------------------------------------------------------------------ shared rows
 def vision_option(*attrs: str) -> Option:
-    """Error row: a vision dataset / vision-language model (TRL's ``_is_vision_dataset`` / ``_is_vlm`` flags)."""
+    """Error row: a vision dataset / vision-language model (TRL's ``_is_vision_dataset`` / ``_is_vlm`` flags), for
+    a trainer not tested with them (FastRLOOTrainer). DPO, GRPO and KTO pass a VLM's inputs to its forward."""
     return Option("vision", lambda t: any(getattr(t, a, False) for a in attrs), "error",
                   "{who}: vision-language models/datasets are not supported; use {stock}")
 
@@ -83,6 +84,36 @@ SOFTCAP_OPTION = Option(
     "final_logit_softcapping", lambda t: output_head(t.model).softcap is not None, "error",
     "{who}: soft-capped output heads (final_logit_softcapping) are not supported: TRL's logged logits/* metric "
     "(the mean logit) then needs every logit; use {stock}")
+
+def _trl_head_differs(t) -> bool:
+    """TRL's fused LM head scales the logits by the *text* config (``final_logit_softcapping``, ``logit_scale`` ...)
+    whatever the class; some VLM classes' forward does not (Gemma3ForConditionalGeneration ignores the softcap).
+    True when TRL's head and the model's own (:func:`dpo_fast.hf.output_head`) differ."""
+    from ..hf import _text_config, unwrap_model
+
+    _, hf = unwrap_model(t.model)
+    cfg = _text_config(hf)
+    if cfg is hf.config:
+        return False
+    head = output_head(hf)
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    scale = next((getattr(cfg, a) for a in ("logit_scale", "output_multiplier", "lm_head_multiplier")
+                  if getattr(cfg, a, None) is not None), None)
+    if scale is None and getattr(cfg, "logits_scaling", None) is not None:
+        scale = cfg.logits_scaling if cfg.model_type == "hyperclovax" else 1 / cfg.logits_scaling
+    trl_temperature = 1.0 if scale is None else 1.0 / float(scale)
+    return (softcap is None) != (head.softcap is None) or abs(trl_temperature - head.temperature) > 1e-12 * abs(
+        head.temperature)
+
+
+#: Error row: a vision-language model whose forward does not scale its logits as TRL's fused head does (TRL reads
+#: the text config's softcap / logit scale for every class): matching TRL would mean training on logits the model
+#: never produces, matching the model would silently differ from TRL.
+VLM_HEAD_OPTION = Option(
+    "text_config logit scaling", _trl_head_differs, "error",
+    "{who}: {t.model.__class__.__name__}'s forward does not apply its text config's logit scaling "
+    "(final_logit_softcapping / logit scale) but TRL's fused LM head does; the two give different log-probs. Unset "
+    "the scaling in the text config (it has no effect on the model's own logits) or use {stock}")
 
 #: Error row: encoder-decoder models (the integrations run decoder-only models).
 ENCODER_DECODER_OPTION = Option("is_encoder_decoder", lambda t: bool(getattr(t, "is_encoder_decoder", False)),

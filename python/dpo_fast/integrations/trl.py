@@ -21,9 +21,16 @@ Everything else is TRL's: datasets, collator, config options (``beta``, ``loss_t
 
 Supported TRL releases: :data:`SUPPORTED_TRL` (tested in this repository's tests). Others raise
 :class:`UnsupportedTRLVersion` — the hooks used here (``_compute_loss``, ``compute_ref_log_probs``, the
-``_metrics`` store) are private TRL API. Not supported (clear errors): vision-language datasets, MoE
-router aux loss (``router_aux_loss_coef`` != 0 on MoE models), prompt-learning PEFT, a PEFT adapter on
-``lm_head``. The options table is ``_FastDPOMixin._dpo_fast_options`` (:mod:`dpo_fast.integrations.adapter`).
+``_metrics`` store) are private TRL API.
+
+Vision-language models (a processor as ``processing_class``: Qwen2-VL / Qwen2.5-VL, LLaVA-style, Gemma-3 ...):
+every model input TRL's vision collator produces (``pixel_values``, ``image_grid_thw``, ``mm_token_type_ids``,
+``image_sizes``, ``token_type_ids`` ...) goes to the model's forward, policy and reference alike; the language
+model's last hidden states go to the engine (image tokens are never scored: they are prompt tokens).
+
+Not supported (clear errors): ``padding_free=True`` with a vision-language model (packing would have to carry
+the image tokens and the model's own position ids, e.g. Qwen2-VL's 3-D M-RoPE positions), MoE router aux loss
+(``router_aux_loss_coef`` != 0 on MoE models), prompt-learning PEFT, a PEFT adapter on ``lm_head``. The options table is ``_FastDPOMixin._dpo_fast_options`` (:mod:`dpo_fast.integrations.adapter`).
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from ..hf import call_with_hidden_states
 from ..losses.registry import TRL_SMOOTHED
 from ..packing import shifted_labels
 from ._trainer_common import SUPPORTED_TRL, UnsupportedTRLVersion, check_trl_version
-from .adapter import Kwarg, Option, TrainerAdapter, moe_aux_option, patch_instance, vision_option
+from .adapter import VLM_HEAD_OPTION, Kwarg, Option, TrainerAdapter, moe_aux_option, patch_instance
 from .padding_free import PaddingFreePreferenceCollator, check_packed_attention, token_budget_sampler
 
 try:
@@ -97,8 +104,8 @@ class _FastDPOMixin(TrainerAdapter):
     _dpo_fast_kwargs = (Kwarg("token_metrics", True, "bool"), Kwarg("token_budget", None, "int | None"),
                         Kwarg("packed_row_tokens", None, "int | str | None"))
     _dpo_fast_options = (
-        vision_option("_is_vision_dataset", "_is_vlm"),
         moe_aux_option(),
+        VLM_HEAD_OPTION,
         Option("label_smoothing", lambda t: bool(float(t.label_smoothing) and "sigmoid" in t.loss_types
                                                   and _smoothed(t)), "error",
                "{who}: TRL applies label_smoothing to {t._dpo_fast_smoothed} but not to 'sigmoid'; dpo_fast has one "
@@ -170,6 +177,11 @@ class _FastDPOMixin(TrainerAdapter):
         """Replace TRL's padded collator with the packed one (same truncation); check the attention once."""
         if isinstance(self.data_collator, PaddingFreePreferenceCollator):
             return
+        if getattr(self, "_is_vlm", False):
+            raise NotImplementedError(
+                f"{type(self).__name__}: padding_free=True is not supported with a vision-language model: packing "
+                "would have to carry the image tokens and the model's own position ids (e.g. Qwen2-VL's 3-D M-RoPE "
+                "positions) into the packed rows. Set padding_free=False (padded batches are supported).")
         from trl.trainer.dpo_trainer import DataCollatorForPreference
 
         dc = self.data_collator
@@ -280,8 +292,8 @@ class _FastDPOMixin(TrainerAdapter):
             loss = loss * (out.losses.shape[0] * self.accelerator.num_processes / n_step)
         if return_outputs:  # deprecated in TRL too: logits for compute_metrics need a plain forward
             with torch.no_grad():
-                outputs = model(input_ids=input_ids, attention_mask=fwd.get("attention_mask"),
-                                position_ids=fwd.get("position_ids"), use_cache=False)
+                plain = {k: v for k, v in fwd.items() if k not in ("cu_seqlens", "max_seqlen")}
+                outputs = model(input_ids=input_ids, **plain, use_cache=False)
             return loss, outputs
         return loss
 
@@ -342,6 +354,7 @@ class FastDPOTrainer(_FastDPOMixin, DPOTrainer):
         UnsupportedTRLVersion: the installed TRL is outside :data:`SUPPORTED_TRL`.
         ValueError: padding_free with a custom ``data_collator`` or an attention implementation that cannot keep
             packed sequences apart; ``token_budget`` without ``padding_free`` or below ``2 * max_length``.
+        NotImplementedError: ``padding_free=True`` with a vision-language model (padded batches are supported).
     """
 
 

@@ -48,7 +48,10 @@ or importance-sampling level TRL does not have raises ``ValueError`` at construc
 not compute): old/reference log-probs through the no-grad forward, the policy's through the engine (route
 ``"two_pass"``), TRL's RLOO loss and metrics on them.
 
-Not supported (clear errors): vision-language models, the MoE router aux loss, ``cast_lm_head_to_fp32``.
+Vision-language models (GRPO): TRL's vision inputs (``pixel_values``, ``image_grid_thw``, ``num_images``,
+``mm_token_type_ids`` ...) go to the model's forward, sliced per chunk as TRL slices them; the language model's
+last hidden states go to the engine. Not supported (clear errors): vision-language models in ``FastRLOOTrainer``,
+the MoE router aux loss, ``cast_lm_head_to_fp32``.
 Supported TRL releases: :data:`SUPPORTED_TRL`.
 """
 
@@ -62,8 +65,8 @@ from ..losses import policy_gradient as PG
 from ..losses.registry import GRPO_LOSS_TYPES, IS_LEVELS, TRL_GRPO_LOSS_TYPES
 from ..logprobs import token_logprobs_and_entropy
 from ._trainer_common import (SUPPORTED_TRL, UnsupportedTRLVersion, check_trl_version, no_grad_token_logprobs,
-                              reduced_mean, reject_multimodal)
-from .adapter import Option, TrainerAdapter, moe_aux_option, patch_instance, vision_option
+                              reduced_mean, vision_inputs)
+from .adapter import VLM_HEAD_OPTION, Option, TrainerAdapter, moe_aux_option, patch_instance, vision_option
 
 try:
     from trl import GRPOTrainer, RLOOTrainer
@@ -84,8 +87,8 @@ _MODALITY_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spa
 
 # options neither GRPO nor RLOO supports
 _COMMON_OPTIONS = (
-    vision_option("_is_vlm"),
     moe_aux_option(),
+    VLM_HEAD_OPTION,
     Option("cast_lm_head_to_fp32", lambda t: bool(getattr(t.args, "cast_lm_head_to_fp32", False)), "error",
            "{who}: cast_lm_head_to_fp32=True is not supported (dpo_fast already accumulates the head in float32); "
            "unset it or use {stock}"),
@@ -110,15 +113,15 @@ class _HiddenStateLogpsMixin(TrainerAdapter):
                                            compute_entropy=False, compute_aux_loss=False, **modality):
         grad = torch.is_grad_enabled()
         trl_loss = getattr(self, "_dpo_fast_fallback_route", None) == "trl"
-        if compute_aux_loss or any(v is not None for v in modality.values()) or (grad and trl_loss):
-            # multimodal inputs, or TRL's own loss with the entropy bonus (entropy needs its gradient): TRL's head
+        if compute_aux_loss or (grad and trl_loss):
+            # TRL's own loss with the entropy bonus (entropy needs its gradient), or the MoE aux loss: TRL's head
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
                 compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **modality)
         if not grad:
             logps = no_grad_token_logprobs(model, input_ids, attention_mask, logits_to_keep,
                                            temperature=self.temperature, batch_size=batch_size,
-                                           autocast=self.accelerator.autocast)
+                                           autocast=self.accelerator.autocast, **modality)
             return logps, None, None
         # two-pass route: the policy's log-probs (differentiable) and entropies (no gradient) from one engine pass,
         # then TRL's own loss formula on them
@@ -130,7 +133,8 @@ class _HiddenStateLogpsMixin(TrainerAdapter):
             return token_logprobs_and_entropy(h, w, labels.to(h.device), bias=b, **head.engine_kwargs(self.temperature))
 
         with self.accelerator.autocast():
-            logps, ent = call_with_hidden_states(model, fn, input_ids, attention_mask=attention_mask)
+            logps, ent = call_with_hidden_states(model, fn, input_ids, attention_mask=attention_mask,
+                                                 **vision_inputs(modality, 0, len(input_ids), len(input_ids)))
         return logps, (ent if compute_entropy else None), None
 
 
@@ -178,11 +182,12 @@ class _FastGRPOMixin(_HiddenStateLogpsMixin):
         if self.dpo_fast_fallback_reasons or inputs["advantages"].dim() != 1:
             self._dpo_fast_record(self._dpo_fast_fallback_route or "two_pass")
             return super()._compute_loss(model, inputs)
-        reject_multimodal(type(self).__name__, inputs, _MODALITY_KEYS)
         mode = self._dpo_fast_mode()
         prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        # a vision-language model's inputs (pixel values, grid sizes, token types), passed to its forward as TRL does
+        vision = vision_inputs({k: inputs.get(k) for k in _MODALITY_KEYS}, 0, len(input_ids), len(input_ids))
         mask = inputs["completion_mask"]
         if "tool_mask" in inputs:
             mask = mask * inputs["tool_mask"]
@@ -206,7 +211,7 @@ class _FastGRPOMixin(_HiddenStateLogpsMixin):
             coef = 0.0 if adaptive else float(self.entropy_coef)
             coef = coef / accum if item_normalised else coef  # TRL scales the bonus for accumulation only
         out, _ = self._dpo_fast_fused(model, input_ids, labels, advantages, old, ref,
-                                      forward=dict(attention_mask=attention_mask),
+                                      forward=dict(attention_mask=attention_mask, **vision),
                                       rows=lambda hidden: hidden[:, -C - 1:-1], num_items_in_batch=n_items,
                                       sampling_logps=sampling, entropy_coef=coef)
         loss = out.loss if item_normalised else out.loss / accum
@@ -265,7 +270,8 @@ class _FastRLOOMixin(_HiddenStateLogpsMixin):
 
     _dpo_fast_trl_class = RLOOTrainer
     _dpo_fast_stock = "trl.RLOOTrainer"
-    _dpo_fast_options = _COMMON_OPTIONS
+    # RLOO on a vision-language model is not tested here: refused
+    _dpo_fast_options = (vision_option("_is_vlm"),) + _COMMON_OPTIONS
 
     def _dpo_fast_setup(self) -> None:
         self._dpo_fast_record("two_pass")  # always: TRL's RLOO loss on the engine's log-probs

@@ -21,8 +21,10 @@ for it), which is what ``KTOLoss`` gets.
 Metrics, under TRL's names and definitions: ``kl``, ``entropy``, ``num_tokens``, ``logits/chosen``,
 ``logits/rejected`` (mean over the completion tokens of the vocabulary-mean logit: a GEMV with the head's
 mean row, exact for a linear head), ``rewards/*``, ``logps/*`` (``logps`` = rewards / beta + reference),
-``rewards/margins``. Not supported (clear errors): vision datasets, the MoE router aux loss, soft-capped heads
-(the mean logit does not commute with the cap), prompt-learning PEFT. Supported TRL: :data:`SUPPORTED_TRL`.
+``rewards/margins``. Vision-language models: every model input TRL passes (``pixel_values``,
+``image_grid_thw``, ``mm_token_type_ids`` ..., the KL pass with TRL's ``KL_*token_type_ids``) goes to the model's
+forward in every pass. Not supported (clear errors): the MoE router aux loss, soft-capped heads (the mean logit
+does not commute with the cap), prompt-learning PEFT. Supported TRL: :data:`SUPPORTED_TRL`.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from ..hf import call_with_hidden_states
 from ..losses.registry import TRL_KTO_LOSS_TYPES
 from ..packing import shifted_labels
 from ._trainer_common import SUPPORTED_TRL, UnsupportedTRLVersion, check_trl_version  # noqa: F401 (re-export)
-from .adapter import SOFTCAP_OPTION, Option, TrainerAdapter, moe_aux_option, patch_instance, vision_option
+from .adapter import SOFTCAP_OPTION, VLM_HEAD_OPTION, Option, TrainerAdapter, moe_aux_option, patch_instance
 
 try:
     from trl import KTOTrainer
@@ -43,14 +45,31 @@ except ImportError as e:  # pragma: no cover - exercised only without trl
 __all__ = ["FastKTOTrainer", "patch_kto_trainer", "SUPPORTED_TRL", "UnsupportedTRLVersion"]
 
 
+#: batch keys TRL's KTOTrainer does not pass to the model (input_ids / attention_mask are passed by name)
+_NOT_MODEL_INPUTS = frozenset({"input_ids", "attention_mask", "completion_mask", "KL_input_ids", "KL_attention_mask",
+                               "KL_completion_mask", "KL_token_type_ids", "KL_mm_token_type_ids", "label", "ref_logps",
+                               "ref_KL_logps"})
+
+
+def _model_inputs(batch, kl: bool = False) -> dict:
+    """The batch's further model inputs (a VLM's pixel values, grid sizes, token types), as TRL passes them; for
+    the KL pass the token types are TRL's ``KL_*`` ones (the KL rows are laid out differently)."""
+    out = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
+    if kl:
+        for k in ("token_type_ids", "mm_token_type_ids"):
+            if f"KL_{k}" in batch:
+                out[k] = batch[f"KL_{k}"]
+    return out
+
+
 class _FastKTOMixin(TrainerAdapter):
     """The methods FastKTOTrainer overrides; mixed into a KTOTrainer (sub)class."""
 
     _dpo_fast_trl_class = KTOTrainer
     _dpo_fast_stock = "trl.KTOTrainer"
     _dpo_fast_options = (
-        vision_option("_is_vision_dataset"),
         moe_aux_option(),
+        VLM_HEAD_OPTION,
         Option("loss_type", lambda t: t.loss_type not in TRL_KTO_LOSS_TYPES, "error",
                "loss_type: {t.loss_type!r} is not a TRL KTO loss type; expected one of "
                + str(list(TRL_KTO_LOSS_TYPES)), ValueError),
@@ -65,7 +84,7 @@ class _FastKTOMixin(TrainerAdapter):
                        token_metrics=True)
 
     # ------------------------------------------------------------------------------------------------------
-    def _dpo_fast_seq_logps(self, model, ids, am, cm) -> torch.Tensor:
+    def _dpo_fast_seq_logps(self, model, ids, am, cm, **vision) -> torch.Tensor:
         """(B,) completion log-probs through the 1-GEMM no-grad forward."""
         from .. import sequence_logprobs
 
@@ -76,28 +95,28 @@ class _FastKTOMixin(TrainerAdapter):
             return sequence_logprobs(h, w, labels.to(h.device), bias=b, **head.engine_kwargs())
 
         with torch.no_grad(), self.accelerator.autocast():
-            return call_with_hidden_states(model, fn, ids, attention_mask=am)
+            return call_with_hidden_states(model, fn, ids, attention_mask=am, **vision)
 
     # TRL hook: the KL pass (policy or reference), no-grad
     def _compute_kl_logps(self, model, batch):
         if not self.calculate_KL:
             return None
         return self._dpo_fast_seq_logps(model, batch["KL_input_ids"], batch["KL_attention_mask"],
-                                        batch["KL_completion_mask"])
+                                        batch["KL_completion_mask"], **_model_inputs(batch, kl=True))
 
     # TRL hook: reference log-probs of one padded batch (precompute_ref_log_probs and evaluation)
     def compute_ref_log_probs(self, model, inputs):
         inputs = {k: (v.to(self.accelerator.device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
         with self._dpo_fast_reference(model) as run:  # TRL: the given model, adapter disabled for PEFT without ref
             logps = self._dpo_fast_seq_logps(run, inputs["input_ids"], inputs["attention_mask"],
-                                             inputs["completion_mask"])
+                                             inputs["completion_mask"], **_model_inputs(inputs))
             return logps, self._compute_kl_logps(run, inputs)
 
     def _dpo_fast_ref_logps(self, model, batch):
         """(reference log-probs, reference KL log-probs or None) of a training batch."""
         kl = self._compute_kl_logps(model, batch)
         return self._dpo_fast_seq_logps(model, batch["input_ids"], batch["attention_mask"],
-                                        batch["completion_mask"]), kl
+                                        batch["completion_mask"], **_model_inputs(batch)), kl
 
     # TRL hook: the loss and the metrics of one batch
     def _compute_loss(self, model, inputs, return_outputs):
@@ -122,12 +141,12 @@ class _FastKTOMixin(TrainerAdapter):
             return (hidden.detach().float() @ w_mean + b_mean) / head.temperature  # (B, T)
 
         out, zm = self._dpo_fast_fused(model, ids, labels, desirable, ref.float(), kl=kl.float(),
-                                       forward=dict(attention_mask=am), extra=zmean)
+                                       forward=dict(attention_mask=am, **_model_inputs(batch)), extra=zmean)
         self._dpo_fast_log_step(mode, batch, desirable, labels, ref, kl, out, zm)
         loss = out.loss
         if return_outputs:  # deprecated in TRL too: logits for compute_metrics need a plain forward
             with torch.no_grad():
-                outputs = model(input_ids=ids, attention_mask=am, use_cache=False)
+                outputs = model(input_ids=ids, attention_mask=am, **_model_inputs(batch), use_cache=False)
             return loss, outputs
         return loss
 
@@ -169,7 +188,7 @@ class FastKTOTrainer(_FastKTOMixin, KTOTrainer):
 
     Raises:
         UnsupportedTRLVersion: the installed TRL is outside :data:`SUPPORTED_TRL`.
-        NotImplementedError: vision datasets, MoE aux loss, soft-capped heads.
+        NotImplementedError: MoE aux loss, soft-capped heads.
     """
 
 
