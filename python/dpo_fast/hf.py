@@ -140,7 +140,8 @@ def unwrap_model(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     for _ in range(8):  # DDP(FSDP(...)), torch.compile(...) and the like nest a few levels at most
         compiled = m._modules.get("_orig_mod")  # torch.compile's OptimizedModule (forwards attributes to it)
         inner = compiled if isinstance(compiled, nn.Module) else getattr(m, "module", None)
-        if isinstance(inner, nn.Module) and (compiled is not None or not hasattr(m, "get_output_embeddings")):
+        # the class, not the instance: DeepSpeedEngine forwards unknown attributes to its module
+        if isinstance(inner, nn.Module) and (compiled is not None or not hasattr(type(m), "get_output_embeddings")):
             m = inner
         else:
             break
