@@ -180,9 +180,13 @@ def test_token_logprobs_and_entropy_vs_float64():
     ref_ent = torch.where(keep, -(logp.exp() * logp).sum(-1), 0.0)
     torch.testing.assert_close(lp.double(), ref_lp, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ent.double(), ref_ent, rtol=1e-5, atol=1e-5)
-    assert not ent.requires_grad
-    gh, gw = torch.autograd.grad(lp.sum(), (h, w))
-    rh, rw = torch.autograd.grad(ref_lp.sum(), (h, w))
+    assert ent.requires_grad  # since the entropy bonus is fused, the entropies carry a gradient too
+    gh, gw = torch.autograd.grad(lp.sum(), (h, w), retain_graph=True)
+    rh, rw = torch.autograd.grad(ref_lp.sum(), (h, w), retain_graph=True)
+    torch.testing.assert_close(gh, rh.float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gw, rw.float(), rtol=1e-4, atol=1e-5)
+    gh, gw = torch.autograd.grad((lp - 0.3 * ent).sum(), (h, w))
+    rh, rw = torch.autograd.grad((ref_lp - 0.3 * ref_ent).sum(), (h, w))
     torch.testing.assert_close(gh, rh.float(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(gw, rw.float(), rtol=1e-4, atol=1e-5)
 
