@@ -1,10 +1,10 @@
 """FastDPOTrainer beside stock ``trl.DPOTrainer`` on a tiny random vision-language model (CPU).
 
-The model and data are tests/test_vlm.py's: a tiny random Qwen2-VL (or LLaVA) built from the config transformers
+The model and data are tests/integrations/test_vlm.py's: a tiny random Qwen2-VL (or LLaVA) built from the config transformers
 ships (2 decoder layers, hidden 32, a 1-layer vision tower, 4-8 image patches per 28x28 / 28x56 image), a
 locally built processor, 8 preference rows with one image each, batch 4, fp32, a reference model. ``--vocab``
 pads the tokenizer's vocabulary with unused words so that the head is a real LM's size (default 32000, as in
-tests/test_trl.py's memory test); the decoder and vision tower stay tiny, so the numbers show the head's share.
+tests/integrations/test_trainer_dpo.py's memory test); the decoder and vision tower stay tiny, so the numbers show the head's share.
 
 Each trainer runs in a fresh process with one torch thread: peak = growth of the peak resident set (VmHWM,
 reset through ``/proc/self/clear_refs`` right before ``train()``); time = wall clock of ``train()`` over

@@ -27,7 +27,7 @@ temperature and bias, float16, exact logits, N*V > 2^31 (GPU only). Timings in p
 Liger's LigerFusedLinearDPOLoss, Cut-Cross-Entropy, sequence_logprobs, no-grad, DPOLoss, GRPOLoss; then
 qwen2.5-7b and gemma2-2b while the budget lasts.
 
-CPU dry run (tests/test_gpu_check.py): ``python benches/gpu_check.py --device cpu --quick --out DIR`` runs every
+CPU dry run (tests/cli/test_gpu_check.py): ``python benches/gpu_check.py --device cpu --quick --out DIR`` runs every
 code path at tiny shapes on the torch backend, plus small float32 Triton cases in the interpreter
 (TRITON_INTERPRET=1, set here before the kernels are imported).
 

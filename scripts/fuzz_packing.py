@@ -3,7 +3,7 @@
 Each case must either return the same arrays from Rust and the pure-Python reference, or raise the
 same exception type (ValueError/TypeError) from both -- the texts are each backend's own; anything else
 (another exception, a crash) fails the run. The test
-suite runs 10,000 small cases (tests/test_packing.py); this script runs more and larger ones.
+suite runs 10,000 small cases (tests/packing/test_packing.py); this script runs more and larger ones.
 
 Usage: python scripts/fuzz_packing.py [--cases 100000] [--seed 0]
 """

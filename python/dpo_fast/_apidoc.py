@@ -8,7 +8,7 @@ docs/API.md is hand-written prose around generated blocks. A block runs from ``<
 (``__all__``) of its modules — functions with their ``inspect.signature``, classes with their constructor and
 their own public methods (``forward`` for modules), constants with their value — each under the first line of
 its docstring. A name already listed in an earlier section (the same object under the same name, e.g.
-``dpo_fast.pack_pairs`` and ``dpo_fast.packing.pack_pairs``) is listed once. tests/test_api_doc.py fails when a
+``dpo_fast.pack_pairs`` and ``dpo_fast.packing.pack_pairs``) is listed once. tests/project/test_api_doc.py fails when a
 regeneration would change the file: after changing a public signature, rerun the command above.
 """
 

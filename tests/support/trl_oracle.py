@@ -2,9 +2,9 @@
 loss-type x option cases TRL accepts, and the per-case precision.
 
 TRL's loss code runs unchanged on a stub ``self`` that holds only what it reads; these are the pieces of that
-stub and the case table that ``tests/test_trl_parity.py`` (``dpo_loss``) and ``tests/test_trl_parity_fused.py``
+stub and the case table that ``tests/integrations/test_trainer_dpo_parity.py`` (``dpo_loss``) and ``tests/integrations/test_trainer_dpo_parity_fused.py``
 (the fused ``DPOLoss``) both use, and :func:`trl_grpo_loss`: ``GRPOTrainer._compute_loss`` on a stub trainer
-(``tests/test_grpo_loss_trl.py`` for ``grpo_loss``, ``tests/test_wrong_answers.py`` for the fused ``GRPOLoss``).
+(``tests/losses/test_grpo_loss_trl.py`` for ``grpo_loss``, ``tests/fused/test_wrong_answers.py`` for the fused ``GRPOLoss``).
 """
 
 from __future__ import annotations

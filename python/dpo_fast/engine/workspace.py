@@ -15,7 +15,7 @@ among M positions and s bytes per input element: budget + N*H*(s + 4) + 64*M byt
 hidden rows, the fp32 dh accumulator when the vocabulary is split into several slices, the O(M) index
 vectors); the split-token backward's fp32 dW slice buffer is inside the budget. On CPU, 16-bit inputs add
 the GEMMs' float32 upcast blocks (at most 2*budget + N*H*4 + 16*1024*H bytes). docs/DESIGN.md has the
-derivation; tests/test_memory.py checks it. The fused ``DPOLoss`` holds the logits of a group of whole pairs
+derivation; tests/engine/test_memory.py checks it. The fused ``DPOLoss`` holds the logits of a group of whole pairs
 instead (its own ``workspace_bytes``, default 8 x this budget).
 
 The second knob is the tile precision (:func:`set_exact_logits`, or ``DPO_FAST_EXACT_LOGITS=1``). float16

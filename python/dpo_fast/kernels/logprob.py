@@ -270,7 +270,7 @@ def _logprob_bwd_kernel(
 
 # ----------------------------------------------------------------------------------------------------------
 # launch variants: the one table that the launchers check their arguments against and that
-# tests/test_kernels_compile.py compiles for real GPU targets (so a variant only the interpreter accepts fails CI)
+# tests/kernels/test_kernels_compile.py compiles for real GPU targets (so a variant only the interpreter accepts fails CI)
 
 #: dtypes of the logits tiles the engine hands the kernels (float64 runs on the torch backend)
 TILE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

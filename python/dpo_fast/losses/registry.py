@@ -8,7 +8,7 @@ fused modules may compute group by group.
 
 Adding a pairwise loss type: add one :class:`PairwiseLossType` entry below with its function of a
 :class:`~.terms.PairBatch` (a lambda here, or a function in :mod:`.terms`), add its float64 reference to
-``tests/test_losses.py``, and regenerate the README table (``python -m dpo_fast.losses README.md``). See
+``tests/losses/test_losses.py``, and regenerate the README table (``python -m dpo_fast.losses README.md``). See
 docs/LOSSES.md, "Adding a loss type".
 """
 

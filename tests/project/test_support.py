@@ -12,7 +12,7 @@ import torch
 
 import support
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 FILES = sorted(p for p in TESTS.rglob("*.py") if "__pycache__" not in p.parts)
 TEST_MODULES = {p.stem for p in FILES if p.name.startswith("test_")}
 
@@ -79,3 +79,17 @@ def test_seed_of_is_stable_and_gemm_counter_counts():
         (a @ b).sum()
         torch.addmm(torch.zeros(3, 5), a, b)
     assert c.calls == 2
+
+
+# the folders mirror the package's layers (docs/DESIGN.md, "Tests"); "project" holds set-up, docs and layout checks
+TEST_FOLDERS = {"engine", "kernels", "losses", "fused", "packing", "distributed", "integrations", "cli", "project"}
+
+
+def test_test_modules_live_in_folders_that_mirror_the_package():
+    tests = [p for p in FILES if p.name.startswith("test_")]
+    misplaced = [str(p.relative_to(TESTS)) for p in tests
+                 if len(p.relative_to(TESTS).parts) != 2 or p.parent.name not in TEST_FOLDERS]
+    assert not misplaced, f"put test modules in tests/<layer>/ with <layer> one of {sorted(TEST_FOLDERS)}: {misplaced}"
+    stems = [p.stem for p in tests]
+    assert len(stems) == len(set(stems)), "test module names must be unique across folders (pytest's rootdir import)"
+    assert not [p for p in TESTS.iterdir() if p.name.startswith("test_")], "no test module at tests/ itself"

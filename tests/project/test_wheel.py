@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from packaging.utils import parse_wheel_filename
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = str(Path(sys.executable).parent)  # maturin, auditwheel and ziglang of this interpreter's environment
 ENV = dict(os.environ, PATH=BIN + os.pathsep + os.environ.get("PATH", ""))
 MAX_GLIBC = (2, 28)

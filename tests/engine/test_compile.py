@@ -82,7 +82,7 @@ def test_opcheck_engine_ops_triton_interpreted():
         for op, args in test_compile._engine_op_cases("triton"):
             torch.library.opcheck(op, args)
         print("ok")
-    """).format(tests=os.path.dirname(__file__))
+    """).format(tests=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, TRITON_INTERPRET="1")
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0 and "ok" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]

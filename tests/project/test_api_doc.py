@@ -18,7 +18,7 @@ pytest.importorskip("trl")  # the integrations section imports the trainers
 
 from dpo_fast import _apidoc  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 API = ROOT / "docs" / "API.md"
 RERUN = "docs/API.md is out of date with the code: run `python -m dpo_fast._apidoc docs/API.md` and commit it"
 

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-HERE = os.path.dirname(__file__)
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MAIN = ["ddp", "fsdp_root", "fsdp_head_unit", "fsdp_noreshard_tied", "fsdp_direct", "fsdp_peft", "tp_dtensor", "tp_explicit",
         "tp_modules", "bad_input"]

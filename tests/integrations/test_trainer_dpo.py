@@ -83,7 +83,7 @@ def test_stock_vs_fast_same_logs_and_lower_peak_memory(tmp_path):
     """
     if not _can_measure_rss():
         pytest.skip("needs Linux /proc/self/clear_refs")
-    tests = str(Path(__file__).parent)
+    tests = str(Path(__file__).resolve().parents[1])
     procs, results = {}, {}
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for kind in ("trl", "fast"):

@@ -4,7 +4,7 @@ step 2 also checks the update made from the distributed gradients).
 
 Only ZeRO-3 here: with ``use_cpu`` accelerate runs an FSDP config as plain DDP (checked: the model comes back
 wrapped in DistributedDataParallel), so an FSDP2 trainer run needs GPUs; FSDP2 itself is tested through
-the own-loop entry points in tests/test_distributed.py."""
+the own-loop entry points in tests/distributed/test_distributed.py."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-HERE = os.path.dirname(__file__)
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(HERE, "dist", "trainer_worker.py")
 
 pytest.importorskip("trl")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PKG = Path(__file__).resolve().parents[1] / "python" / "dpo_fast"
+PKG = Path(__file__).resolve().parents[2] / "python" / "dpo_fast"
 
 
 def _unit(mod: str) -> str:

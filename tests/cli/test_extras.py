@@ -16,7 +16,7 @@ import torch
 
 from dpo_fast.extras import MissingExtraError, install_hint, require
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 BLOCKED = r"""
 import runpy, sys

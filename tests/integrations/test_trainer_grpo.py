@@ -141,7 +141,7 @@ def test_peak_memory_beside_stock(tmp_path):
             f.write("5")
     except OSError:
         pytest.skip("needs Linux /proc/self/clear_refs")
-    tests = str(Path(__file__).parent)
+    tests = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ, OMP_NUM_THREADS="1")
     procs, res = {}, {}
     for kind in ("trl", "fast"):  # both at once: the imports dominate the wall time

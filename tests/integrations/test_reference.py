@@ -186,7 +186,7 @@ def test_killed_process_mid_write(tmp_path, exs):
     """SIGKILL while the cache is being written: the final name never holds a partial file."""
     code = textwrap.dedent(f"""
         import os, signal, sys, torch
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
         from support.models import tiny_model, examples
         from dpo_fast.reference import precompute_reference_logps
         def dying_save(obj, f, *a, **k):

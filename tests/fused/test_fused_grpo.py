@@ -200,7 +200,7 @@ def test_per_token_advantages_and_given_is_ratio():
 
 
 def test_bad_options_rejected_with_a_clear_error():
-    dpo_fast.GRPOLoss(entropy_coef=0.01)  # fused since issue 20 (tests/test_entropy_grad.py)
+    dpo_fast.GRPOLoss(entropy_coef=0.01)  # fused since issue 20 (tests/engine/test_entropy_grad.py)
     with pytest.raises(ValueError, match="entropy_coef"):
         dpo_fast.GRPOLoss(entropy_coef=float("inf"))
     with pytest.raises(ValueError, match="loss_type"):

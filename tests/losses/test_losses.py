@@ -700,7 +700,7 @@ def test_readme_loss_table_is_the_registry():
 
     from dpo_fast.losses import registry
 
-    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    text = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     start = text.index("\n", text.index("<!-- loss-table:")) + 1
     assert text[start:text.index("<!-- /loss-table -->")] == registry.render_markdown_table()
     assert L.LOSS_TYPES == tuple(e.name for e in registry.PAIRWISE)

@@ -1,6 +1,6 @@
 """DPOConfig(padding_free=True) in FastDPOTrainer / patch_trainer: packed batches equal TRL's padded path.
 
-The padded FastDPOTrainer is itself tested against stock TRL (test_trl.py); here the packed path must give the
+The padded FastDPOTrainer is itself tested against stock TRL (test_trainer_dpo.py); here the packed path must give the
 same per-step losses and every logged metric, on a long-tailed length mix with truncation, for each supported
 attention implementation (eager, sdpa), with a reference model, the PEFT adapter-off reference,
 precompute_ref_log_probs and evaluation. Flash-attention (varlen kwargs) needs CUDA and is not run here.
