@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from . import workspace
-from .checks import check_labels_range
+from .scored import gather_scored
 from .passes import backward_tokens, forward_tokens
 from .rows import acc_dtype, make_rows
 from .tiles import tile_dtype
@@ -49,12 +49,10 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def _scored(labels: Tensor, ignore_index: int, vocab: int):
-    """(idx (N,), labels there (N,) int64), validated: the op's one host sync (the count N)."""
+    """(idx (N,), labels there (N,) int64), validated: the op's one host sync (the count N and the range flag
+    come back in one readback, :func:`~dpo_fast.engine.scored.gather_scored`)."""
     labels = labels.reshape(-1)
-    idx = torch.nonzero(labels != ignore_index).squeeze(1)
-    labels_s = labels.index_select(0, idx).to(torch.int64)
-    if labels_s.numel() and bool(((labels_s < 0) | (labels_s >= vocab)).any()):
-        check_labels_range(labels_s, vocab, ignore_index)
+    idx, labels_s, _, _, _ = gather_scored(labels, vocab, ignore_index, row_len=labels.numel())
     return idx, labels_s
 
 
