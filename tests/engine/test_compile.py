@@ -77,12 +77,13 @@ def test_opcheck_engine_ops_triton_interpreted():
     script = textwrap.dedent("""
         import os, sys
         os.environ["TRITON_INTERPRET"] = "1"
-        sys.path.insert(0, {tests!r})
+        sys.path[:0] = [{here!r}, {tests!r}]
         import torch, test_compile
         for op, args in test_compile._engine_op_cases("triton"):
             torch.library.opcheck(op, args)
         print("ok")
-    """).format(tests=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    """).format(here=os.path.dirname(os.path.abspath(__file__)),
+                tests=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, TRITON_INTERPRET="1")
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0 and "ok" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
