@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from test_distributed import _check, _launch
+from support.launch import check, launch
 
 TWO = ["sp_cases", "sp_uneven", "sp_repeat", "sp_bad_input"]
 FOUR = ["sp_cases", "sp_uneven", "sp_x_vocab", "sp_repeat", "sp_bad_input"]
@@ -17,19 +17,19 @@ FOUR = ["sp_cases", "sp_uneven", "sp_x_vocab", "sp_repeat", "sp_bad_input"]
 
 @pytest.fixture(scope="module")
 def two():
-    return _launch("sp_worker.py", TWO, nproc=2)
+    return launch("sp_worker.py", TWO, nproc=2)
 
 
 @pytest.fixture(scope="module")
 def four():
-    return _launch("sp_worker.py", FOUR, nproc=4)
+    return launch("sp_worker.py", FOUR, nproc=4)
 
 
 @pytest.mark.parametrize("name", TWO)
 def test_two_processes(two, name):
-    _check(two, name)
+    check(two, name)
 
 
 @pytest.mark.parametrize("name", FOUR)
 def test_four_processes(four, name):
-    _check(four, name)
+    check(four, name)
