@@ -120,6 +120,37 @@ ENCODER_DECODER_OPTION = Option("is_encoder_decoder", lambda t: bool(getattr(t, 
                                 "error", "{who}: encoder-decoder models are not supported; use {stock}")
 
 
+def options_from_trainer(cls: type, trainer: Any, *, per_step: tuple[str, ...] = (), **overrides: Any) -> Any:
+    """Build the loss family's options dataclass ``cls`` (e.g. :class:`dpo_fast.losses.GRPOOptions`) from a TRL trainer.
+
+    Each field takes, in order: ``overrides[name]``; the trainer's attribute of that name (TRL keeps resolved
+    values there, e.g. ``epsilon_low``); its config's (``trainer.args``) field of that name; else the field's
+    default. The options use TRL's names, so a new option named as TRL names it reaches the trainer with no
+    edit here. ``per_step`` names fields the trainer passes per call instead (e.g. GRPO's adaptive
+    ``entropy_coef``) or handles on another route: they keep their defaults.
+
+    Returns:
+        ``cls(**values)``; its ``__post_init__`` validates them (a bad config fails at construction).
+    """
+    import dataclasses
+
+    args = getattr(trainer, "args", None)
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name in per_step:
+            continue
+        if f.name in overrides:
+            values[f.name] = overrides[f.name]
+        elif hasattr(trainer, f.name):
+            values[f.name] = getattr(trainer, f.name)
+        elif args is not None and hasattr(args, f.name):
+            values[f.name] = getattr(args, f.name)
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise TypeError(f"options_from_trainer: {cls.__name__} has no field(s) {sorted(unknown)}")
+    return cls(**values)
+
+
 # ------------------------------------------------------------------------------------------------ the adapter
 class TrainerAdapter:
     """Base of every trainer mixin (see the module docstring). Class attributes a trainer sets:

@@ -42,10 +42,12 @@ import torch
 
 from ..fused import DPOLoss, pair_logprobs
 from ..hf import call_with_hidden_states
+from ..losses import DPOOptions
 from ..losses.registry import TRL_SMOOTHED
 from ..packing import shifted_labels
 from ._trainer_common import SUPPORTED_TRL, UnsupportedTRLVersion, check_trl_version
-from .adapter import VLM_HEAD_OPTION, Kwarg, Option, TrainerAdapter, moe_aux_option, patch_instance
+from .adapter import (VLM_HEAD_OPTION, Kwarg, Option, TrainerAdapter, moe_aux_option, options_from_trainer,
+                      patch_instance)
 from .padding_free import PaddingFreePreferenceCollator, check_packed_attention, token_budget_sampler
 
 try:
@@ -143,12 +145,12 @@ class _FastDPOMixin(TrainerAdapter):
         eps = float(self.label_smoothing)
         if eps and "sigmoid" in self.loss_types:
             eps = 0.0  # TRL's sigmoid ignores it (a list mixing it with smoothed types is an options-table error)
-        return DPOLoss(beta=self.beta, loss_type=list(self.loss_types), loss_weights=list(self.loss_weights),
-                       label_smoothing=eps, f_divergence_type=self.f_divergence_type,
-                       f_alpha_divergence_coef=self.f_alpha_divergence_coef, discopop_tau=self.args.discopop_tau,
-                       use_weighting=bool(self.use_weighting), ld_alpha=self.ld_alpha, compute_metrics=False,
-                       temperature=temperature, softcap=softcap,
-                       token_metrics=self.dpo_fast_token_metrics)  # token stats from the same pass
+        # the other DPOOptions fields under TRL's names, from the trainer / DPOConfig
+        opts = options_from_trainer(DPOOptions, self, loss_type=list(self.loss_types),
+                                    loss_weights=list(self.loss_weights), label_smoothing=eps,
+                                    use_weighting=bool(self.use_weighting))
+        return DPOLoss(options=opts, ld_alpha=self.ld_alpha, compute_metrics=False, temperature=temperature,
+                       softcap=softcap, token_metrics=self.dpo_fast_token_metrics)  # token stats from the same pass
 
     # ------------------------------------------------------------------------------------------------------
     # padding-free batches (DPOConfig(padding_free=True)); see dpo_fast.integrations.padding_free

@@ -37,7 +37,8 @@ import torch
 
 from ..hf import call_with_hidden_states
 from ._trainer_common import SUPPORTED_TRL, UnsupportedTRLVersion, check_trl_version  # noqa: F401 (re-export)
-from .adapter import ENCODER_DECODER_OPTION, SOFTCAP_OPTION, TrainerAdapter, moe_aux_option, patch_instance
+from .adapter import (ENCODER_DECODER_OPTION, SOFTCAP_OPTION, TrainerAdapter, moe_aux_option, options_from_trainer,
+                      patch_instance)
 
 try:
     from trl.experimental.cpo import CPOTrainer
@@ -124,10 +125,9 @@ class _FastCPOMixin(_FastPairMixin):
 
     def _dpo_fast_build_loss(self, temperature, softcap):
         from .. import CPOLoss
+        from ..losses import CPOOptions
 
-        return CPOLoss(beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
-                       simpo_gamma=getattr(self, "simpo_gamma", self.args.simpo_gamma), cpo_alpha=self.cpo_alpha,
-                       alpha=self.alpha, temperature=temperature, softcap=softcap)
+        return CPOLoss(options=options_from_trainer(CPOOptions, self), temperature=temperature, softcap=softcap)
 
     def _dpo_fast_average(self) -> bool:
         return self.loss_type in ("ipo", "simpo")

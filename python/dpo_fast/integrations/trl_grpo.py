@@ -66,7 +66,8 @@ from ..losses.registry import GRPO_LOSS_TYPES, IS_LEVELS, TRL_GRPO_LOSS_TYPES
 from ..logprobs import token_logprobs_and_entropy
 from ._trainer_common import (SUPPORTED_TRL, UnsupportedTRLVersion, check_trl_version, no_grad_token_logprobs,
                               reduced_mean, vision_inputs)
-from .adapter import VLM_HEAD_OPTION, Option, TrainerAdapter, moe_aux_option, patch_instance, vision_option
+from .adapter import (VLM_HEAD_OPTION, Option, TrainerAdapter, moe_aux_option, options_from_trainer, patch_instance,
+                      vision_option)
 
 try:
     from trl import GRPOTrainer, RLOOTrainer
@@ -164,18 +165,14 @@ class _FastGRPOMixin(_HiddenStateLogpsMixin):
         from .. import GRPOLoss
         from .. import losses as L
 
-        args = self.args
-        opts = dict(beta=self.beta, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
-                    importance_sampling_level=self.importance_sampling_level, loss_type=self.loss_type,
-                    max_completion_length=self.max_completion_length, delta=args.delta,
-                    sapo_temperature_pos=args.sapo_temperature_pos, sapo_temperature_neg=args.sapo_temperature_neg,
-                    vespo_k_pos=args.vespo_k_pos, vespo_lambda_pos=args.vespo_lambda_pos,
-                    vespo_k_neg=args.vespo_k_neg, vespo_lambda_neg=args.vespo_lambda_neg,
-                    use_bias_correction_kl=bool(args.use_bias_correction_kl),
-                    off_policy_mask_threshold=self.off_policy_mask_threshold)
-        self._dpo_fast_grpo = L.GRPOOptions(**opts)  # the metrics' per-token terms (_dpo_fast_log_step)
-        # compute_metrics=False: the metrics come from the loss layer's parts, reduced across processes
-        return GRPOLoss(**opts, temperature=temperature, softcap=softcap, token_metrics=True, compute_metrics=False)
+        # every GRPOOptions field from the trainer / GRPOConfig under TRL's name; the entropy bonus is passed per
+        # step (TRL's adaptive coefficient), the quantile and the vLLM correction run on the two-pass route
+        self._dpo_fast_grpo = options_from_trainer(
+            L.GRPOOptions, self, per_step=("entropy_coef", "top_entropy_quantile", "vllm_importance_sampling_mode",
+                                           "vllm_importance_sampling_clip_min", "vllm_importance_sampling_clip_max"),
+            use_bias_correction_kl=bool(self.args.use_bias_correction_kl))
+        return GRPOLoss(options=self._dpo_fast_grpo, temperature=temperature, softcap=softcap, token_metrics=True,
+                        compute_metrics=False)
 
     # TRL hook: the loss and the metrics of one micro-batch
     def _compute_loss(self, model, inputs):

@@ -35,7 +35,8 @@ from ..hf import call_with_hidden_states
 from ..losses.registry import TRL_KTO_LOSS_TYPES
 from ..packing import shifted_labels
 from ._trainer_common import SUPPORTED_TRL, UnsupportedTRLVersion, check_trl_version  # noqa: F401 (re-export)
-from .adapter import SOFTCAP_OPTION, VLM_HEAD_OPTION, Option, TrainerAdapter, moe_aux_option, patch_instance
+from .adapter import (SOFTCAP_OPTION, VLM_HEAD_OPTION, Option, TrainerAdapter, moe_aux_option, options_from_trainer,
+                      patch_instance)
 
 try:
     from trl import KTOTrainer
@@ -78,10 +79,11 @@ class _FastKTOMixin(TrainerAdapter):
 
     def _dpo_fast_build_loss(self, temperature, softcap):
         from .. import KTOLoss
+        from ..losses import KTOOptions
 
-        return KTOLoss(beta=self.beta, desirable_weight=self.desirable_weight,
-                       undesirable_weight=self.undesirable_weight, temperature=temperature, softcap=softcap,
-                       token_metrics=True)
+        # loss_type keeps its default: for "apo_zero_unpaired" the trainer passes the reference point z = 0
+        opts = options_from_trainer(KTOOptions, self, per_step=("loss_type",))
+        return KTOLoss(options=opts, temperature=temperature, softcap=softcap, token_metrics=True)
 
     # ------------------------------------------------------------------------------------------------------
     def _dpo_fast_seq_logps(self, model, ids, am, cm, **vision) -> torch.Tensor:
