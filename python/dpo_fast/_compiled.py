@@ -5,8 +5,8 @@ sync, the engine); while Dynamo traces (``torch.compiler.is_compiling()``) it ru
 here instead. These bodies read no tensor data: they check shapes and dtypes only, flatten the head into op
 arguments and call the ops of :mod:`dpo_fast.engine.ops`, whose outputs are shaped like the inputs (per
 position, 0 at ``ignore_index``); per-sequence sums are plain tensor code over those (M,) values. The labels'
-range is checked inside the op when it runs (a ``ValueError`` naming ``labels``); ``cu_seqlens`` values are not
-checked on this path (a host sync).
+range is checked inside the op when it runs (a ``ValueError`` naming ``labels``), and so are ``cu_seqlens``'
+values (``dpo_fast::checked_cu_seqlens``: starts at 0, non-decreasing, ends at the token count).
 
 Distributed heads (DTensor, ZeRO-3, vocabulary-parallel) are not supported inside a compiled region: they
 raise :class:`CompileUnsupported` (a ``NotImplementedError``) naming the way out.
@@ -103,7 +103,8 @@ def _segments(values: Tensor, labels: Tensor, ignore_index: int, cu_seqlens, ave
         B = labels.shape[0]
         out, cnt = values.view(B, -1).sum(1), scored.view(B, -1).sum(1)
     else:
-        cu = torch.as_tensor(cu_seqlens, device=values.device).to(torch.int64)
+        cu = torch.as_tensor(cu_seqlens, device=values.device)
+        cu = torch.ops.dpo_fast.checked_cu_seqlens(cu, values.shape[0])  # values checked when the op runs
         M, S = values.shape[0], cu.shape[0] - 1
         seq = torch.searchsorted(cu[1:].contiguous(), torch.arange(M, device=values.device), right=True)
         seq = seq.clamp_max(S - 1)

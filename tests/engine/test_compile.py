@@ -106,6 +106,22 @@ def test_op_rejects_labels_out_of_range():
                                 "float32")
 
 
+def test_cu_seqlens_checked_under_compile():
+    """Packed input under fullgraph: cu_seqlens' values are checked when the op runs (no sync while tracing)."""
+    cu = torch.tensor([0, 4, 10])
+    torch.library.opcheck(torch.ops.dpo_fast.checked_cu_seqlens.default, (cu, 10))
+    g = torch.Generator().manual_seed(5)
+    h, w = torch.randn(10, 8, generator=g), torch.randn(13, 8, generator=g)
+    y = torch.randint(0, 13, (10,), generator=g)
+    f = torch.compile(lambda h, w, y, cu: dpo_fast.sequence_logprobs(h, w, y, cu_seqlens=cu), fullgraph=True,
+                      backend="aot_eager")
+    _close(f(h, w, y, cu), dpo_fast.sequence_logprobs(h, w, y, cu_seqlens=cu), F32)
+    for bad, match in (([0, 4, 9], "last entry"), ([1, 4, 10], r"cu_seqlens\[0\] == 0"),
+                       ([0, 6, 4, 10], "non-decreasing")):
+        with pytest.raises(ValueError, match=match):
+            f(h, w, y, torch.tensor(bad))
+
+
 def _fused_cases():
     P, T, H, V = 3, 6, 16, 40
     g = torch.Generator().manual_seed(1)

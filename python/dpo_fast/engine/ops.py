@@ -27,9 +27,10 @@ from __future__ import annotations
 import torch
 
 from . import workspace
-from .scored import gather_scored
+from .checks import check_cu_seqlens
 from .passes import backward_tokens, forward_tokens
 from .rows import acc_dtype, make_rows
+from .scored import gather_scored
 from .tiles import tile_dtype
 
 Tensor = torch.Tensor
@@ -62,6 +63,20 @@ def _empty(like: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------------------------------------
 # hidden states + head -> log-probs
+
+
+@torch.library.custom_op("dpo_fast::checked_cu_seqlens", mutates_args=())
+def checked_cu_seqlens(cu_seqlens: Tensor, n_tokens: int) -> Tensor:
+    """(S+1,) int64 copy of ``cu_seqlens`` after checking its values (starts at 0, non-decreasing, ends at
+    ``n_tokens``); a ``ValueError`` naming ``cu_seqlens`` otherwise. Its one host sync happens when the op runs,
+    never while tracing; downstream code reads the returned copy, so the check cannot be dropped from a graph."""
+    check_cu_seqlens(cu_seqlens, n_tokens)
+    return cu_seqlens.to(torch.int64, copy=True)
+
+
+@checked_cu_seqlens.register_fake
+def _(cu_seqlens, n_tokens):
+    return cu_seqlens.new_empty(cu_seqlens.shape, dtype=torch.int64)
 
 
 @torch.library.custom_op("dpo_fast::linear_logprobs_fwd", mutates_args=())
