@@ -24,7 +24,8 @@ from ..hf import call_with_hidden_states, install_fused_forward, output_head
 from ._trainer_common import check_trl_version
 
 __all__ = ["TrainerAdapter", "Option", "Kwarg", "patch_instance", "vision_option", "moe_aux_option",
-           "SOFTCAP_OPTION", "ENCODER_DECODER_OPTION", "VLM_HEAD_OPTION"]
+           "SOFTCAP_OPTION", "ENCODER_DECODER_OPTION", "VLM_HEAD_OPTION", "options_from_trainer", "sequence_sharding",
+           "check_sequence_sharding", "SEQUENCE_PARALLEL_RECIPE"]
 
 ACTIONS = ("error", "two_pass", "trl")
 #: what each fallback route does, for the warning
@@ -151,6 +152,39 @@ def options_from_trainer(cls: type, trainer: Any, *, per_step: tuple[str, ...] =
     return cls(**values)
 
 
+def sequence_sharding(args: Any) -> str | None:
+    """What shards the sequence in a TRL config (``parallelism_config`` with ``cp_size`` or ``sp_size`` > 1), or None.
+
+    The trainers do not run on sequence-sharded batches: TRL 1.16's trainers compute their own forward on whole
+    rows (its GRPOTrainer refuses ``cp_size``/``sp_size`` > 1 itself), so the trainers refuse it, before TRL's
+    ``__init__`` builds the accelerator, with :data:`SEQUENCE_PARALLEL_RECIPE`.
+    """
+    pc = getattr(args, "parallelism_config", None)
+    if pc is None:
+        return None
+    sizes = {k: int(getattr(pc, k, 1) or 1) for k in ("cp_size", "sp_size")}
+    found = [f"{k}={v}" for k, v in sizes.items() if v > 1]
+    return ", ".join(found) or None
+
+
+#: The own-loop recipe the trainers' error names (docs/DISTRIBUTED.md, "Sequence-sharded hidden states").
+SEQUENCE_PARALLEL_RECIPE = (
+    "run the decoder with your context/sequence parallelism in your own loop, keep each rank's slice of the last "
+    "hidden states and labels (global cu_seqlens when packed), mark it with "
+    "dpo_fast.distributed.sequence_parallel(hidden, group), and call the loss module on it "
+    "(e.g. dpo_fast.DPOLoss): the per-sequence sums are all-reduced over the group and every rank gets the global "
+    "loss; see 'Sequence-sharded hidden states' in dpo_fast's docs/DISTRIBUTED.md")
+
+
+def check_sequence_sharding(who: str, args: Any) -> None:
+    """Raise NotImplementedError naming the own-loop recipe when ``args`` shards the sequence."""
+    found = sequence_sharding(args)
+    if found:
+        raise NotImplementedError(
+            f"{who}: parallelism_config shards the sequence ({found}); the dpo_fast trainers do not run on "
+            f"sequence-sharded batches. Instead, {SEQUENCE_PARALLEL_RECIPE}.")
+
+
 # ------------------------------------------------------------------------------------------------ the adapter
 class TrainerAdapter:
     """Base of every trainer mixin (see the module docstring). Class attributes a trainer sets:
@@ -185,10 +219,22 @@ class TrainerAdapter:
 
     def __init__(self, *args, **kwargs):
         check_trl_version()
+        check_sequence_sharding(type(self).__name__, self._dpo_fast_config_arg(args, kwargs))
         own = self._dpo_fast_take_kwargs(kwargs)
         with self._dpo_fast_constructing(args, kwargs, **own):
             super().__init__(*args, **kwargs)
         self._dpo_fast_init(**own)
+
+    @classmethod
+    def _dpo_fast_config_arg(cls, args: tuple, kwargs: dict) -> Any:
+        """The ``args`` (TRL config) argument of a TRL trainer's constructor call, or None."""
+        if "args" in kwargs:
+            return kwargs["args"]
+        try:
+            bound = inspect.signature(cls._dpo_fast_trl_class.__init__).bind_partial(None, *args)
+        except (AttributeError, TypeError, ValueError):
+            return None
+        return bound.arguments.get("args")
 
     @classmethod
     def _dpo_fast_take_kwargs(cls, kwargs: dict) -> dict:
@@ -202,6 +248,7 @@ class TrainerAdapter:
     def _dpo_fast_init(self, **own) -> None:
         """After TRL's ``__init__`` (or on a patched instance): setup, options table, loss module, forward."""
         check_trl_version()
+        check_sequence_sharding(type(self).__name__, getattr(self, "args", None))
         self.dpo_fast_route: str | None = None
         self.dpo_fast_routes: collections.Counter = collections.Counter()
         self._dpo_fast_setup(**own)
