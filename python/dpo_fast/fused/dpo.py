@@ -126,6 +126,8 @@ class DPOLoss(FusedLossModule):
         >>> out.loss.backward()
     """
 
+    op_record = ("pairs", ("losses", "chosen_rewards", "rejected_rewards", "chosen_logps", "rejected_logps"))
+
     @L.takes_options(DPOOptions, positional=("beta", "loss_type"))
     def __init__(self, *, options: DPOOptions | None = None, ld_alpha: float | None = None,
                  ignore_index: int = -100, temperature: float = 1.0, softcap: float | None = None,

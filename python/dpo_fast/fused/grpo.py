@@ -178,6 +178,8 @@ class GRPOLoss(FusedLossModule):
         >>> out.loss.backward()
     """
 
+    op_record = ("tokens", ("per_token_loss", "token_logps"))
+
     @L.takes_options(GRPOOptions, positional=("beta", "epsilon_low", "epsilon_high"))
     def __init__(self, *, options: GRPOOptions | None = None, ignore_index: int = -100, temperature: float = 1.0,
                  softcap: float | None = None, backend: str = "auto", fused: bool = True,

@@ -79,6 +79,8 @@ class KTOLoss(FusedLossModule):
         >>> out.loss.backward()
     """
 
+    op_record = ("examples", ("losses", "rewards", "baseline"))
+
     @L.takes_options(KTOOptions, positional=("beta", "desirable_weight", "undesirable_weight"))
     def __init__(self, *, options: KTOOptions | None = None, ignore_index: int = -100, temperature: float = 1.0,
                  softcap: float | None = None, backend: str = "auto", fused: bool = True, workspace_bytes: int | None = None,

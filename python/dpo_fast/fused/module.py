@@ -119,6 +119,10 @@ class FusedLossModule(nn.Module):
     compute_metrics (bool), token_metrics (bool) — all validated here, at construction.
     """
 
+    #: what the compiled path (:mod:`dpo_fast.fused.ops`) returns per unit: (kind, the output record's per-unit
+    #: tensor fields); kind "pairs" (P), "examples" (S) or "tokens" (labels' shape). Each module sets its own.
+    op_record: tuple[str, tuple[str, ...]] | None = None
+
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
         init = cls.__dict__.get("__init__")

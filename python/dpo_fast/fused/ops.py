@@ -17,8 +17,8 @@ carried as a 0-d tensor in ``extra``). The real implementation rebuilds the modu
 runs the eager forward — either route, one host sync as in eager — and takes the gradients w.r.t. hidden,
 weight and bias there (on the fused route they are made in that forward anyway); ``fused_loss_bwd`` scales
 them by the loss's upstream gradient. ``record`` are the output record's per-unit tensors, cast to the
-accumulation dtype, shaped by :data:`RECORDS`: P pairs (``pairs.shape[0]``, else B // 2), S examples, or
-labels' shape. Metric and token-sum *names* are recorded by the op's real run (:data:`_NAMES`) and read when a
+accumulation dtype, named and shaped by the module class's ``op_record`` (its unit kind and fields): P pairs
+(``pairs.shape[0]``, else B // 2), S examples, or labels' shape. Metric and token-sum *names* are recorded by the op's real run (:data:`_NAMES`) and read when a
 value is looked up (:class:`OpValues`), after the op ran. Only ``loss`` is differentiable on this path.
 """
 
@@ -39,15 +39,6 @@ Tensor = torch.Tensor
 
 MAX_METRICS = 64
 MAX_SUMS = 16
-
-#: module class name -> (record kind, record tensor fields)
-RECORDS = {
-    "DPOLoss": ("pairs", ("losses", "chosen_rewards", "rejected_rewards", "chosen_logps", "rejected_logps")),
-    "CPOLoss": ("pairs", ("losses", "chosen_rewards", "rejected_rewards", "chosen_logps", "rejected_logps")),
-    "ORPOLoss": ("pairs", ("losses", "chosen_rewards", "rejected_rewards", "chosen_logps", "rejected_logps")),
-    "KTOLoss": ("examples", ("losses", "rewards", "baseline")),
-    "GRPOLoss": ("tokens", ("per_token_loss", "token_logps")),
-}
 
 #: spec -> {"metrics": [names], "token_sums": [names], "route": str}, filled by the op's real runs
 _NAMES: dict[str, dict] = {}
@@ -119,8 +110,7 @@ def _unpack(layout: str, extra):
 
 
 def _record_shapes(spec: str, layout: str, hidden, labels, extra):
-    cls = json.loads(spec)["cls"].split(":")[1]
-    kind, fields = RECORDS[cls]
+    kind, fields = type(module_from_spec(spec)).op_record
     named = {}
     it = iter(extra)
     for entry in layout.split(",") if layout else ():
@@ -320,7 +310,7 @@ def compiled_forward(module, args, kwargs):
     loss, metrics, sums, record = res[0], res[4], res[5], res[6:]
     from . import records as R  # noqa: PLC0415
 
-    kind, fields = RECORDS[type(module).__name__]
+    kind, fields = type(module).op_record
     cls = {"pairs": R.FusedDPOOutput, "examples": R.FusedUnpairedOutput, "tokens": R.FusedGRPOOutput}[kind]
     sums_map = OpValues(spec, "token_sums", sums) if getattr(module, "token_metrics", False) else None
     return cls(loss=loss, **dict(zip(fields, record)), metrics=OpValues(spec, "metrics", metrics), route="compiled",

@@ -54,6 +54,8 @@ class ReferenceFreeTask:
 class _ReferenceFreePairLoss(FusedLossModule):
     """Shared forward of :class:`CPOLoss` and :class:`ORPOLoss` (subclasses define ``_loss``)."""
 
+    op_record = ("pairs", ("losses", "chosen_rewards", "rejected_rewards", "chosen_logps", "rejected_logps"))
+
     def _loss(self, lw, ll, len_w, len_l, chosen_nll, logit_c, logit_r, compute_metrics) -> L.DPOOutput:
         raise NotImplementedError
 
