@@ -24,21 +24,16 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_tp import _Counter  # noqa: E402  (the same payload counter)
+from dist_harness import PayloadCounter, spawn
 
 
-def _worker(rank, world, args, port, out_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+
+def _worker(rank, world, args):
     import dpo_fast
     from dpo_fast.distributed import sequence_parallel
 
@@ -71,7 +66,7 @@ def _worker(rank, world, args, port, out_path):
         W.grad = None
         fn()  # warm-up
         times = []
-        cnt = _Counter()
+        cnt = PayloadCounter()
         for i in range(args.repeats):
             W.grad = None
             dist.barrier()
@@ -92,11 +87,7 @@ def _worker(rank, world, args, port, out_path):
         dist.all_reduce(v)
     res["max_diff_dh"] = float((outs["sp"][0] - outs["gather"][0]).abs().max())
     res["max_diff_dw_summed"] = float((dws["sp"] - dws["gather"]).abs().max())
-    if rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(res, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    return res
 
 
 def main():
@@ -109,16 +100,7 @@ def main():
     args = ap.parse_args()
     if args.seq % 2:
         ap.error("--seq: must be even (2 equal token shards)")
-    import socket
-    import tempfile
-
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        port = sk.getsockname()[1]
-    out = os.path.join(tempfile.mkdtemp(), "bench_sp.json")
-    mp.spawn(_worker, args=(2, args, port, out), nprocs=2, join=True)
-    with open(out) as f:
-        res = json.load(f)
+    res = spawn(_worker, args, "bench_sp")
     sp, ga = res["sp"], res["gather"]
     tokens = args.rows * args.seq
     try:

@@ -28,41 +28,11 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from dist_harness import PayloadCounter, spawn
 
 
-class _Counter:
-    """Counts the payload bytes of every collective issued through ``torch.distributed`` while installed."""
-
-    def __init__(self):
-        self.bytes = 0
-        self.calls = 0
-        self._orig = {}
-
-    def install(self):
-        for name, which in (("all_reduce", 0), ("all_gather_into_tensor", 0), ("all_gather", 1)):
-            orig = getattr(dist, name)
-            self._orig[name] = orig
-
-            def wrapped(*args, _orig=orig, _which=which, _name=name, **kwargs):
-                t = args[_which]
-                if isinstance(t, (list, tuple)):
-                    t = args[1]
-                self.bytes += t.numel() * t.element_size() * (dist.get_world_size() if _name == "all_gather" else 1)
-                self.calls += 1
-                return _orig(*args, **kwargs)
-
-            setattr(dist, name, wrapped)
-
-    def uninstall(self):
-        for name, orig in self._orig.items():
-            setattr(dist, name, orig)
-
-
-def _worker(rank, world, args, port, out_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+def _worker(rank, world, args):
     import dpo_fast
     from dpo_fast.distributed import vocab_parallel
 
@@ -98,7 +68,7 @@ def _worker(rank, world, args, port, out_path):
         w_local.grad = None
         fn()  # warm-up
         times = []
-        cnt = _Counter()
+        cnt = PayloadCounter()
         for i in range(args.repeats):
             w_local.grad = None
             dist.barrier()
@@ -115,11 +85,7 @@ def _worker(rank, world, args, port, out_path):
     res["gather"]["head_bytes"] = w_local.numel() * 4 * 2 + V * H * 4 * 2  # + the gathered copy and its full gradient
     res["max_diff_dh"] = float((outs["tp"][0] - outs["gather"][0]).abs().max())
     res["max_diff_dw"] = float((outs["tp"][1] - outs["gather"][1]).abs().max())
-    if rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(res, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    return res
 
 
 def main():
@@ -131,16 +97,7 @@ def main():
     args = ap.parse_args()
     if args.vocab % 2:
         ap.error("--vocab: must be even (2 equal shards)")
-    import socket
-    import tempfile
-
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        port = sk.getsockname()[1]
-    out = os.path.join(tempfile.mkdtemp(), "bench_tp.json")
-    mp.spawn(_worker, args=(2, args, port, out), nprocs=2, join=True)
-    with open(out) as f:
-        res = json.load(f)
+    res = spawn(_worker, args, "bench_tp")
     tp, ga = res["tp"], res["gather"]
     N = args.tokens
     summary = {
