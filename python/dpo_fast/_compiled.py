@@ -21,6 +21,7 @@ import torch
 from .engine.autocast import autocast_dtype
 from .engine.head import Head
 from .engine.ops import linear_logprobs, logits_logprobs
+from .engine.segments import segment_sum
 
 Tensor = torch.Tensor
 
@@ -108,8 +109,8 @@ def _segments(values: Tensor, labels: Tensor, ignore_index: int, cu_seqlens, ave
         M, S = values.shape[0], cu.shape[0] - 1
         seq = torch.searchsorted(cu[1:].contiguous(), torch.arange(M, device=values.device), right=True)
         seq = seq.clamp_max(S - 1)
-        out = values.new_zeros(S).index_add(0, seq, values)
-        cnt = values.new_zeros(S).index_add(0, seq, scored)
+        out = segment_sum(values, seq, S)  # the engine's deterministic sums (no atomics), as in eager mode
+        cnt = segment_sum(scored, seq, S)
     return out / cnt.clamp_min(1.0) if average else out
 
 
