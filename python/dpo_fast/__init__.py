@@ -57,6 +57,7 @@ _LAZY = {
     # packing
     "pack_pairs": "dpo_fast.packing",
     "PackedBatch": "dpo_fast.packing",
+    "pack_padded_rows": "dpo_fast.packing",
     "PackOptions": "dpo_fast.packing",
     "PairCollator": "dpo_fast.packing",
     "TokenBudgetBatchSampler": "dpo_fast.packing",

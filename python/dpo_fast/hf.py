@@ -57,6 +57,7 @@ __all__ = [
     "output_head",
     "unwrap_model",
     "call_with_hidden_states",
+    "call_without_padding",
     "install_fused_forward",
     "hidden_states_from_model",
     "sequence_logprobs_from_model",
@@ -327,6 +328,11 @@ def _positions_from_cu(cu_seqlens: torch.Tensor, n: int) -> torch.Tensor:
     return torch.arange(n, device=cu.device) - starts
 
 
+_VISION_KWARGS = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw", "pixel_attention_mask",
+                  "image_sizes", "spatial_shapes", "num_tiles", "token_type_ids", "mm_token_type_ids",
+                  "image_position_ids", "num_images")
+
+
 def call_with_hidden_states(model: nn.Module, fn: Callable[[torch.Tensor, OutputHead], Any], input_ids: torch.Tensor,
                             *, attention_mask=None, position_ids=None, cu_seqlens=None, max_seqlen=None,
                             **model_kwargs) -> Any:
@@ -381,6 +387,46 @@ def call_with_hidden_states(model: nn.Module, fn: Callable[[torch.Tensor, Output
                     "position_ids), or a flash-attention implementation; use mode='padded' otherwise") from e
     return outer(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, dpo_fast_fn=fn,
                  **kwargs)
+
+
+def call_without_padding(model: nn.Module, fn: Callable[[torch.Tensor, OutputHead], Any], input_ids: torch.Tensor,
+                         attention_mask: torch.Tensor, *, row_tokens: int | str | None = None, pad_token_id: int = 0,
+                         on_pack: Callable[[Any], None] | None = None, **model_kwargs) -> Any:
+    """:func:`call_with_hidden_states` on a padded batch with its padding removed before the decoder.
+
+    The real tokens of every row are packed into rows of whole sequences
+    (:func:`dpo_fast.packing.pack_padded_rows`: best-fit-decreasing, ``position_ids`` restarting per sequence,
+    ``cu_seqlens``); the decoder runs on the packed rows only, and ``fn`` receives the hidden states mapped back
+    to the padded layout, 0 at padding -- so the same ``fn`` (labels, loss, metrics) serves both. The attention
+    implementation must keep packed sequences apart (see
+    :func:`dpo_fast.integrations.padding_free.check_packed_attention`).
+
+    Args:
+        model, fn: as :func:`call_with_hidden_states`; ``fn`` gets hidden (B, T, H).
+        input_ids: (B, T) padded token ids.
+        attention_mask: (B, T) 0/1, one contiguous run of ones per row (left-padded prompt + right-padded
+            completion is one run).
+        row_tokens: packed-row capacity: None (the longest sequence), ``"one_row"`` or an int.
+        pad_token_id: id at packed-row padding.
+        on_pack: called with the :class:`~dpo_fast.packing.PackedRows` before the decoder runs (statistics).
+        **model_kwargs: passed to the decoder (not a vision-language model's inputs: their image tokens would
+            have to be re-laid too).
+
+    Returns:
+        Whatever ``fn`` returns.
+    """
+    from .packing.sequences import pack_padded_rows
+
+    vision = sorted(k for k, v in model_kwargs.items() if v is not None and k in _VISION_KWARGS)
+    if vision:
+        raise NotImplementedError(f"call_without_padding: vision-language inputs {vision} cannot be packed "
+                                  "(their image tokens and positions would have to be re-laid); use padded batches")
+    rows = pack_padded_rows(input_ids, attention_mask, row_tokens=row_tokens, pad_token_id=pad_token_id)
+    if on_pack is not None:
+        on_pack(rows)
+    return call_with_hidden_states(model, lambda h, head: fn(rows.unpack(h), head), rows.input_ids,
+                                   position_ids=rows.position_ids, cu_seqlens=rows.cu_seqlens,
+                                   max_seqlen=rows.max_seqlen, **model_kwargs)
 
 
 def hidden_states_from_model(model: nn.Module, input_ids: torch.Tensor, **kwargs) -> tuple[torch.Tensor, OutputHead]:

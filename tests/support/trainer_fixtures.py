@@ -12,7 +12,7 @@ from .trl_fixtures import char_tokenizer, logged, sums_dataset, tiny_llama
 
 __all__ = ["char_tokenizer", "logged", "saved_tiny_llama", "prompts_dataset", "unpaired_dataset", "digit_reward",
            "assert_same_logs", "rss_growth_script", "make_grpo_trainer", "grpo_for_memory", "make_pair_trainer",
-           "make_kto_trainer", "make_rloo_trainer", "pair_for_memory"]
+           "make_kto_trainer", "make_rloo_trainer", "pair_for_memory", "long_tail_prompts", "EARLY_EOS"]
 
 
 def saved_tiny_llama(path, vocab=64, seed=0) -> str:
@@ -29,6 +29,24 @@ def prompts_dataset(n=16, seed=0):
 
     rng = random.Random(seed)
     return Dataset.from_list([{"prompt": f"{rng.randrange(50)}+{rng.randrange(50)}="} for _ in range(n)])
+
+
+def long_tail_prompts(n=16, seed=0, longest=40):
+    """``n`` rows {"prompt": zeros + "a+b="}: prompt lengths from a long-tailed (Pareto) mix up to ``longest``
+    characters, so a batch's prompts are left-padded by very different amounts."""
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        extra = min(int(rng.paretovariate(1.1)) - 1, longest - 6)
+        rows.append({"prompt": "0" * extra + f"{rng.randrange(50)}+{rng.randrange(50)}="})
+    return Dataset.from_list(rows)
+
+
+#: generation settings that end completions early (an EOS logit bias while sampling; the trained log-probs are
+#: the model's own), so a batch's completions are right-padded by different amounts
+EARLY_EOS = {"sequence_bias": [[[1], 3.0]]}
 
 
 def digit_reward(completions, **kwargs):
@@ -92,10 +110,12 @@ GRPO_DEFAULTS = dict(per_device_train_batch_size=4, num_generations=4, max_compl
                      bf16=False, disable_tqdm=True, dataloader_num_workers=0)
 
 
-def make_grpo_trainer(kind, out_dir, model_path, *, reward=digit_reward, n_prompts=16, **cfg):
+def make_grpo_trainer(kind, out_dir, model_path, *, reward=digit_reward, n_prompts=16, own=None, dataset=None,
+                      **cfg):
     """A GRPO trainer on the saved tiny Llama at ``model_path``: ``kind`` "trl" (stock GRPOTrainer), "fast"
     (FastGRPOTrainer) or "patched" (patch_grpo_trainer on a stock one); ``cfg`` overrides GRPOConfig fields.
-    The model is passed as a path, so with ``beta > 0`` TRL loads its own reference copy from it."""
+    The model is passed as a path, so with ``beta > 0`` TRL loads its own reference copy from it. ``own``: the
+    Fast trainer's own keywords (e.g. ``padding_free``)."""
     from trl import GRPOConfig, GRPOTrainer
 
     from dpo_fast.integrations import trl_grpo
@@ -104,15 +124,16 @@ def make_grpo_trainer(kind, out_dir, model_path, *, reward=digit_reward, n_promp
     opts.update(cfg)
     args = GRPOConfig(output_dir=str(out_dir), **opts)
     cls = trl_grpo.FastGRPOTrainer if kind == "fast" else GRPOTrainer
-    tr = cls(model=str(model_path), reward_funcs=reward, args=args, train_dataset=prompts_dataset(n_prompts),
-             processing_class=char_tokenizer())
+    data = prompts_dataset(n_prompts) if dataset is None else dataset
+    tr = cls(model=str(model_path), reward_funcs=reward, args=args, train_dataset=data, processing_class=char_tokenizer(), **(own or {}) if kind == "fast" else {})
     if kind == "patched":
-        tr = trl_grpo.patch_grpo_trainer(tr)
+        tr = trl_grpo.patch_grpo_trainer(tr, **(own or {}))
     return tr
 
 
-def make_rloo_trainer(kind, out_dir, model_path, *, reward=digit_reward, **cfg):
-    """An RLOO trainer (stock trl.RLOOTrainer or FastRLOOTrainer) on the saved tiny Llama at ``model_path``."""
+def make_rloo_trainer(kind, out_dir, model_path, *, reward=digit_reward, own=None, dataset=None, **cfg):
+    """An RLOO trainer (stock trl.RLOOTrainer or FastRLOOTrainer) on the saved tiny Llama at ``model_path``;
+    ``own``: FastRLOOTrainer's own keywords."""
     from trl import RLOOConfig, RLOOTrainer
 
     from dpo_fast.integrations import trl_grpo
@@ -121,8 +142,8 @@ def make_rloo_trainer(kind, out_dir, model_path, *, reward=digit_reward, **cfg):
     opts.update(cfg)
     args = RLOOConfig(output_dir=str(out_dir), **opts)
     cls = trl_grpo.FastRLOOTrainer if kind == "fast" else RLOOTrainer
-    return cls(model=str(model_path), reward_funcs=reward, args=args, train_dataset=prompts_dataset(),
-               processing_class=char_tokenizer())
+    data = prompts_dataset() if dataset is None else dataset
+    return cls(model=str(model_path), reward_funcs=reward, args=args, train_dataset=data, processing_class=char_tokenizer(), **(own or {}) if kind == "fast" else {})
 
 
 def grpo_for_memory(kind, out_dir, vocab=8192, **cfg):
@@ -141,9 +162,10 @@ PAIR_DEFAULTS = dict(per_device_train_batch_size=8, max_steps=3, logging_steps=1
                      max_length=32)
 
 
-def make_pair_trainer(algo, kind, out_dir, *, vocab=64, **cfg):
+def make_pair_trainer(algo, kind, out_dir, *, vocab=64, own=None, **cfg):
     """A trl.experimental CPO (``algo="cpo"``) or ORPO (``"orpo"``) trainer on a tiny Llama and the sums dataset:
-    ``kind`` "trl" (stock), "fast" (FastCPOTrainer / FastORPOTrainer) or "patched"."""
+    ``kind`` "trl" (stock), "fast" (FastCPOTrainer / FastORPOTrainer) or "patched"; ``own``: the Fast trainer's
+    own keywords."""
     from dpo_fast.integrations import trl_cpo_orpo as F
 
     if algo == "cpo":
@@ -157,13 +179,15 @@ def make_pair_trainer(algo, kind, out_dir, *, vocab=64, **cfg):
     opts.update(cfg)
     args = Config(output_dir=str(out_dir), **opts)
     cls = fast if kind == "fast" else Stock
-    tr = cls(model=model, args=args, train_dataset=sums_dataset(), processing_class=char_tokenizer())
-    return patch(tr) if kind == "patched" else tr
+    tr = cls(model=model, args=args, train_dataset=sums_dataset(), processing_class=char_tokenizer(),
+             **(own or {}) if kind == "fast" else {})
+    return patch(tr, **(own or {})) if kind == "patched" else tr
 
 
-def make_kto_trainer(kind, out_dir, model_path, **cfg):
+def make_kto_trainer(kind, out_dir, model_path, own=None, **cfg):
     """A KTO trainer on the saved tiny Llama at ``model_path`` (TRL loads the reference copy from the path) and
-    :func:`unpaired_dataset`: ``kind`` "trl" (trl.KTOTrainer), "fast" (FastKTOTrainer) or "patched"."""
+    :func:`unpaired_dataset`: ``kind`` "trl" (trl.KTOTrainer), "fast" (FastKTOTrainer) or "patched"; ``own``: the
+    Fast trainer's own keywords."""
     from trl import KTOConfig, KTOTrainer
 
     from dpo_fast.integrations import trl_kto
@@ -172,8 +196,9 @@ def make_kto_trainer(kind, out_dir, model_path, **cfg):
     opts.update(cfg)
     args = KTOConfig(output_dir=str(out_dir), **opts)
     cls = trl_kto.FastKTOTrainer if kind == "fast" else KTOTrainer
-    tr = cls(model=str(model_path), args=args, train_dataset=unpaired_dataset(), processing_class=char_tokenizer())
-    return trl_kto.patch_kto_trainer(tr) if kind == "patched" else tr
+    tr = cls(model=str(model_path), args=args, train_dataset=unpaired_dataset(), processing_class=char_tokenizer(),
+             **(own or {}) if kind == "fast" else {})
+    return trl_kto.patch_kto_trainer(tr, **(own or {})) if kind == "patched" else tr
 
 
 def pair_for_memory(algo, kind, out_dir, vocab=8192, **cfg):

@@ -97,7 +97,7 @@ def vision_inputs(modality: dict, start: int, end: int, total: int) -> dict:
 
 def no_grad_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int, *,
                            temperature: float = 1.0, batch_size: int | None = None,
-                           autocast=None, **vision) -> torch.Tensor:
+                           autocast=None, call=None, **vision) -> torch.Tensor:
     """(B, logits_to_keep) float32 log-probs of the last ``logits_to_keep`` tokens of each row, under no_grad.
 
     The decoder runs through :func:`dpo_fast.hf.call_with_hidden_states` (the model's wrappers and hooks
@@ -110,6 +110,9 @@ def no_grad_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch
         logits_to_keep: completion length C (1 <= C < T).
         batch_size: rows per decoder call (TRL's chunking); default all.
         autocast: a context manager factory for mixed precision (``accelerator.autocast``), or None.
+        call: the decoder call, ``call(model, fn, input_ids, attention_mask=..., **vision)``: default
+            :func:`dpo_fast.hf.call_with_hidden_states`; a trainer's ``_dpo_fast_call`` removes the padding
+            (``padding_free=True``).
         **vision: a vision-language model's inputs of the whole batch (``pixel_values``, ``image_grid_thw``,
             ``num_images``, ...), as TRL's GRPO passes them; each chunk gets its slice (:func:`vision_inputs`).
     """
@@ -133,7 +136,7 @@ def no_grad_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch
             return token_logprobs(h, w, labels.to(h.device), bias=b, **head.engine_kwargs(temperature))
 
         with torch.no_grad(), (autocast() if autocast is not None else contextlib.nullcontext()):
-            out.append(call_with_hidden_states(model, fn, ids, attention_mask=am,
+            out.append((call or call_with_hidden_states)(model, fn, ids, attention_mask=am,
                                                **vision_inputs(vision, s, s + ids.shape[0], B)))
     return torch.cat(out, 0)
 

@@ -20,12 +20,12 @@ from typing import Any, Callable
 
 import torch
 
-from ..hf import call_with_hidden_states, install_fused_forward, output_head
+from ..hf import call_with_hidden_states, call_without_padding, install_fused_forward, output_head
 from ._trainer_common import check_trl_version
 
 __all__ = ["TrainerAdapter", "Option", "Kwarg", "patch_instance", "vision_option", "moe_aux_option",
            "SOFTCAP_OPTION", "ENCODER_DECODER_OPTION", "VLM_HEAD_OPTION", "options_from_trainer", "sequence_sharding",
-           "check_sequence_sharding", "SEQUENCE_PARALLEL_RECIPE"]
+           "check_sequence_sharding", "SEQUENCE_PARALLEL_RECIPE", "PADDING_FREE_KWARGS"]
 
 ACTIONS = ("error", "two_pass", "trl")
 #: what each fallback route does, for the warning
@@ -64,6 +64,11 @@ class Kwarg:
     name: str
     default: Any
     annotation: str
+
+
+#: The padding-free keywords of the trainers whose TRL config has no ``padding_free`` field (GRPO, RLOO, KTO, CPO,
+#: ORPO): the decoder runs on the batch's real tokens packed into rows (:func:`dpo_fast.hf.call_without_padding`).
+PADDING_FREE_KWARGS = (Kwarg("padding_free", False, "bool"), Kwarg("packed_row_tokens", None, "int | str | None"))
 
 
 # ------------------------------------------------------------------------------------------------ shared rows
@@ -251,6 +256,8 @@ class TrainerAdapter:
         check_sequence_sharding(type(self).__name__, getattr(self, "args", None))
         self.dpo_fast_route: str | None = None
         self.dpo_fast_routes: collections.Counter = collections.Counter()
+        if any(k is PADDING_FREE_KWARGS[0] for k in self._dpo_fast_kwargs):
+            self._dpo_fast_setup_unpadded(own.pop("padding_free"), own.pop("packed_row_tokens"))
         self._dpo_fast_setup(**own)
         reasons, route = self._dpo_fast_check_options()
         self._dpo_fast_loss = None
@@ -276,6 +283,46 @@ class TrainerAdapter:
 
     def _dpo_fast_setup(self, **own) -> None:
         pass
+
+    def _dpo_fast_setup_unpadded(self, padding_free: bool, row_tokens: int | str | None) -> None:
+        """``padding_free=True`` (:data:`PADDING_FREE_KWARGS`): check the keywords, refuse a vision-language model,
+        and prove with a probe that the policy's (and reference's) attention keeps packed sequences apart."""
+        from .padding_free import check_packed_attention
+
+        if not isinstance(padding_free, bool):
+            raise TypeError(f"padding_free: expected a bool, got {type(padding_free).__name__}")
+        if row_tokens is not None and not padding_free:
+            raise ValueError("packed_row_tokens: only meaningful with padding_free=True")
+        if row_tokens is not None and row_tokens != "one_row" and (
+                isinstance(row_tokens, bool) or not isinstance(row_tokens, int) or row_tokens < 1):
+            raise ValueError(f"packed_row_tokens: expected None, 'one_row' or an int >= 1, got {row_tokens!r}")
+        self.dpo_fast_padding_free = padding_free
+        self._dpo_fast_row_tokens = row_tokens
+        #: real tokens, packed slots and padded slots the decoder saw (padding-free forwards)
+        self.dpo_fast_packing: collections.Counter = collections.Counter()
+        if not padding_free:
+            return
+        if getattr(self, "_is_vlm", False) or getattr(self, "_is_vision_dataset", False):
+            raise NotImplementedError(
+                f"{type(self).__name__}: padding_free=True is not supported with a vision-language model: packing "
+                "would have to re-lay its image tokens and the model's own position ids (e.g. Qwen2-VL's 3-D RoPE "
+                "positions). Set padding_free=False (padded batches are supported).")
+        check_packed_attention(self.model)
+        if getattr(self, "ref_model", None) is not None:
+            check_packed_attention(self.ref_model)
+
+    def _dpo_fast_call(self, model, fn: Callable, input_ids: torch.Tensor, *, attention_mask=None, **kwargs):
+        """:func:`dpo_fast.hf.call_with_hidden_states`, or with ``padding_free`` its padding removed
+        (:func:`dpo_fast.hf.call_without_padding`: ``fn`` still sees hidden states in the padded layout)."""
+        if attention_mask is None or not getattr(self, "dpo_fast_padding_free", False):
+            return call_with_hidden_states(model, fn, input_ids, attention_mask=attention_mask, **kwargs)
+
+        def count(rows):
+            self.dpo_fast_packing.update(real_tokens=rows.real_tokens, packed_slots=rows.input_ids.numel(),
+                                         padded_slots=input_ids.numel())
+
+        return call_without_padding(model, fn, input_ids, attention_mask, row_tokens=self._dpo_fast_row_tokens,
+                                    on_pack=count, **kwargs)
 
     def _dpo_fast_check_options(self) -> tuple[list[str], str | None]:
         """Raise for the first applying ``"error"`` row; return (fallback reasons, fallback route or None)."""
@@ -328,7 +375,7 @@ class TrainerAdapter:
             return out, (None if extra is None else extra(hidden, head))
 
         with self.accelerator.autocast() if autocast else contextlib.nullcontext():
-            out, ex = call_with_hidden_states(model, fn, input_ids, **(forward or {}))
+            out, ex = self._dpo_fast_call(model, fn, input_ids, **(forward or {}))
         self._dpo_fast_record(out.route)
         return out, ex
 

@@ -59,14 +59,13 @@ from __future__ import annotations
 
 import torch
 
-from ..hf import call_with_hidden_states
 from ..losses import grpo_terms as G
 from ..losses import policy_gradient as PG
 from ..losses.registry import GRPO_LOSS_TYPES, IS_LEVELS, TRL_GRPO_LOSS_TYPES
 from ..logprobs import token_logprobs_and_entropy
 from ._trainer_common import (SUPPORTED_TRL, UnsupportedTRLVersion, check_trl_version, no_grad_token_logprobs,
                               reduced_mean, vision_inputs)
-from .adapter import (VLM_HEAD_OPTION, Option, TrainerAdapter, moe_aux_option, options_from_trainer, patch_instance,
+from .adapter import (PADDING_FREE_KWARGS, VLM_HEAD_OPTION, Option, TrainerAdapter, moe_aux_option, options_from_trainer, patch_instance,
                       vision_option)
 
 try:
@@ -106,6 +105,8 @@ def _masked_mean(acc, x: torch.Tensor, mask: torch.Tensor) -> float:
 class _HiddenStateLogpsMixin(TrainerAdapter):
     """TRL's per-token log-prob hook (shared by GRPOTrainer and RLOOTrainer) through dpo_fast's engine."""
 
+    _dpo_fast_kwargs = PADDING_FREE_KWARGS
+
     def _dpo_fast_temperature(self) -> float:
         return self.temperature
 
@@ -122,7 +123,8 @@ class _HiddenStateLogpsMixin(TrainerAdapter):
         if not grad:
             logps = no_grad_token_logprobs(model, input_ids, attention_mask, logits_to_keep,
                                            temperature=self.temperature, batch_size=batch_size,
-                                           autocast=self.accelerator.autocast, **modality)
+                                           autocast=self.accelerator.autocast, call=self._dpo_fast_call,
+                                           **modality)
             return logps, None, None
         # two-pass route: the policy's log-probs (differentiable) and entropies (no gradient) from one engine pass,
         # then TRL's own loss formula on them
@@ -134,8 +136,8 @@ class _HiddenStateLogpsMixin(TrainerAdapter):
             return token_logprobs_and_entropy(h, w, labels.to(h.device), bias=b, **head.engine_kwargs(self.temperature))
 
         with self.accelerator.autocast():
-            logps, ent = call_with_hidden_states(model, fn, input_ids, attention_mask=attention_mask,
-                                                 **vision_inputs(modality, 0, len(input_ids), len(input_ids)))
+            logps, ent = self._dpo_fast_call(model, fn, input_ids, attention_mask=attention_mask,
+                                             **vision_inputs(modality, 0, len(input_ids), len(input_ids)))
         return logps, (ent if compute_entropy else None), None
 
 
@@ -297,12 +299,14 @@ class FastRLOOTrainer(_FastRLOOMixin, RLOOTrainer):
     """
 
 
-def patch_rloo_trainer(trainer: RLOOTrainer) -> RLOOTrainer:
+def patch_rloo_trainer(trainer: RLOOTrainer, *, padding_free: bool = False,
+                       packed_row_tokens: int | str | None = None) -> RLOOTrainer:
     """Make an existing ``trl.RLOOTrainer`` instance use :class:`FastRLOOTrainer`'s methods (state kept)."""
-    return patch_instance(trainer, _FastRLOOMixin)
+    return patch_instance(trainer, _FastRLOOMixin, padding_free=padding_free, packed_row_tokens=packed_row_tokens)
 
 
-def patch_grpo_trainer(trainer: GRPOTrainer) -> GRPOTrainer:
+def patch_grpo_trainer(trainer: GRPOTrainer, *, padding_free: bool = False,
+                       packed_row_tokens: int | str | None = None) -> GRPOTrainer:
     """Make an existing ``trl.GRPOTrainer`` (or subclass) instance use :class:`FastGRPOTrainer`'s methods.
 
     The instance's class is swapped for a subclass; its state is kept. Call it before ``trainer.train()``.
@@ -310,4 +314,4 @@ def patch_grpo_trainer(trainer: GRPOTrainer) -> GRPOTrainer:
     Returns:
         The same trainer object.
     """
-    return patch_instance(trainer, _FastGRPOMixin)
+    return patch_instance(trainer, _FastGRPOMixin, padding_free=padding_free, packed_row_tokens=packed_row_tokens)
