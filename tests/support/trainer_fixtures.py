@@ -31,15 +31,15 @@ def prompts_dataset(n=16, seed=0):
     return Dataset.from_list([{"prompt": f"{rng.randrange(50)}+{rng.randrange(50)}="} for _ in range(n)])
 
 
-def long_tail_prompts(n=16, seed=0, longest=40):
-    """``n`` rows {"prompt": zeros + "a+b="}: prompt lengths from a long-tailed (Pareto) mix up to ``longest``
-    characters, so a batch's prompts are left-padded by very different amounts."""
+def long_tail_prompts(n=16, seed=0, longest=40, alpha=0.6):
+    """``n`` rows {"prompt": zeros + "a+b="}: prompt lengths from a long-tailed (Pareto, shape ``alpha``) mix up to
+    ``longest`` characters, so a batch's prompts are left-padded by very different amounts."""
     from datasets import Dataset
 
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        extra = min(int(rng.paretovariate(1.1)) - 1, longest - 6)
+        extra = min(int(rng.paretovariate(alpha)) - 1, longest - 6)
         rows.append({"prompt": "0" * extra + f"{rng.randrange(50)}+{rng.randrange(50)}="})
     return Dataset.from_list(rows)
 

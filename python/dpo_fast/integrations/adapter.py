@@ -298,7 +298,7 @@ class TrainerAdapter:
             raise ValueError(f"packed_row_tokens: expected None, 'one_row' or an int >= 1, got {row_tokens!r}")
         self.dpo_fast_padding_free = padding_free
         self._dpo_fast_row_tokens = row_tokens
-        #: real tokens, packed slots and padded slots the decoder saw (padding-free forwards)
+        #: real tokens, slots and rows the decoder saw packed, and what the padded batches had (padding-free forwards)
         self.dpo_fast_packing: collections.Counter = collections.Counter()
         if not padding_free:
             return
@@ -319,7 +319,8 @@ class TrainerAdapter:
 
         def count(rows):
             self.dpo_fast_packing.update(real_tokens=rows.real_tokens, packed_slots=rows.input_ids.numel(),
-                                         padded_slots=input_ids.numel())
+                                         padded_slots=input_ids.numel(), packed_rows=rows.input_ids.shape[0],
+                                         padded_rows=input_ids.shape[0])
 
         return call_without_padding(model, fn, input_ids, attention_mask, row_tokens=self._dpo_fast_row_tokens,
                                     on_pack=count, **kwargs)
