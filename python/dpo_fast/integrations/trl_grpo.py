@@ -48,6 +48,21 @@ or importance-sampling level TRL does not have raises ``ValueError`` at construc
 not compute): old/reference log-probs through the no-grad forward, the policy's through the engine (route
 ``"two_pass"``), TRL's RLOO loss and metrics on them.
 
+Padding-free (``FastGRPOTrainer(..., padding_free=True)``, ``FastRLOOTrainer`` likewise, or the patch functions'
+keywords; TRL 1.16's GRPOConfig/RLOOConfig have no such field): TRL builds its padded generation batch as usual
+(left-padded prompts, right-padded completions); every decoder call of dpo_fast's routes -- the policy's forward
+and backward, the old-policy and reference forwards -- runs on the batch's real tokens only, packed into rows of
+whole sequences by the Rust best-fit-decreasing planner (:func:`dpo_fast.packing.pack_padded_rows`: positions
+restarting per sequence, ``cu_seqlens``; sdpa/eager block-diagonal masks from ``position_ids``, flash-attention
+varlen arguments), and the hidden states come back in the padded layout for the unchanged loss and metrics
+(:func:`dpo_fast.hf.call_without_padding`). ``packed_row_tokens``: the packed-row capacity (None: the longest
+sequence of the forward; ``"one_row"``; an int). At construction a probe checks that the attention keeps packed
+sequences apart; a vision-language model is refused (its image tokens and 3-D positions are not re-laid).
+``trainer.dpo_fast_packing`` counts the real tokens, slots and rows the decoder saw, packed and padded. Route
+``"trl"`` (MoE aux loss) runs TRL's padded forward. Every logged metric equals the padded path within 1e-4
+(positions restart at 0 where the padded forward's left padding shifted them: models with rotary or relative
+positions are unaffected, absolute position embeddings are not -- keep those padded).
+
 Vision-language models (GRPO): TRL's vision inputs (``pixel_values``, ``image_grid_thw``, ``num_images``,
 ``mm_token_type_ids`` ...) go to the model's forward, sliced per chunk as TRL slices them; the language model's
 last hidden states go to the engine. Not supported (clear errors): vision-language models in ``FastRLOOTrainer``,
@@ -279,12 +294,22 @@ class _FastRLOOMixin(_HiddenStateLogpsMixin):
 class FastGRPOTrainer(_FastGRPOMixin, GRPOTrainer):
     """``trl.GRPOTrainer`` with the policy's log-probs and loss computed by the fused :class:`dpo_fast.GRPOLoss`.
 
-    Same constructor as ``trl.GRPOTrainer``. See the module docstring for the routes.
+    Same constructor as ``trl.GRPOTrainer``, plus:
+
+    Args:
+        padding_free: run the decoder on the batch's real tokens only, packed into rows of whole sequences
+            (policy, old-policy and reference forwards); metrics equal the padded path. See the module docstring.
+        packed_row_tokens: packed-row capacity with ``padding_free``: None (the longest sequence of the batch),
+            ``"one_row"`` (flash-attention varlen) or an int >= the longest sequence.
+
+    See the module docstring for the routes.
 
     Raises:
         UnsupportedTRLVersion: the installed TRL is outside :data:`SUPPORTED_TRL`.
         ValueError: a ``loss_type`` / ``importance_sampling_level`` TRL does not have.
-        NotImplementedError: vision-language models, MoE aux loss, ``cast_lm_head_to_fp32``.
+        NotImplementedError: MoE aux loss, ``cast_lm_head_to_fp32``, ``padding_free`` with a vision-language model.
+        TypeError / ValueError: bad ``padding_free`` / ``packed_row_tokens``; ``padding_free`` with an attention
+            implementation that lets packed sequences see each other.
     """
 
 
@@ -295,13 +320,15 @@ class FastRLOOTrainer(_FastRLOOMixin, RLOOTrainer):
     log-probs (KL folded into the reward), which :class:`dpo_fast.GRPOLoss` does not compute. So the policy's
     per-token log-probs and entropies come from one engine pass (differentiable log-probs, no logits tensor) and
     TRL's own RLOO loss runs on them (route ``"two_pass"``); old and reference log-probs use the 1-GEMM no-grad
-    forward. Same constructor as ``trl.RLOOTrainer``; errors as :class:`FastGRPOTrainer`.
+    forward. Same constructor as ``trl.RLOOTrainer`` plus ``padding_free`` / ``packed_row_tokens`` (as
+    :class:`FastGRPOTrainer`); errors as :class:`FastGRPOTrainer`.
     """
 
 
 def patch_rloo_trainer(trainer: RLOOTrainer, *, padding_free: bool = False,
                        packed_row_tokens: int | str | None = None) -> RLOOTrainer:
-    """Make an existing ``trl.RLOOTrainer`` instance use :class:`FastRLOOTrainer`'s methods (state kept)."""
+    """Make an existing ``trl.RLOOTrainer`` instance use :class:`FastRLOOTrainer`'s methods (state kept);
+    ``padding_free`` / ``packed_row_tokens`` as :class:`FastRLOOTrainer`."""
     return patch_instance(trainer, _FastRLOOMixin, padding_free=padding_free, packed_row_tokens=packed_row_tokens)
 
 
@@ -310,6 +337,7 @@ def patch_grpo_trainer(trainer: GRPOTrainer, *, padding_free: bool = False,
     """Make an existing ``trl.GRPOTrainer`` (or subclass) instance use :class:`FastGRPOTrainer`'s methods.
 
     The instance's class is swapped for a subclass; its state is kept. Call it before ``trainer.train()``.
+    ``padding_free`` / ``packed_row_tokens``: as :class:`FastGRPOTrainer`.
 
     Returns:
         The same trainer object.
