@@ -63,10 +63,10 @@ sequences apart; a vision-language model is refused (its image tokens and 3-D po
 (positions restart at 0 where the padded forward's left padding shifted them: models with rotary or relative
 positions are unaffected, absolute position embeddings are not -- keep those padded).
 
-Vision-language models (GRPO): TRL's vision inputs (``pixel_values``, ``image_grid_thw``, ``num_images``,
+Vision-language models (GRPO and RLOO): TRL's vision inputs (``pixel_values``, ``image_grid_thw``, ``num_images``,
 ``mm_token_type_ids`` ...) go to the model's forward, sliced per chunk as TRL slices them; the language model's
-last hidden states go to the engine. Not supported (clear errors): vision-language models in ``FastRLOOTrainer``,
-the MoE router aux loss, ``cast_lm_head_to_fp32``.
+last hidden states go to the engine. Not supported (clear errors): the MoE router aux loss,
+``cast_lm_head_to_fp32``.
 Supported TRL releases: :data:`SUPPORTED_TRL`.
 """
 
@@ -80,8 +80,8 @@ from ..losses.registry import GRPO_LOSS_TYPES, IS_LEVELS, TRL_GRPO_LOSS_TYPES
 from ..logprobs import token_logprobs_and_entropy
 from ._trainer_common import (SUPPORTED_TRL, UnsupportedTRLVersion, check_trl_version, no_grad_token_logprobs,
                               reduced_mean, vision_inputs)
-from .adapter import (PADDING_FREE_KWARGS, VLM_HEAD_OPTION, Option, TrainerAdapter, moe_aux_option, options_from_trainer, patch_instance,
-                      vision_option)
+from .adapter import (PADDING_FREE_KWARGS, VLM_HEAD_OPTION, Option, TrainerAdapter, moe_aux_option, options_from_trainer,
+                      patch_instance)
 
 try:
     from trl import GRPOTrainer, RLOOTrainer
@@ -284,8 +284,7 @@ class _FastRLOOMixin(_HiddenStateLogpsMixin):
 
     _dpo_fast_trl_class = RLOOTrainer
     _dpo_fast_stock = "trl.RLOOTrainer"
-    # RLOO on a vision-language model is not tested here: refused
-    _dpo_fast_options = (vision_option("_is_vlm"),) + _COMMON_OPTIONS
+    _dpo_fast_options = _COMMON_OPTIONS
 
     def _dpo_fast_setup(self) -> None:
         self._dpo_fast_record("two_pass")  # always: TRL's RLOO loss on the engine's log-probs
