@@ -27,6 +27,23 @@ vocabulary entries of the rows' logits, as TRL logs it, computed exactly as a GE
 head (``final_logit_softcapping``) breaks that identity and raises ``NotImplementedError``; so do
 encoder-decoder models and the MoE router aux loss. The route of the last step is ``trainer.dpo_fast_route``.
 
+Padding-free (``FastCPOTrainer(..., padding_free=True)``, ``FastORPOTrainer(..., padding_free=True)``, or the same
+keyword of ``patch_cpo_trainer`` / ``patch_orpo_trainer``; TRL 1.16's ``CPOConfig`` / ``ORPOConfig`` have no such
+field): the policy's forward (CPO's fused or two-pass route; ORPO's, which gives its odds ratio and its
+whole-sequence NLL) runs on the real tokens of the concatenated batch (chosen rows, then rejected rows), packed
+into rows of whole sequences (:func:`dpo_fast.hf.call_without_padding`; ``packed_row_tokens`` sets the row
+capacity). The loss, log-probs, NLL and their gradients come from real tokens only, so they are the padded
+path's. TRL's collator right-pads every sequence (one contiguous run of real tokens from position 0 per row); a
+batch where a scored token follows a padding position (a left-padded row) raises ``ValueError`` instead of
+scoring a hidden state the packed forward never computes. ``logits/chosen|rejected`` are TRL's mean over *every*
+position up to the padded length, padding included, and the model's logits at padding positions exist only in a
+padded forward: to log TRL's exact values, each step runs one extra no-grad padded forward of the rows that hold
+padding (among the positions TRL averages; ORPO leaves out the last) and takes their row means from it; rows
+without padding keep the packed pass's. So padding-free saves the padding's share of the training pass's forward
+and backward, and spends a no-grad forward of the padded rows on this metric (its slots are counted in
+``trainer.dpo_fast_packing["logits_metric_slots"]``). The attention implementation is probed at construction
+(``ValueError`` for one whose packed sequences see each other).
+
 The experimental API is importable in TRL 1.16 (``trl.experimental.cpo`` / ``trl.experimental.orpo``); if it
 is missing, importing this module raises ``ImportError`` saying so. Supported TRL releases: :data:`SUPPORTED_TRL`.
 """
@@ -37,8 +54,8 @@ import torch
 
 from ..hf import call_with_hidden_states
 from ._trainer_common import SUPPORTED_TRL, UnsupportedTRLVersion, check_trl_version  # noqa: F401 (re-export)
-from .adapter import (ENCODER_DECODER_OPTION, SOFTCAP_OPTION, TrainerAdapter, moe_aux_option, options_from_trainer,
-                      patch_instance)
+from .adapter import (ENCODER_DECODER_OPTION, PADDING_FREE_KWARGS, SOFTCAP_OPTION, TrainerAdapter, moe_aux_option,
+                      options_from_trainer, patch_instance)
 
 try:
     from trl.experimental.cpo import CPOTrainer
@@ -62,8 +79,9 @@ def _row_logit_means(hidden: torch.Tensor, head, upto: int) -> torch.Tensor:
 
 
 class _FastPairMixin(TrainerAdapter):
-    """Shared by the CPO and ORPO mixins: options table and the hidden-state forward."""
+    """Shared by the CPO and ORPO mixins: options table, padding-free keywords and the hidden-state forward."""
 
+    _dpo_fast_kwargs = PADDING_FREE_KWARGS
     _dpo_fast_options = (
         ENCODER_DECODER_OPTION,
         moe_aux_option("output_router_logits=False"),  # these trainers enable it from the model config
@@ -95,8 +113,10 @@ class _FastPairMixin(TrainerAdapter):
             lp = token_logprobs(h[:, :-1], w, scored.to(h.device), bias=b, **head.engine_kwargs())  # (2B, T-1)
             return lp, _row_logit_means(hidden, head, upto)
 
+        self._dpo_fast_check_scored(scored, am)
         with self.accelerator.autocast():
-            lp, logit_means = call_with_hidden_states(model, fn, ids, attention_mask=am)
+            lp, logit_means = self._dpo_fast_call(model, fn, ids, attention_mask=am)
+        logit_means = self._dpo_fast_logit_means(model, ids, am, upto, logit_means)
         m = (resp != -100).to(lp.dtype)
         logps = (lp * m).sum(-1)
         if average:
@@ -114,6 +134,40 @@ class _FastPairMixin(TrainerAdapter):
 
     def _dpo_fast_need_nll(self) -> bool:
         return True
+
+    # padding-free (see the module doc)
+    def _dpo_fast_check_scored(self, scored: torch.Tensor, am: torch.Tensor) -> None:
+        """Padding-free: every scored position (``scored[:, t] != -100``: hidden state t predicts token t+1) must
+        be a real token, which the packed forward computes; a left-padded row's first real token, scored from a
+        padding position, raises instead of being scored from a zero hidden state."""
+        if getattr(self, "dpo_fast_padding_free", False) and bool(((scored != -100) & (am[:, :-1] == 0)).any()):
+            raise ValueError(f"{type(self).__name__}: padding_free=True: a scored token follows a padding position "
+                             "(a left-padded row): the packed forward has no hidden state there. Use right-padded "
+                             "batches (TRL's collator) or padding_free=False.")
+
+    def _dpo_fast_logit_means(self, model, ids: torch.Tensor, am: torch.Tensor, upto: int,
+                              means: torch.Tensor) -> torch.Tensor:
+        """TRL's (R, 1) per-row mean logit over positions [0, upto), padding positions included.
+
+        ``means`` comes from the training pass. Padded, it is already TRL's. Padding-free, the rows that hold
+        padding among those positions get theirs from one no-grad padded forward of just those rows (the model's
+        logits at padding positions exist only there), under the same autocast. Every call runs exactly one such
+        forward (of row 0 when no row holds padding), so that processes whose parameters are sharded (FSDP,
+        ZeRO-3) call the model the same number of times.
+        """
+        if not getattr(self, "dpo_fast_padding_free", False):
+            return means
+        rows = (am[:, :upto] == 0).any(1).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            rows = rows.new_zeros(1)
+        sub_ids, sub_am = ids[rows, :upto], am[rows, :upto]
+        with torch.no_grad(), self.accelerator.autocast():
+            side = call_with_hidden_states(model, lambda hidden, head: _row_logit_means(hidden, head, upto), sub_ids,
+                                           attention_mask=sub_am)
+        self.dpo_fast_packing.update(logits_metric_slots=sub_ids.numel())
+        means = means.clone()
+        means[rows.to(means.device)] = side.to(means.device, means.dtype)
+        return means
 
 
 class _FastCPOMixin(_FastPairMixin):
@@ -144,8 +198,10 @@ class _FastCPOMixin(_FastPairMixin):
         labels = torch.full_like(ids, -100)
         labels[:, :-1] = cb["concatenated_labels"][:, 1:]  # (2B, T) shifted: chosen rows, then rejected rows
         T = ids.shape[1]
+        self._dpo_fast_check_scored(labels[:, :-1], am)
         out, logit_means = self._dpo_fast_fused(model, ids, labels, forward=dict(attention_mask=am), autocast=True,
                                                 extra=lambda hidden, head: _row_logit_means(hidden, head, T))
+        logit_means = self._dpo_fast_logit_means(model, ids, am, T, logit_means)
         acc = self.accelerator
         cr, rr = out.chosen_rewards.detach(), out.rejected_rewards.detach()
         lc, lr = out.chosen_logps.detach(), out.rejected_logps.detach()
@@ -188,23 +244,49 @@ class _FastORPOMixin(_FastPairMixin):
 class FastCPOTrainer(_FastCPOMixin, CPOTrainer):
     """``trl.experimental.cpo.CPOTrainer`` with the loss from hidden states (fused :class:`dpo_fast.CPOLoss`).
 
-    Same constructor as TRL's. Raises ``UnsupportedTRLVersion`` outside :data:`SUPPORTED_TRL`,
-    ``NotImplementedError`` for encoder-decoder models, soft-capped heads and the MoE aux loss.
+    Same constructor as TRL's, plus two keywords of its own.
+
+    Args:
+        padding_free: run the policy's forward on the concatenated batch's real tokens packed into rows instead
+            of the padded batch (default False); every logged metric is the padded path's (``logits/*`` through
+            one extra no-grad padded forward of the rows that hold padding, see the module doc).
+            ``trainer.dpo_fast_packing`` counts the real tokens, packed slots and rows against the padded
+            batches', and ``logits_metric_slots``.
+        packed_row_tokens: packed-row capacity with ``padding_free=True``: None (default: the batch's longest
+            sequence), ``"one_row"`` (every sequence in one row, for flash-attention varlen) or an int (at least
+            the longest sequence, else the step raises ``ValueError``).
+
+    Raises:
+        UnsupportedTRLVersion: the installed TRL is outside :data:`SUPPORTED_TRL`.
+        NotImplementedError: encoder-decoder models, soft-capped heads, the MoE aux loss.
+        TypeError: ``padding_free`` not a bool.
+        ValueError: ``packed_row_tokens`` without ``padding_free=True`` or not None / ``"one_row"`` / an int >= 1;
+            with ``padding_free=True``, an attention implementation that lets packed sequences see each other
+            (probed at construction), or (at a step) a scored token after a padding position.
     """
 
 
 class FastORPOTrainer(_FastORPOMixin, ORPOTrainer):
     """``trl.experimental.orpo.ORPOTrainer`` with the policy's log-probs from hidden states (no logits tensor).
 
-    Same constructor as TRL's; errors as :class:`FastCPOTrainer`.
+    Same constructor as TRL's, plus ``padding_free`` and ``packed_row_tokens`` as :class:`FastCPOTrainer` (the
+    packed forward gives the odds ratio and the whole-sequence NLL); errors as :class:`FastCPOTrainer`.
     """
 
 
-def patch_cpo_trainer(trainer: CPOTrainer) -> CPOTrainer:
-    """Swap an existing ``trl.experimental.cpo.CPOTrainer`` instance's class for the fast one (state kept)."""
-    return patch_instance(trainer, _FastCPOMixin)
+def patch_cpo_trainer(trainer: CPOTrainer, *, padding_free: bool = False,
+                      packed_row_tokens: int | str | None = None) -> CPOTrainer:
+    """Swap an existing ``trl.experimental.cpo.CPOTrainer`` instance's class for the fast one (state kept).
+
+    ``padding_free`` / ``packed_row_tokens``: as :class:`FastCPOTrainer` (same errors). Returns the same trainer.
+    """
+    return patch_instance(trainer, _FastCPOMixin, padding_free=padding_free, packed_row_tokens=packed_row_tokens)
 
 
-def patch_orpo_trainer(trainer: ORPOTrainer) -> ORPOTrainer:
-    """Swap an existing ``trl.experimental.orpo.ORPOTrainer`` instance's class for the fast one (state kept)."""
-    return patch_instance(trainer, _FastORPOMixin)
+def patch_orpo_trainer(trainer: ORPOTrainer, *, padding_free: bool = False,
+                       packed_row_tokens: int | str | None = None) -> ORPOTrainer:
+    """Swap an existing ``trl.experimental.orpo.ORPOTrainer`` instance's class for the fast one (state kept).
+
+    ``padding_free`` / ``packed_row_tokens``: as :class:`FastCPOTrainer` (same errors). Returns the same trainer.
+    """
+    return patch_instance(trainer, _FastORPOMixin, padding_free=padding_free, packed_row_tokens=packed_row_tokens)

@@ -25,18 +25,28 @@ mean row, exact for a linear head), ``rewards/*``, ``logps/*`` (``logps`` = rewa
 ``image_grid_thw``, ``mm_token_type_ids`` ..., the KL pass with TRL's ``KL_*token_type_ids``) goes to the model's
 forward in every pass. Not supported (clear errors): the MoE router aux loss, soft-capped heads (the mean logit
 does not commute with the cap), prompt-learning PEFT. Supported TRL: :data:`SUPPORTED_TRL`.
+
+Padding-free (``FastKTOTrainer(..., padding_free=True)`` / ``patch_kto_trainer(trainer, padding_free=True)``; TRL
+1.16's ``KTOConfig`` has no such field, so it is a keyword of the trainer): every decoder pass -- the policy's
+loss pass, the KL pass over the mismatched pairs, the reference passes and ``precompute_ref_log_probs`` -- runs on
+the batch's real tokens packed into rows (:func:`dpo_fast.hf.call_without_padding`; ``packed_row_tokens`` sets
+the row capacity). TRL's collator right-pads each (prompt + completion) sequence, one contiguous run of real
+tokens per row, and every metric is taken over real tokens (``logits/*`` over the scored completion tokens,
+``num_tokens`` from the attention mask), so the packed batches log what the padded ones do. The attention
+implementation is probed at construction (one whose packed sequences see each other raises ``ValueError``); a
+vision-language model raises ``NotImplementedError`` (padded batches are supported). The deprecated
+``return_outputs=True`` of ``compute_loss`` still returns a plain padded forward's outputs.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..hf import call_with_hidden_states
 from ..losses.registry import TRL_KTO_LOSS_TYPES
 from ..packing import shifted_labels
 from ._trainer_common import SUPPORTED_TRL, UnsupportedTRLVersion, check_trl_version  # noqa: F401 (re-export)
-from .adapter import (SOFTCAP_OPTION, VLM_HEAD_OPTION, Option, TrainerAdapter, moe_aux_option, options_from_trainer,
-                      patch_instance)
+from .adapter import (PADDING_FREE_KWARGS, SOFTCAP_OPTION, VLM_HEAD_OPTION, Option, TrainerAdapter, moe_aux_option,
+                      options_from_trainer, patch_instance)
 
 try:
     from trl import KTOTrainer
@@ -68,6 +78,7 @@ class _FastKTOMixin(TrainerAdapter):
 
     _dpo_fast_trl_class = KTOTrainer
     _dpo_fast_stock = "trl.KTOTrainer"
+    _dpo_fast_kwargs = PADDING_FREE_KWARGS
     _dpo_fast_options = (
         moe_aux_option(),
         VLM_HEAD_OPTION,
@@ -91,13 +102,24 @@ class _FastKTOMixin(TrainerAdapter):
         from .. import sequence_logprobs
 
         labels = shifted_labels(ids, cm)
+        self._dpo_fast_check_scored(labels, am)
 
         def fn(hidden, head):
             h, w, b = head.operands(hidden)
             return sequence_logprobs(h, w, labels.to(h.device), bias=b, **head.engine_kwargs())
 
         with torch.no_grad(), self.accelerator.autocast():
-            return call_with_hidden_states(model, fn, ids, attention_mask=am, **vision)
+            return self._dpo_fast_call(model, fn, ids, attention_mask=am, **vision)
+
+    def _dpo_fast_check_scored(self, labels, am) -> None:
+        """Padding-free: every scored position (``labels[t] != -100``: hidden state t predicts token t+1) must be
+        a real token, which a packed forward computes; a padding position (a left-padded row whose first real
+        token is scored) has no packed hidden state, so it raises instead of scoring a zero."""
+        if getattr(self, "dpo_fast_padding_free", False) and bool(((labels != -100) & (am == 0)).any()):
+            raise ValueError(f"{type(self).__name__}: padding_free=True: a scored token follows a padding position "
+                             "(a left-padded row whose first real token is a completion token): the packed forward "
+                             "has no hidden state there. Use right-padded batches (TRL's collator) or "
+                             "padding_free=False.")
 
     # TRL hook: the KL pass (policy or reference), no-grad
     def _compute_kl_logps(self, model, batch):
@@ -135,6 +157,7 @@ class _FastKTOMixin(TrainerAdapter):
         else:
             kl = torch.zeros((), device=acc.device)
         labels = shifted_labels(ids, cm)
+        self._dpo_fast_check_scored(labels, am)
 
         def zmean(hidden, head):
             # per-token vocabulary-mean logit at the scored positions (a GEMV: the mean commutes with h W^T + b)
@@ -146,7 +169,7 @@ class _FastKTOMixin(TrainerAdapter):
                                        forward=dict(attention_mask=am, **_model_inputs(batch)), extra=zmean)
         self._dpo_fast_log_step(mode, batch, desirable, labels, ref, kl, out, zm)
         loss = out.loss
-        if return_outputs:  # deprecated in TRL too: logits for compute_metrics need a plain forward
+        if return_outputs:  # deprecated in TRL too: logits for compute_metrics need a plain (padded) forward
             with torch.no_grad():
                 outputs = model(input_ids=ids, attention_mask=am, **_model_inputs(batch), use_cache=False)
             return loss, outputs
@@ -186,17 +209,35 @@ class _FastKTOMixin(TrainerAdapter):
 class FastKTOTrainer(_FastKTOMixin, KTOTrainer):
     """``trl.KTOTrainer`` with the loss computed by the fused :class:`dpo_fast.KTOLoss` (see the module docs).
 
-    Same constructor as ``trl.KTOTrainer``.
+    Same constructor as ``trl.KTOTrainer``, plus two keywords of its own.
+
+    Args:
+        padding_free: run every decoder pass (policy, KL pass, reference, ``precompute_ref_log_probs``) on the
+            batch's real tokens packed into rows instead of the padded batch (default False). Every logged
+            metric is the padded path's. ``trainer.dpo_fast_packing`` counts the real tokens, packed slots and
+            rows against the padded batches'.
+        packed_row_tokens: packed-row capacity with ``padding_free=True``: None (default: the batch's longest
+            sequence), ``"one_row"`` (every sequence in one row, for flash-attention varlen) or an int (at least
+            the longest sequence, else the step raises ``ValueError``).
 
     Raises:
         UnsupportedTRLVersion: the installed TRL is outside :data:`SUPPORTED_TRL`.
-        NotImplementedError: MoE aux loss, soft-capped heads.
+        NotImplementedError: MoE aux loss, soft-capped heads; ``padding_free=True`` with a vision-language model.
+        TypeError: ``padding_free`` not a bool.
+        ValueError: ``packed_row_tokens`` without ``padding_free=True`` or not None / ``"one_row"`` / an int >= 1;
+            with ``padding_free=True``, an attention implementation that lets packed sequences see each other
+            (probed at construction), or (at a step) a scored token after a padding position.
     """
 
 
-def patch_kto_trainer(trainer: KTOTrainer) -> KTOTrainer:
+def patch_kto_trainer(trainer: KTOTrainer, *, padding_free: bool = False,
+                      packed_row_tokens: int | str | None = None) -> KTOTrainer:
     """Make an existing ``trl.KTOTrainer`` (or subclass) instance compute its loss with ``KTOLoss``.
 
     The instance's class is swapped for a subclass (state kept). Call it before ``trainer.train()``.
+    ``padding_free`` / ``packed_row_tokens``: as :class:`FastKTOTrainer` (same errors).
+
+    Returns:
+        The same trainer object.
     """
-    return patch_instance(trainer, _FastKTOMixin)
+    return patch_instance(trainer, _FastKTOMixin, padding_free=padding_free, packed_row_tokens=packed_row_tokens)
