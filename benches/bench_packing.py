@@ -15,6 +15,9 @@ Reported:
   on a ``--list-pairs`` subset (the measurement behind converting lists in Rust).
 - bytes written per second by the Rust packer: slots x 13 bytes (int32 ids, labels, positions + int8
   mask) / time.
+- single sequences: ``pack_sequences(mode="packed")`` on the N chosen completions (flat layout), Rust (best of
+  ``--repeat``) vs the pure-Python twin (one run) in the same run, their ratio, and its token efficiency.
+- the 1-minute load average before and after the run (a loaded machine distorts every ratio).
 
 Usage: ``python benches/bench_packing.py [--pairs 100000] [--out bench_out/packing.json] [--record]``
 The JSON goes to the untracked ``bench_out/packing.json`` unless ``--out`` names another file (``--out
@@ -36,7 +39,7 @@ import time
 import numpy as np
 
 from dpo_fast import _native
-from dpo_fast.packing import pack_pairs
+from dpo_fast.packing import pack_pairs, pack_sequences
 
 
 def make_workload(n_pairs: int, seed: int = 0, vocab: int = 128_256):
@@ -107,6 +110,7 @@ def main(argv=None) -> None:
     ap.add_argument("--record", action="store_true", help="append the figures to benches/RESULTS.md")
     args = ap.parse_args(argv)
 
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     prompt, chosen, rejected = make_workload(args.pairs)
     n_in = sum(int(x[1][-1]) for x in (prompt, chosen, rejected))
     kw = dict(max_tokens=args.max_tokens, mode="packed")
@@ -133,6 +137,20 @@ def main(argv=None) -> None:
     del b_rust
     gc.collect()
 
+    # single sequences: the chosen completions, packed alone
+    t_seq, s_rust = timed(lambda: pack_sequences(chosen, **kw), args.repeat)
+    res.update(seq_count=args.pairs, seq_tokens=s_rust.num_tokens, seq_rust_s=t_seq,
+               seq_rust_per_s=args.pairs / t_seq, seq_efficiency=s_rust.efficiency,
+               seq_rows=int(s_rust.input_ids.shape[0]))
+    if not args.skip_python:
+        t_seq_py, s_py = timed(lambda: pack_sequences(chosen, backend="python", **kw))
+        same = all(np.array_equal(getattr(s_rust, f), getattr(s_py, f))
+                   for f in ("input_ids", "position_ids", "attention_mask", "cu_seqlens", "example_index", "seq_lens"))
+        res.update(seq_python_s=t_seq_py, seq_speedup=t_seq_py / t_seq, seq_identical=same)
+        del s_py
+    del s_rust
+    gc.collect()
+
     eff_pad, t_pad = padded_efficiency(prompt, chosen, rejected, args.padded_batch, args.max_tokens)
     res.update(padded_batch=args.padded_batch, padded_efficiency=eff_pad, rust_padded_microbatch_s=t_pad)
 
@@ -157,6 +175,8 @@ def main(argv=None) -> None:
         numpy=np.__version__,
         torch=torch.__version__,
         native=_native.__version__,
+        load_avg_1m_before=load_before,
+        load_avg_1m_after=os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
     )
 
     rows = [
@@ -169,6 +189,15 @@ def main(argv=None) -> None:
             ("python reference packed", f"{res['python_s'] * 1e3:,.0f} ms  {res['python_pairs_per_s']:,.0f} pairs/s"),
             ("speedup rust / python", f"{res['speedup']:.1f}x  (outputs identical: {res['identical']})"),
         ]
+    rows += [("pack_sequences rust (chosen completions)",
+              f"{t_seq * 1e3:,.0f} ms  {res['seq_rust_per_s']:,.0f} sequences/s  "
+              f"({res['seq_efficiency'] * 100:.2f}% efficiency, {res['seq_rows']:,} rows)")]
+    if "seq_python_s" in res:
+        rows += [
+            ("pack_sequences python twin", f"{res['seq_python_s'] * 1e3:,.0f} ms"),
+            ("pack_sequences speedup rust / python",
+             f"{res['seq_speedup']:.1f}x  (outputs identical: {res['seq_identical']})"),
+        ]
     rows += [
         ("packed efficiency", f"{res['packed_efficiency'] * 100:.2f}%  ({res['rows']:,} rows x {res['row_len']})"),
         (f"padded efficiency (batches of {args.padded_batch})", f"{eff_pad * 100:.2f}%"),
@@ -178,7 +207,8 @@ def main(argv=None) -> None:
     width = max(len(a) for a, _ in rows)
     table = "\n".join(f"| {a:<{width}} | {b} |" for a, b in rows)
     print(table)
-    print(f"({res['date']}, {res['cpu']}, {res['cores']} cores, Python {res['python']}, numpy {res['numpy']}, torch {res['torch']})")
+    print(f"({res['date']}, {res['cpu']}, {res['cores']} cores, Python {res['python']}, numpy {res['numpy']}, torch {res['torch']}; "
+          f"1-min load average {res['load_avg_1m_before']:.2f} before, {res['load_avg_1m_after']:.2f} after)")
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:

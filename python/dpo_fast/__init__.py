@@ -11,7 +11,8 @@ Public API (see README.md):
 - :class:`DPOOptions`, :class:`CPOOptions`, :class:`ORPOOptions`, :class:`KTOOptions`, :class:`GRPOOptions` —
   each loss family's options, declared once; every function and module above takes one as ``options=`` or
   its fields as keyword arguments.
-- :func:`pack_pairs` — Rust packing of (prompt, chosen, rejected) triples.
+- :func:`pack_pairs` — Rust packing of (prompt, chosen, rejected) triples; :func:`pack_sequences` — of single
+  sequences; :func:`pack_padded_rows` — a padded batch's rows re-laid into packed rows.
 
 Names are resolved lazily so that ``import dpo_fast`` does no device probing and does not import Triton.
 """
@@ -57,6 +58,8 @@ _LAZY = {
     # packing
     "pack_pairs": "dpo_fast.packing",
     "PackedBatch": "dpo_fast.packing",
+    "pack_sequences": "dpo_fast.packing",
+    "PackedSequences": "dpo_fast.packing",
     "pack_padded_rows": "dpo_fast.packing",
     "PackOptions": "dpo_fast.packing",
     "PairCollator": "dpo_fast.packing",

@@ -47,10 +47,37 @@ def pack_flat(
     Raises ValueError on bad data, MemoryError when the outputs cannot be allocated, RuntimeError on an
     internal error (never an abort)."""
 
+class _PackedSequencesDict(TypedDict):
+    input_ids: npt.NDArray[np.int32]  # (R, L)
+    position_ids: npt.NDArray[np.int32]  # (R, L)
+    attention_mask: npt.NDArray[np.int8]  # (R, L)
+    cu_seqlens: npt.NDArray[np.int32]  # (S + 1,)
+    example_index: npt.NDArray[np.int64]  # (S,)
+    seq_lens: npt.NDArray[np.int32]  # (S,)
+    max_seqlen: int
+    num_truncated: int  # sequences the truncation policy shortened
+
+def pack_sequences_flat(
+    values: npt.NDArray[np.int32] | npt.NDArray[np.int64],
+    offsets: npt.NDArray[np.int64],
+    *,
+    max_tokens: int,
+    mode: str,
+    pad_token_id: int,
+    truncation: str,
+    pad_to_multiple_of: int | None,
+    vocab_size: int | None,
+) -> _PackedSequencesDict:
+    """Pack S single sequences given flat (values, offsets) (C-contiguous) with the GIL released; the options
+    are ``PackOptions.native()`` (validated). Arrays are returned without a copy. Raises ValueError on bad
+    data, MemoryError when the outputs cannot be allocated, RuntimeError on an internal error (never an
+    abort)."""
+
 def flatten_int_seqs(
     seqs: Sequence[Sequence[int]] | Sequence[Any], arg: str
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """(values, offsets) of a list/tuple of int sequences. TypeError naming ``arg`` on a non-int item."""
 
 def best_fit_bins(sizes: npt.NDArray[np.int64], capacity: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    """Best-fit-decreasing bins: (item indices in bin order, B + 1 bin offsets)."""
+    """Best-fit-decreasing bins: (item indices in bin order, B + 1 bin offsets). Sizes in [0, capacity]; a room
+    is reused by any item that fits it (a 1-token item fills a room of 1; an empty item joins the fullest bin)."""

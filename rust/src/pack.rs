@@ -1,4 +1,5 @@
-//! Packing of tokenized (prompt, chosen, rejected) triples into model-ready rows.
+//! Packing of tokenized (prompt, chosen, rejected) triples -- or of single sequences -- into
+//! model-ready rows.
 //!
 //! Plain Rust, no Python types: `cargo test` exercises it without an interpreter; `py.rs` is the
 //! thin PyO3 layer and `python/dpo_fast/packing/_reference.py` is a line-by-line Python twin of this
@@ -50,6 +51,15 @@
 //!
 //! Cost: one read of every kept input token and one write of `rows·L·13` bytes (ids, labels,
 //! positions as i32, mask as i8); the best-fit plan is O(P log P).
+//!
+//! # Single sequences
+//! `pack_sequences` is the same packer for S plain token sequences (no prompt, no pairs, no labels),
+//! sharing the options, the planner (`best_fit_decreasing` over sequence lengths instead of pair
+//! costs), the row fill (`for_each_row`, positions, trailing padding) and `cu_seqlens`. Every sequence
+//! must hold at least one token; one over `max_tokens` keeps its first (`KeepStart`) or last
+//! (`KeepEnd`) `max_tokens` tokens, or fails (`Error`). `Padded`: S rows in input order; `Packed`:
+//! rows of at most `max_tokens` tokens holding whole sequences. `example_index` (S) gives each placed
+//! sequence's input index. Cost: `rows·L·9` bytes written (no labels).
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -510,24 +520,13 @@ pub fn pack<T: TokenId>(
     }
 
     // Plan: the sequences of every row, in order.
-    let (order, row_starts, mut row_len) = match opts.mode {
+    let (order, row_starts, row_len) = match opts.mode {
         Mode::Padded => plan_padded(&kept)?,
         Mode::Packed => plan_packed(&kept, m)?,
     };
-    if let Some(mult) = opts.pad_to_multiple_of {
-        // row_len <= max_tokens < 2^31 and mult <= max(max_tokens, 2^16): no overflow in u64.
-        row_len = (row_len as u64).div_ceil(mult as u64).saturating_mul(mult as u64).min(usize::MAX as u64) as usize;
-    }
+    let row_len = round_row_len(row_len, opts.pad_to_multiple_of);
     let num_rows = row_starts.len() - 1;
-    let slots = (num_rows as u64).saturating_mul(row_len as u64);
-    if slots >= ID_LIMIT as u64 {
-        return Err(PackError::new(format!(
-            "the batch would hold {slots} token slots ({num_rows} rows x {row_len}), more than int32 \
-             cu_seqlens can address (2147483647); pack fewer pairs per call"
-        )));
-    }
-
-    let n = slots as usize; // < 2^31
+    let n = check_slots(num_rows, row_len, "pairs")?;
     let mut out = PackedBatch {
         num_rows,
         row_len,
@@ -541,6 +540,29 @@ pub fn pack<T: TokenId>(
     fill(&mut out, &order, &row_starts, &kept, prompt, chosen, rejected, opts.pad_token_id as i32);
     index(&mut out, &order, &row_starts, &kept, opts.mode)?;
     Ok(out)
+}
+
+/// The row length `L` rounded up to `pad_to_multiple_of`.
+fn round_row_len(row_len: usize, pad_to_multiple_of: Option<usize>) -> usize {
+    match pad_to_multiple_of {
+        // row_len <= max_tokens < 2^31 and mult <= max(max_tokens, 2^16): no overflow in u64.
+        Some(mult) => {
+            (row_len as u64).div_ceil(mult as u64).saturating_mul(mult as u64).min(usize::MAX as u64) as usize
+        }
+        None => row_len,
+    }
+}
+
+/// `num_rows * row_len` when int32 indices can address every slot; `unit` names what to pack fewer of.
+fn check_slots(num_rows: usize, row_len: usize, unit: &str) -> Result<usize, PackError> {
+    let slots = (num_rows as u64).saturating_mul(row_len as u64);
+    if slots >= ID_LIMIT as u64 {
+        return Err(PackError::new(format!(
+            "the batch would hold {slots} token slots ({num_rows} rows x {row_len}), more than int32 \
+             cu_seqlens can address (2147483647); pack fewer {unit} per call"
+        )));
+    }
+    Ok(slots as usize) // < 2^31
 }
 
 fn seq_len(k: &Kept, rejected: bool) -> usize {
@@ -564,11 +586,18 @@ fn plan_padded(kept: &[Kept]) -> Result<(Vec<Placed>, Vec<usize>, usize), PackEr
 /// with the least remaining room that still fits it (ties: the older bin), or opens a new bin.
 /// Returns (items in output order, bin_starts): bin `b` holds `items[bin_starts[b]..bin_starts[b+1]]`,
 /// bins in opening order, items within a bin in placement order. O(n log n).
+///
+/// Any item size >= 0 works: a 1-token sequence fills a room of 1, an empty item goes to the fullest
+/// bin (least room, possibly 0) and opens a bin only when there is none yet.
 pub fn best_fit_decreasing(sizes: &[usize], capacity: usize) -> (Vec<u32>, Vec<usize>) {
     let n = sizes.len();
     let mut by_size: Vec<u32> = (0..n as u32).collect();
     // Stable sort: equal sizes keep ascending index.
     by_size.sort_by_key(|&i| std::cmp::Reverse(sizes[i as usize]));
+    // Items come largest first, so a room below the smallest item can never be used again: such rooms
+    // are not kept (a smaller set; the plan is the same as keeping every room, so pairs, which all cost
+    // >= 2, get the plan the former fixed `room >= 2` rule gave).
+    let smallest = sizes.iter().copied().min().unwrap_or(0);
 
     // (remaining room, bin id) of every open bin; the smallest key >= (size, 0) is the best fit.
     let mut open: BTreeSet<(usize, u32)> = BTreeSet::new();
@@ -588,8 +617,7 @@ pub fn best_fit_decreasing(sizes: &[usize], capacity: usize) -> (Vec<u32>, Vec<u
         };
         fill[bin as usize] += size;
         let room = capacity.saturating_sub(fill[bin as usize]);
-        // Rooms below 2 are dropped: no pair costs less than 2 (and it keeps the set small).
-        if room >= 2 {
+        if room >= smallest {
             open.insert((room, bin));
         }
         bin_of.push(bin);
@@ -629,8 +657,97 @@ fn plan_packed(kept: &[Kept], max_tokens: usize) -> Result<(Vec<Placed>, Vec<usi
     Ok((order, row_starts, row_len))
 }
 
-/// Write one row: its sequences back to back, then padding that continues the last sequence's
-/// positions.
+/// Mutable row-major `[rows, L]` output buffers that can be cut between rows: one slice, or a tuple
+/// of them cut at the same slot.
+trait RowBufs: Sized + Send {
+    fn split_at_slot(self, slot: usize) -> (Self, Self);
+}
+
+impl<T: Send> RowBufs for &mut [T] {
+    fn split_at_slot(self, slot: usize) -> (Self, Self) {
+        self.split_at_mut(slot)
+    }
+}
+
+impl<A: RowBufs, B: RowBufs, C: RowBufs> RowBufs for (A, B, C) {
+    fn split_at_slot(self, slot: usize) -> (Self, Self) {
+        let (a0, a1) = self.0.split_at_slot(slot);
+        let (b0, b1) = self.1.split_at_slot(slot);
+        let (c0, c1) = self.2.split_at_slot(slot);
+        ((a0, b0, c0), (a1, b1, c1))
+    }
+}
+
+impl<A: RowBufs, B: RowBufs, C: RowBufs, D: RowBufs> RowBufs for (A, B, C, D) {
+    fn split_at_slot(self, slot: usize) -> (Self, Self) {
+        let (a0, a1) = self.0.split_at_slot(slot);
+        let ((b0, c0, d0), (b1, c1, d1)) = (self.1, self.2, self.3).split_at_slot(slot);
+        ((a0, b0, c0, d0), (a1, b1, c1, d1))
+    }
+}
+
+/// Call `fill_row(r, buffers of row r)` for every row of `[rows, l]` buffers: on the calling thread
+/// for small batches, else on up to 8 threads, each a contiguous band of rows of equal slot count
+/// (the work is memory bound: ~9-13 bytes written per slot). Fresh zeroed pages are faulted in by the
+/// thread that first writes them, so the page-fault cost is spread too.
+fn for_each_row<B: RowBufs>(bufs: B, rows: usize, l: usize, fill_row: impl Fn(usize, B) + Sync) {
+    if rows == 0 || l == 0 {
+        return;
+    }
+    let band = |r0: usize, nr: usize, mut rest: B| {
+        for r in r0..r0 + nr {
+            let (this, tail) = rest.split_at_slot(l);
+            fill_row(r, this);
+            rest = tail;
+        }
+    };
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8);
+    if threads < 2 || rows * l < PARALLEL_MIN_SLOTS || rows < 2 {
+        band(0, rows, bufs);
+        return;
+    }
+    let per = rows.div_ceil(threads);
+    std::thread::scope(|scope| {
+        let mut rest = bufs;
+        let mut r0 = 0;
+        while r0 < rows {
+            let nr = per.min(rows - r0);
+            let (this, tail) = rest.split_at_slot(nr * l);
+            rest = tail;
+            let band = &band;
+            scope.spawn(move || band(r0, nr, this));
+            r0 += nr;
+        }
+    });
+}
+
+/// Copy token ids (validated: in `[0, 2^31)`) into an int32 row.
+#[inline]
+fn write_ids<T: TokenId>(dst: &mut [i32], src: &[T]) {
+    for (d, &v) in dst.iter_mut().zip(src) {
+        *d = v.get() as i32;
+    }
+}
+
+/// Positions `start, start + 1, ...` over `dst`.
+#[inline]
+fn write_positions(dst: &mut [i32], start: usize) {
+    for (t, d) in dst.iter_mut().enumerate() {
+        *d = (start + t) as i32;
+    }
+}
+
+/// A row's trailing padding from slot `at` on: `pad` ids, positions continuing the row's last
+/// sequence (`last_len` tokens), so it is part of that segment (see module docs). The mask there is
+/// already 0 (zero-initialised output).
+#[inline]
+fn pad_row_tail(ids: &mut [i32], positions: &mut [i32], at: usize, last_len: usize, pad: i32) {
+    ids[at..].fill(pad);
+    write_positions(&mut positions[at..], last_len);
+}
+
+/// Write one row of pairs: its sequences back to back, then padding that continues the last
+/// sequence's positions.
 #[allow(clippy::too_many_arguments)]
 fn fill_row<T: TokenId>(
     ids: &mut [i32],
@@ -645,43 +762,28 @@ fn fill_row<T: TokenId>(
     pad: i32,
 ) {
     let mut at = 0usize;
+    let mut last_len = 0usize;
     for s in seqs {
         let i = s.pair as usize;
         let k = &kept[i];
         let p = &prompt.seq(i)[k.prompt_start..k.prompt_start + k.prompt_len];
         let c = if s.rejected { &rejected.seq(i)[..k.rejected_len] } else { &chosen.seq(i)[..k.chosen_len] };
         let (lp, n) = (p.len(), p.len() + c.len());
-        let ids_s = &mut ids[at..at + n];
-        for (d, &v) in ids_s[..lp].iter_mut().zip(p) {
-            *d = v.get() as i32;
-        }
-        for (d, &v) in ids_s[lp..].iter_mut().zip(c) {
-            *d = v.get() as i32;
-        }
+        write_ids(&mut ids[at..at + lp], p);
+        write_ids(&mut ids[at + lp..at + n], c);
         // labels[t] = ids[t + 1] for t in [max(lp, 1) - 1, n - 1); the rest -100.
         let first = lp.max(1) - 1;
         let lab = &mut labels[at..at + n];
         lab[..first].fill(IGNORE_INDEX);
         lab[first..n - 1].copy_from_slice(&ids[at + first + 1..at + n]);
         lab[n - 1] = IGNORE_INDEX;
-        for (t, d) in positions[at..at + n].iter_mut().enumerate() {
-            *d = t as i32;
-        }
+        write_positions(&mut positions[at..at + n], 0);
         mask[at..at + n].fill(1);
         at += n;
+        last_len = n;
     }
-    // Trailing padding: part of the last segment (see module docs).
-    let row_len = ids.len();
-    ids[at..].fill(pad);
     labels[at..].fill(IGNORE_INDEX);
-    let base = match seqs.last() {
-        Some(s) => seq_len(&kept[s.pair as usize], s.rejected),
-        None => 0,
-    };
-    for (t, d) in positions[at..row_len].iter_mut().enumerate() {
-        *d = (base + t) as i32;
-    }
-    // mask[at..] is already 0 (zero-initialised output).
+    pad_row_tail(ids, positions, at, last_len, pad);
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -695,53 +797,38 @@ fn fill<T: TokenId>(
     rejected: Ragged<'_, T>,
     pad: i32,
 ) {
-    let (rows, l) = (out.num_rows, out.row_len);
-    if rows == 0 || l == 0 {
-        return;
-    }
-    let fill_rows = |r0: usize, ids: &mut [i32], lab: &mut [i32], pos: &mut [i32], mask: &mut [i8]| {
-        for (j, (((ids, lab), pos), mask)) in ids
-            .chunks_mut(l)
-            .zip(lab.chunks_mut(l))
-            .zip(pos.chunks_mut(l))
-            .zip(mask.chunks_mut(l))
-            .enumerate()
-        {
-            let r = r0 + j;
-            let seqs = &order[row_starts[r]..row_starts[r + 1]];
-            fill_row(ids, lab, pos, mask, seqs, kept, prompt, chosen, rejected, pad);
-        }
-    };
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8);
-    if threads < 2 || rows * l < PARALLEL_MIN_SLOTS || rows < 2 {
-        fill_rows(0, &mut out.input_ids, &mut out.labels, &mut out.position_ids, &mut out.attention_mask);
-        return;
-    }
-    // Split the rows into `threads` contiguous bands of equal slot count (the work is memory
-    // bound: ~13 bytes written per slot). Fresh zeroed pages are faulted in by the thread that
-    // first writes them, so the page-fault cost is spread too.
-    let per = rows.div_ceil(threads);
-    std::thread::scope(|scope| {
-        let mut ids = out.input_ids.as_mut_slice();
-        let mut lab = out.labels.as_mut_slice();
-        let mut pos = out.position_ids.as_mut_slice();
-        let mut mask = out.attention_mask.as_mut_slice();
-        let mut r0 = 0;
-        while r0 < rows {
-            let nr = per.min(rows - r0);
-            let (a, b) = ids.split_at_mut(nr * l);
-            ids = b;
-            let (c, d) = lab.split_at_mut(nr * l);
-            lab = d;
-            let (e, f) = pos.split_at_mut(nr * l);
-            pos = f;
-            let (g, h) = mask.split_at_mut(nr * l);
-            mask = h;
-            let fr = &fill_rows;
-            scope.spawn(move || fr(r0, a, c, e, g));
-            r0 += nr;
-        }
+    let bufs = (
+        out.input_ids.as_mut_slice(),
+        out.labels.as_mut_slice(),
+        out.position_ids.as_mut_slice(),
+        out.attention_mask.as_mut_slice(),
+    );
+    for_each_row(bufs, out.num_rows, out.row_len, |r, (ids, lab, pos, mask)| {
+        let seqs = &order[row_starts[r]..row_starts[r + 1]];
+        fill_row(ids, lab, pos, mask, seqs, kept, prompt, chosen, rejected, pad);
     });
+}
+
+/// `cu_seqlens` of the flattened `[num_rows, l]` layout, whose row `r` holds the placed sequences
+/// `row_starts[r]..row_starts[r + 1]` back to back (`len(k)`: real tokens of the k-th placed sequence);
+/// each row's trailing padding is counted in its last sequence. Also returns the longest segment.
+fn segments(
+    num_rows: usize,
+    l: usize,
+    row_starts: &[usize],
+    len: impl Fn(usize) -> usize,
+) -> Result<(Vec<i32>, usize), PackError> {
+    let mut cu = try_with_capacity(row_starts[num_rows] + 1, "cu_seqlens")?;
+    for r in 0..num_rows {
+        let mut at = r * l;
+        for k in row_starts[r]..row_starts[r + 1] {
+            cu.push(at as i32);
+            at += len(k);
+        }
+    }
+    cu.push((num_rows * l) as i32);
+    let max_seqlen = cu.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0);
+    Ok((cu, max_seqlen))
 }
 
 /// cu_seqlens, pairs, example_index, seq_lens, completion_lens, max_seqlen.
@@ -754,24 +841,16 @@ fn index(
 ) -> Result<(), PackError> {
     let s_total = order.len();
     let p = kept.len();
-    let l = out.row_len;
-    let mut cu = try_with_capacity(s_total + 1, "cu_seqlens")?;
+    let len_of = |s: &Placed| seq_len(&kept[s.pair as usize], s.rejected);
+    let (cu, max_seqlen) = segments(out.num_rows, out.row_len, row_starts, |k| len_of(&order[k]))?;
     let mut seq_lens = try_with_capacity(s_total, "seq_lens")?;
     let mut comp = try_with_capacity(s_total, "completion_lens")?;
-    for r in 0..out.num_rows {
-        let mut at = r * l;
-        for s in &order[row_starts[r]..row_starts[r + 1]] {
-            let k = &kept[s.pair as usize];
-            let n = seq_len(k, s.rejected);
-            cu.push(at as i32);
-            seq_lens.push(n as i32);
-            let scored = n - k.prompt_len.max(1);
-            comp.push(scored as i32);
-            at += n;
-        }
+    for s in order {
+        let n = len_of(s);
+        seq_lens.push(n as i32);
+        comp.push((n - kept[s.pair as usize].prompt_len.max(1)) as i32);
     }
-    cu.push((out.num_rows * l) as i32);
-    out.max_seqlen = cu.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0);
+    out.max_seqlen = max_seqlen;
     let mut pairs = try_with_capacity(2 * p, "pairs")?;
     let mut example_index = try_with_capacity(p, "example_index")?;
     match mode {
@@ -797,6 +876,135 @@ fn index(
     out.seq_lens = seq_lens;
     out.completion_lens = comp;
     Ok(())
+}
+
+// ------------------------------------------------------------------------------------------------
+// Single sequences
+
+/// Output of `pack_sequences`. 2-D arrays are row-major `[num_rows, row_len]`, flattened.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PackedSequences {
+    pub num_rows: usize,
+    pub row_len: usize,
+    pub input_ids: Vec<i32>,
+    pub position_ids: Vec<i32>,
+    pub attention_mask: Vec<i8>,
+    /// (S + 1,) segment boundaries in the flattened layout (a row's trailing padding in its last
+    /// sequence).
+    pub cu_seqlens: Vec<i32>,
+    /// (S,) original index of each placed sequence, in output order.
+    pub example_index: Vec<i64>,
+    /// (S,) real tokens of each placed sequence (after truncation).
+    pub seq_lens: Vec<i32>,
+    /// Longest segment of `cu_seqlens` (padding included).
+    pub max_seqlen: usize,
+    /// Sequences the truncation policy shortened to `max_tokens` (0 with `Truncation::Error`).
+    pub num_truncated: usize,
+}
+
+/// The part of a sequence of `len` tokens that the policy keeps: `(start, kept_len)`. `KeepStart`
+/// keeps the first `max_tokens` tokens, `KeepEnd` the last; `Error` keeps everything (the caller
+/// checks `kept_len > max_tokens` itself).
+pub fn fit_sequence(len: usize, max_tokens: usize, policy: Truncation) -> (usize, usize) {
+    if policy == Truncation::Error || len <= max_tokens {
+        return (0, len);
+    }
+    match policy {
+        Truncation::KeepStart => (0, max_tokens),
+        Truncation::KeepEnd => (len - max_tokens, max_tokens),
+        Truncation::Error => unreachable!(),
+    }
+}
+
+/// Pack S single token sequences (each non-empty) into rows; errors (never panics) on bad options or
+/// data.
+///
+/// The single-sequence twin of `pack`, with the same options and the same layout rules minus the
+/// labels: a sequence longer than `max_tokens` is truncated by `opts.truncation` (`fit_sequence`);
+/// `Padded` gives one row per sequence in input order, `L` = the longest; `Packed` places whole
+/// sequences into rows of at most `max_tokens` tokens, best-fit-decreasing (`best_fit_decreasing`:
+/// longest first, ties by original index, into the open row with the least room that fits, ties by
+/// the older row), `L` = the fullest row. `L` is then rounded up to `pad_to_multiple_of`. Positions
+/// restart at 0 at each sequence and a row's trailing padding continues its last sequence, which
+/// `cu_seqlens` counts it in.
+pub fn pack_sequences<T: TokenId>(seqs: Ragged<'_, T>, opts: &PackOptions) -> Result<PackedSequences, PackError> {
+    let limit = validate_options(opts)?;
+    let n = seqs.validate_offsets("sequences")?;
+    if n as u64 >= ID_LIMIT as u64 {
+        return Err(PackError::new(format!("too many sequences for int32 cu_seqlens: {n}")));
+    }
+    let m = opts.max_tokens;
+    let mut kept: Vec<(usize, usize)> = try_with_capacity(n, "per-sequence plan")?;
+    let mut lens: Vec<usize> = try_with_capacity(n, "per-sequence plan")?;
+    let mut num_truncated = 0usize;
+    for i in 0..n {
+        let s = seqs.seq(i);
+        if s.is_empty() {
+            return Err(PackError::new(format!(
+                "sequences[{i}] is empty: every sequence needs at least one token"
+            )));
+        }
+        check_ids("sequences", i, s, limit, opts.vocab_size)?;
+        let (start, len) = fit_sequence(s.len(), m, opts.truncation);
+        if len > m {
+            return Err(PackError::new(format!(
+                "sequences[{i}] has {len} tokens but max_tokens is {m}; use truncation='keep_start' or \
+                 'keep_end', or raise max_tokens"
+            )));
+        }
+        num_truncated += usize::from(len != s.len());
+        kept.push((start, len));
+        lens.push(len);
+    }
+
+    // Plan: the sequences of every row, in order.
+    let (order, row_starts): (Vec<u32>, Vec<usize>) = match opts.mode {
+        Mode::Padded => ((0..n as u32).collect(), (0..=n).collect()),
+        Mode::Packed => best_fit_decreasing(&lens, m),
+    };
+    let num_rows = row_starts.len() - 1;
+    let fullest = (0..num_rows)
+        .map(|r| order[row_starts[r]..row_starts[r + 1]].iter().map(|&i| lens[i as usize]).sum::<usize>())
+        .max()
+        .unwrap_or(0);
+    let row_len = round_row_len(fullest, opts.pad_to_multiple_of);
+    let slots = check_slots(num_rows, row_len, "sequences")?;
+    let mut out = PackedSequences {
+        num_rows,
+        row_len,
+        input_ids: try_zeroed(slots, "input_ids")?,
+        position_ids: try_zeroed(slots, "position_ids")?,
+        attention_mask: try_zeroed(slots, "attention_mask")?,
+        num_truncated,
+        ..Default::default()
+    };
+    let pad = opts.pad_token_id as i32;
+    let bufs = (out.input_ids.as_mut_slice(), out.position_ids.as_mut_slice(), out.attention_mask.as_mut_slice());
+    for_each_row(bufs, num_rows, row_len, |r, (ids, pos, mask)| {
+        let mut at = 0usize;
+        let mut last_len = 0usize;
+        for &i in &order[row_starts[r]..row_starts[r + 1]] {
+            let (start, len) = kept[i as usize];
+            write_ids(&mut ids[at..at + len], &seqs.seq(i as usize)[start..start + len]);
+            write_positions(&mut pos[at..at + len], 0);
+            mask[at..at + len].fill(1);
+            at += len;
+            last_len = len;
+        }
+        pad_row_tail(ids, pos, at, last_len, pad);
+    });
+    let (cu, max_seqlen) = segments(num_rows, row_len, &row_starts, |k| lens[order[k] as usize])?;
+    let mut example_index = try_with_capacity(n, "example_index")?;
+    let mut seq_lens = try_with_capacity(n, "seq_lens")?;
+    for &i in &order {
+        example_index.push(i as i64);
+        seq_lens.push(lens[i as usize] as i32);
+    }
+    out.cu_seqlens = cu;
+    out.example_index = example_index;
+    out.seq_lens = seq_lens;
+    out.max_seqlen = max_seqlen;
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -386,3 +386,200 @@ fn allocation_failure_is_an_error_not_an_abort() {
     assert!(v.iter().all(|&x| x == 0));
     assert!(try_zeroed::<i32>(0, "x").unwrap().is_empty());
 }
+
+// ------------------------------------------------------------------------------------------------
+// Single sequences
+
+fn run_seqs(seqs: &[Vec<i64>], opts: &PackOptions) -> Result<PackedSequences, PackError> {
+    let (v, o) = ragged(seqs);
+    pack_sequences(Ragged::new(&v, &o), opts)
+}
+
+fn srow<T: Copy>(b: &PackedSequences, a: &[T], r: usize) -> Vec<T> {
+    a[r * b.row_len..(r + 1) * b.row_len].to_vec()
+}
+
+#[test]
+fn best_fit_uses_rooms_smaller_than_two() {
+    // A 1-token item fits a room of 1 (the former fixed `room >= 2` rule opened a second bin here).
+    assert_eq!(best_fit_decreasing(&[1, 1], 2), (vec![0, 1], vec![0, 2]));
+    assert_eq!(best_fit_decreasing(&[2, 1, 1, 1], 3), (vec![0, 1, 2, 3], vec![0, 2, 4]));
+    // Empty items join the fullest bin (room 0 included) instead of opening one of their own.
+    assert_eq!(best_fit_decreasing(&[0, 3, 0, 2], 3), (vec![1, 0, 2, 3], vec![0, 3, 4]));
+    assert_eq!(best_fit_decreasing(&[0, 0], 1), (vec![0, 1], vec![0, 2]));
+}
+
+#[test]
+fn sequences_packed_layout() {
+    // lengths 3, 1, 4, 2, 1 into rows of 5: 4 (s2) -> row0 room 1; 3 (s0) -> row1 room 2;
+    // 2 (s3) -> row1 room 0; 1 (s1) -> row0 room 0; 1 (s4) -> row2.
+    let s = vec![vec![1, 2, 3], vec![4], vec![5, 6, 7, 8], vec![9, 10], vec![11]];
+    let mut o = PackOptions::new(5, Mode::Packed);
+    o.pad_token_id = 99;
+    let b = run_seqs(&s, &o).unwrap();
+    assert_eq!((b.num_rows, b.row_len), (3, 5));
+    assert_eq!(srow(&b, &b.input_ids, 0), vec![5, 6, 7, 8, 4]);
+    assert_eq!(srow(&b, &b.input_ids, 1), vec![1, 2, 3, 9, 10]);
+    assert_eq!(srow(&b, &b.input_ids, 2), vec![11, 99, 99, 99, 99]);
+    assert_eq!(srow(&b, &b.position_ids, 0), vec![0, 1, 2, 3, 0]);
+    assert_eq!(srow(&b, &b.position_ids, 1), vec![0, 1, 2, 0, 1]);
+    assert_eq!(srow(&b, &b.position_ids, 2), vec![0, 1, 2, 3, 4]);
+    assert_eq!(srow(&b, &b.attention_mask, 2), vec![1, 0, 0, 0, 0]);
+    assert_eq!(b.example_index, vec![2, 1, 0, 3, 4]);
+    assert_eq!(b.seq_lens, vec![4, 1, 3, 2, 1]);
+    assert_eq!(b.cu_seqlens, vec![0, 4, 5, 8, 10, 15]);
+    assert_eq!(b.max_seqlen, 5);
+    assert_eq!(b.num_truncated, 0);
+    // pad_to_multiple_of widens every row; the padding stays in each row's last sequence.
+    o.pad_to_multiple_of = Some(4);
+    let b = run_seqs(&s, &o).unwrap();
+    assert_eq!(b.row_len, 8);
+    assert_eq!(b.cu_seqlens, vec![0, 4, 8, 11, 16, 24]);
+    assert_eq!(srow(&b, &b.position_ids, 0), vec![0, 1, 2, 3, 0, 1, 2, 3]);
+}
+
+#[test]
+fn sequences_padded_layout_and_empty_batch() {
+    let s = vec![vec![1, 2], vec![3, 4, 5], vec![6]];
+    let b = run_seqs(&s, &PackOptions::new(64, Mode::Padded)).unwrap();
+    assert_eq!((b.num_rows, b.row_len), (3, 3));
+    assert_eq!(b.input_ids, vec![1, 2, 0, 3, 4, 5, 6, 0, 0]);
+    assert_eq!(b.position_ids, vec![0, 1, 2, 0, 1, 2, 0, 1, 2]);
+    assert_eq!(b.attention_mask, vec![1, 1, 0, 1, 1, 1, 1, 0, 0]);
+    assert_eq!(b.cu_seqlens, vec![0, 3, 6, 9]);
+    assert_eq!(b.example_index, vec![0, 1, 2]);
+    assert_eq!(b.seq_lens, vec![2, 3, 1]);
+    for mode in [Mode::Packed, Mode::Padded] {
+        let b = run_seqs(&[], &PackOptions::new(8, mode)).unwrap();
+        assert_eq!((b.num_rows, b.row_len, b.max_seqlen), (0, 0, 0));
+        assert!(b.input_ids.is_empty() && b.example_index.is_empty() && b.seq_lens.is_empty());
+        assert_eq!(b.cu_seqlens, vec![0]);
+    }
+}
+
+#[test]
+fn sequences_truncation_and_errors() {
+    let s = vec![vec![1, 2, 3, 4, 5], vec![6, 7], vec![8, 9, 10]];
+    let mut o = PackOptions::new(3, Mode::Padded);
+    let b = run_seqs(&s, &o).unwrap();
+    assert_eq!(b.input_ids, vec![1, 2, 3, 6, 7, 0, 8, 9, 10]);
+    assert_eq!(b.num_truncated, 1);
+    o.truncation = Truncation::KeepEnd;
+    let b = run_seqs(&s, &o).unwrap();
+    assert_eq!(b.input_ids, vec![3, 4, 5, 6, 7, 0, 8, 9, 10]);
+    assert_eq!(fit_sequence(5, 3, Truncation::KeepEnd), (2, 3));
+    assert_eq!(fit_sequence(3, 3, Truncation::KeepEnd), (0, 3));
+    o.truncation = Truncation::Error;
+    let e = run_seqs(&s, &o).unwrap_err();
+    assert_eq!(e.kind, PackErrorKind::Invalid);
+    assert!(e.message.starts_with("sequences[0] has 5 tokens but max_tokens is 3"), "{}", e.message);
+
+    let o = PackOptions::new(8, Mode::Packed);
+    let e = run_seqs(&[vec![1], vec![]], &o).unwrap_err();
+    assert_eq!(e.message, "sequences[1] is empty: every sequence needs at least one token");
+    let e = run_seqs(&[vec![1], vec![2, 3, -2]], &o).unwrap_err();
+    assert!(e.message.starts_with("sequences[1][2] = -2 is out of range"), "{}", e.message);
+    let mut o2 = o.clone();
+    o2.vocab_size = Some(10);
+    let e = run_seqs(&[vec![10]], &o2).unwrap_err();
+    assert!(e.message.contains("[0, vocab_size=10)"), "{}", e.message);
+    let v = [1i64, 2, 3];
+    let e = pack_sequences(Ragged::new(&v, &[0, 2, 1]), &o).unwrap_err();
+    assert!(e.message.starts_with("sequences: offsets must be non-decreasing"), "{}", e.message);
+    let e = pack_sequences(Ragged::new(&v, &[0, 4]), &o).unwrap_err();
+    assert!(e.message.starts_with("sequences: offsets[-1] = 4 exceeds"), "{}", e.message);
+    let e = run_seqs(&[vec![1]], &PackOptions::new(1, Mode::Packed)).unwrap_err();
+    assert!(e.message.starts_with("max_tokens must be >= 2"), "{}", e.message);
+    // Arrow slices and int32 values.
+    let v32: Vec<i32> = vec![7, 7, 1, 2, 3];
+    let b = pack_sequences(Ragged::new(&v32, &[2, 3, 5]), &PackOptions::new(3, Mode::Packed)).unwrap();
+    assert_eq!((b.num_rows, b.input_ids.clone()), (1, vec![2, 3, 1]));
+}
+
+/// Invariants over 10,000 random cases of both modes and all policies.
+#[test]
+fn sequences_random_invariants() {
+    let mut rng = XorShift(0x2545F4914F6CDD1D);
+    for case in 0..10_000 {
+        let n = rng.below(12) as usize;
+        let m = 2 + rng.below(30) as usize;
+        let mut s: Vec<Vec<i64>> = Vec::new();
+        for _ in 0..n {
+            let span = 1 + rng.below(40);
+            let len = 1 + rng.below(span); // mostly short, some long
+            s.push((0..len).map(|_| rng.below(50) as i64).collect());
+        }
+        let mode = if rng.below(2) == 0 { Mode::Packed } else { Mode::Padded };
+        let trunc = [Truncation::KeepStart, Truncation::KeepEnd, Truncation::Error][rng.below(3) as usize];
+        let mut o = PackOptions::new(m, mode);
+        o.truncation = trunc;
+        o.pad_token_id = 3;
+        o.pad_to_multiple_of = if rng.below(3) == 0 { Some(1 + rng.below(8) as usize) } else { None };
+        let b = match run_seqs(&s, &o) {
+            Ok(b) => b,
+            Err(e) => {
+                assert_eq!(trunc, Truncation::Error, "case {case}: {}", e.message);
+                assert!(s.iter().any(|x| x.len() > m) && e.message.contains("but max_tokens is"));
+                continue;
+            }
+        };
+        let l = b.row_len;
+        assert_eq!(b.cu_seqlens.len(), n + 1);
+        assert_eq!(*b.cu_seqlens.last().unwrap() as usize, b.num_rows * l);
+        let mut seen = vec![false; n];
+        for (k, &i) in b.example_index.iter().enumerate() {
+            let i = i as usize;
+            assert!(!seen[i]);
+            seen[i] = true;
+            let (start, len) = fit_sequence(s[i].len(), m, trunc);
+            assert_eq!(b.seq_lens[k] as usize, len);
+            let (a, z) = (b.cu_seqlens[k] as usize, b.cu_seqlens[k + 1] as usize);
+            assert!(z - a >= len && (z - a == len || z % l == 0), "case {case}: padding only at a row's end");
+            let want: Vec<i32> = s[i][start..start + len].iter().map(|&v| v as i32).collect();
+            assert_eq!(&b.input_ids[a..a + len], &want[..]);
+            for t in a..z {
+                assert_eq!(b.position_ids[t] as usize, t - a);
+                assert_eq!(b.attention_mask[t], i8::from(t < a + len));
+                if t >= a + len {
+                    assert_eq!(b.input_ids[t], 3);
+                }
+            }
+            assert_eq!(a / l, (a + len - 1) / l, "case {case}: a sequence never crosses a row");
+        }
+        assert!(seen.iter().all(|&x| x));
+        assert_eq!(b.num_truncated, s.iter().filter(|x| x.len() > m).count());
+        if mode == Mode::Packed {
+            let padded_rows = n;
+            assert!(b.num_rows <= padded_rows);
+            for r in 0..b.num_rows {
+                let used: usize = b.attention_mask[r * l..(r + 1) * l].iter().map(|&x| x as usize).sum();
+                assert!(used <= m && used > 0);
+            }
+        } else {
+            assert_eq!(b.num_rows, n);
+        }
+    }
+}
+
+/// The parallel fill (large batches) equals the serial one.
+#[test]
+fn sequences_parallel_fill_matches_serial() {
+    let mut rng = XorShift(7);
+    let s: Vec<Vec<i64>> = (0..4000).map(|_| (0..1 + rng.below(900)).map(|_| rng.below(1000) as i64).collect()).collect();
+    let o = PackOptions::new(2048, Mode::Packed);
+    let big = run_seqs(&s, &o).unwrap();
+    assert!(big.num_rows * big.row_len >= PARALLEL_MIN_SLOTS);
+    for r in [0, big.num_rows / 2, big.num_rows - 1] {
+        let members: Vec<Vec<i64>> = (0..big.example_index.len())
+            .filter(|&k| big.cu_seqlens[k] as usize / big.row_len == r)
+            .map(|k| s[big.example_index[k] as usize].clone())
+            .collect();
+        let mut o1 = o.clone();
+        o1.pad_to_multiple_of = Some(big.row_len);
+        let small = run_seqs(&members, &o1).unwrap();
+        assert_eq!(small.num_rows, 1);
+        assert_eq!(small.input_ids, srow(&big, &big.input_ids, r));
+        assert_eq!(small.position_ids, srow(&big, &big.position_ids, r));
+        assert_eq!(small.attention_mask, srow(&big, &big.attention_mask, r));
+    }
+}

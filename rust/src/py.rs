@@ -144,6 +144,76 @@ fn pack_flat<'py>(
     }
 }
 
+fn seqs_to_dict<'py>(py: Python<'py>, b: pack::PackedSequences) -> PyResult<Bound<'py, PyDict>> {
+    // Every Vec is handed to numpy as the array's buffer: no copy.
+    let shape = (b.num_rows, b.row_len);
+    let shape_err = |_| PyValueError::new_err("internal error: output shape mismatch");
+    let d = PyDict::new(py);
+    d.set_item("input_ids", Array2::from_shape_vec(shape, b.input_ids).map_err(shape_err)?.into_pyarray(py))?;
+    d.set_item("position_ids", Array2::from_shape_vec(shape, b.position_ids).map_err(shape_err)?.into_pyarray(py))?;
+    d.set_item(
+        "attention_mask",
+        Array2::from_shape_vec(shape, b.attention_mask).map_err(shape_err)?.into_pyarray(py),
+    )?;
+    d.set_item("cu_seqlens", b.cu_seqlens.into_pyarray(py))?;
+    d.set_item("example_index", b.example_index.into_pyarray(py))?;
+    d.set_item("seq_lens", b.seq_lens.into_pyarray(py))?;
+    d.set_item("max_seqlen", b.max_seqlen)?;
+    d.set_item("num_truncated", b.num_truncated)?;
+    Ok(d)
+}
+
+fn pack_sequences_typed<'py, T: TokenId + numpy::Element>(
+    py: Python<'py>,
+    values: &Bound<'py, PyAny>,
+    offsets: PyReadonlyArray1<'py, i64>,
+    opts: &PackOptions,
+) -> PyResult<Bound<'py, PyDict>> {
+    let vals = values.extract::<PyReadonlyArray1<'py, T>>().map_err(|_| {
+        PyTypeError::new_err("sequences values must be a 1-D int32 or int64 numpy array")
+    })?;
+    let v = slice(&vals, "sequences values")?;
+    let o = slice(&offsets, "sequences offsets")?;
+    // As in pack_typed: the slices borrow numpy buffers kept alive by the readonly borrows; the closure
+    // touches no Python object, so the GIL can go.
+    let result = py.detach(|| no_panic("sequence packer", || pack::pack_sequences(Ragged::new(v, o), opts)))?;
+    seqs_to_dict(py, result.map_err(pack_err)?)
+}
+
+/// Pack single sequences given flat: `values` 1-D int32 or int64, `offsets` 1-D int64 of S + 1
+/// entries. The options are `PackOptions.native()`: already validated. Returns a dict of numpy arrays
+/// (see `dpo_fast.packing.PackedSequences`). Raises ValueError on bad data, MemoryError when an output
+/// buffer cannot be allocated.
+#[pyfunction]
+#[pyo3(signature = (values, offsets, *, max_tokens, mode, pad_token_id, truncation, pad_to_multiple_of, vocab_size))]
+#[allow(clippy::too_many_arguments)]
+fn pack_sequences_flat<'py>(
+    py: Python<'py>,
+    values: &Bound<'py, PyAny>,
+    offsets: PyReadonlyArray1<'py, i64>,
+    max_tokens: usize,
+    mode: &str,
+    pad_token_id: i64,
+    truncation: &str,
+    pad_to_multiple_of: Option<usize>,
+    vocab_size: Option<i64>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let internal = |e: pack::PackError| PyValueError::new_err(format!("internal error: unvalidated option: {e}"));
+    let opts = PackOptions {
+        max_tokens,
+        mode: Mode::parse(mode).map_err(internal)?,
+        pad_token_id,
+        truncation: Truncation::parse(truncation).map_err(internal)?,
+        pad_to_multiple_of,
+        vocab_size,
+    };
+    if values.cast::<PyArray1<i32>>().is_ok() {
+        pack_sequences_typed::<i32>(py, values, offsets, &opts)
+    } else {
+        pack_sequences_typed::<i64>(py, values, offsets, &opts)
+    }
+}
+
 fn int_at(item: &Bound<'_, PyAny>, arg: &str, i: usize, j: usize) -> PyResult<i64> {
     item.extract::<i64>().map_err(|_| {
         let ty = item.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
@@ -204,7 +274,7 @@ fn flatten_int_seqs<'py>(
 
 /// Best-fit-decreasing bins of `capacity` for items of the given sizes (1-D int64, each in
 /// [0, capacity]). Returns (items int64: item indices in output order, bin_starts int64: B + 1
-/// offsets into items). Same rule as the packed mode of `pack_flat`.
+/// offsets into items). Same rule as the packed mode of `pack_flat` and `pack_sequences_flat`.
 #[pyfunction]
 fn best_fit_bins<'py>(
     py: Python<'py>,
@@ -231,6 +301,7 @@ fn best_fit_bins<'py>(
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(build_info, m)?)?;
     m.add_function(wrap_pyfunction!(pack_flat, m)?)?;
+    m.add_function(wrap_pyfunction!(pack_sequences_flat, m)?)?;
     m.add_function(wrap_pyfunction!(flatten_int_seqs, m)?)?;
     m.add_function(wrap_pyfunction!(best_fit_bins, m)?)?;
     m.add("__version__", crate::VERSION)?;

@@ -1,4 +1,5 @@
-"""Pure-Python reference of the pair packer in ``rust/src/pack.rs``: the test oracle and the speed baseline.
+"""Pure-Python reference of the packers in ``rust/src/pack.rs`` (pairs: :func:`pack_reference`; single sequences:
+:func:`pack_sequences_reference`): the test oracle and the speed baseline.
 
 Same algorithm, same order of data checks (raising the same exception types), byte-identical output. The
 options come validated (:class:`dpo_fast.packing.PackOptions`); nothing here checks them again. It is written
@@ -85,34 +86,43 @@ def _plan_padded(cost_lens: list[tuple[int, int]]) -> tuple[list[tuple[int, bool
     return order, row_starts, row_len
 
 
-def _plan_packed(costs: list[int], max_tokens: int) -> tuple[list[tuple[int, bool]], list[int], int]:
-    """Twin of ``plan_packed``: best-fit-decreasing, ties by original index, then by older row."""
-    by_size = sorted(range(len(costs)), key=lambda i: -costs[i])  # stable: equal costs keep index order
-    open_rows: list[tuple[int, int]] = []  # sorted (room, row)
-    row_fill: list[int] = []
-    rows: list[list[int]] = []
+def best_fit_decreasing(sizes: Sequence[int], capacity: int) -> tuple[list[int], list[int]]:
+    """Twin of ``best_fit_decreasing``: (items in output order, bin_starts). Largest first, ties by original
+    index; each item into the open bin with the least room that fits it, ties by the older bin; else a new bin.
+    Rooms below the smallest item are not kept (no item can use them)."""
+    by_size = sorted(range(len(sizes)), key=lambda i: -sizes[i])  # stable: equal sizes keep index order
+    smallest = min(sizes, default=0)
+    open_bins: list[tuple[int, int]] = []  # sorted (room, bin)
+    fill: list[int] = []
+    bins: list[list[int]] = []
     for i in by_size:
-        cost = costs[i]
-        at = bisect.bisect_left(open_rows, (cost, 0))
-        if at < len(open_rows):
-            _, row = open_rows.pop(at)
+        size = sizes[i]
+        at = bisect.bisect_left(open_bins, (size, 0))
+        if at < len(open_bins):
+            _, b = open_bins.pop(at)
         else:
-            row = len(row_fill)
-            row_fill.append(0)
-            rows.append([])
-        row_fill[row] += cost
-        room = max_tokens - row_fill[row]
-        if room >= 2:
-            bisect.insort(open_rows, (room, row))
-        rows[row].append(i)
-    order: list[tuple[int, bool]] = []
-    row_starts = [0]
-    for members in rows:
-        for i in members:
-            order.append((i, False))
-            order.append((i, True))
-        row_starts.append(len(order))
-    return order, row_starts, max(row_fill, default=0)
+            b = len(fill)
+            fill.append(0)
+            bins.append([])
+        fill[b] += size
+        room = capacity - fill[b]
+        if room >= smallest:
+            bisect.insort(open_bins, (room, b))
+        bins[b].append(i)
+    items = [i for members in bins for i in members]
+    starts = [0]
+    for members in bins:
+        starts.append(starts[-1] + len(members))
+    return items, starts
+
+
+def _plan_packed(costs: list[int], max_tokens: int) -> tuple[list[tuple[int, bool]], list[int], int]:
+    """Twin of ``plan_packed``: best-fit-decreasing over pair costs; each pair gives (chosen, rejected)."""
+    items, starts = best_fit_decreasing(costs, max_tokens)
+    order = [(i, rej) for i in items for rej in (False, True)]
+    row_starts = [2 * s for s in starts]
+    row_len = max((sum(costs[i] for i in items[a:z]) for a, z in zip(starts, starts[1:])), default=0)
+    return order, row_starts, row_len
 
 
 def pack_reference(
@@ -221,6 +231,81 @@ def pack_reference(
         "example_index": np.array(example_index, dtype=np.int64),
         "seq_lens": one_d(seq_lens),
         "completion_lens": one_d(completion_lens),
+        "max_seqlen": int(max_seqlen),
+        "num_truncated": num_truncated,
+    }
+
+
+def fit_sequence(n: int, max_tokens: int, policy: str) -> tuple[int, int]:
+    """Twin of ``fit_sequence``: (start, kept length) of a sequence of ``n`` tokens."""
+    if policy == "error" or n <= max_tokens:
+        return 0, n
+    return (0, max_tokens) if policy == "keep_start" else (n - max_tokens, max_tokens)
+
+
+def pack_sequences_reference(sequences: Sequence[Sequence[int]], opts: PackOptions) -> dict:
+    """Twin of ``pack_sequences``: lists of int lists with validated options; returns the dict
+    ``dpo_fast._native.pack_sequences_flat`` returns."""
+    n = len(sequences)
+    if n >= ID_LIMIT:
+        raise ValueError(f"too many sequences for int32 cu_seqlens: {n}")
+    m = opts.max_tokens
+    kept: list[tuple[int, int]] = []
+    num_truncated = 0
+    for i, seq in enumerate(sequences):
+        if len(seq) == 0:
+            raise ValueError(f"sequences[{i}] is empty: every sequence needs at least one token")
+        _check_ids("sequences", i, seq, opts)
+        start, ln = fit_sequence(len(seq), m, opts.truncation)
+        if ln > m:
+            raise ValueError(f"sequences[{i}] has {ln} tokens but max_tokens is {m}; use truncation='keep_start' or "
+                             "'keep_end', or raise max_tokens")
+        num_truncated += ln != len(seq)
+        kept.append((start, ln))
+    lens = [ln for _, ln in kept]
+    if opts.mode == "padded":
+        order, row_starts = list(range(n)), list(range(n + 1))
+    else:
+        order, row_starts = best_fit_decreasing(lens, m)
+    num_rows = len(row_starts) - 1
+    row_len = max((sum(lens[i] for i in order[a:z]) for a, z in zip(row_starts, row_starts[1:])), default=0)
+    if opts.pad_to_multiple_of is not None:
+        row_len = -(-row_len // opts.pad_to_multiple_of) * opts.pad_to_multiple_of
+    slots = num_rows * row_len
+    if slots >= ID_LIMIT:
+        raise ValueError(
+            f"the batch would hold {slots} token slots ({num_rows} rows x {row_len}), more than int32 "
+            "cu_seqlens can address (2147483647); pack fewer sequences per call"
+        )
+
+    ids, positions, mask, cu = array("i"), array("i"), array("b"), array("i")
+    for row in range(num_rows):
+        at = n_last = 0
+        for i in order[row_starts[row] : row_starts[row + 1]]:
+            start, ln = kept[i]
+            ids.extend(sequences[i][start : start + ln])
+            positions.extend(range(ln))
+            mask.frombytes(b"\x01" * ln)
+            cu.append(row * row_len + at)
+            at += ln
+            n_last = ln
+        pad = row_len - at
+        ids.extend([opts.pad_token_id] * pad)
+        positions.extend(range(n_last, n_last + pad))  # padding continues the row's last sequence
+        mask.frombytes(bytes(pad))
+    cu.append(slots)
+    max_seqlen = max((cu[s + 1] - cu[s] for s in range(len(cu) - 1)), default=0)
+
+    def two_d(a: array, dtype) -> np.ndarray:
+        return np.frombuffer(a, dtype=dtype).reshape(num_rows, row_len) if len(a) else np.zeros((num_rows, row_len), dtype)
+
+    return {
+        "input_ids": two_d(ids, np.int32),
+        "position_ids": two_d(positions, np.int32),
+        "attention_mask": two_d(mask, np.int8),
+        "cu_seqlens": np.frombuffer(cu, dtype=np.int32),
+        "example_index": np.array(order, dtype=np.int64),
+        "seq_lens": np.array([lens[i] for i in order], dtype=np.int32),
         "max_seqlen": int(max_seqlen),
         "num_truncated": num_truncated,
     }

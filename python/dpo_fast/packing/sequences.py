@@ -1,4 +1,12 @@
-"""Single sequences packed without padding: the padded rows of a trainer's batch, re-laid best-fit-decreasing.
+"""Single sequences packed without padding: token lists (:func:`pack_sequences`) and the padded rows of a
+trainer's batch (:func:`pack_padded_rows`), both best-fit-decreasing.
+
+:func:`pack_sequences` is the single-sequence entry beside :func:`dpo_fast.pack_pairs`: S token-id sequences
+(lists of ints, 1-D integer arrays, or the flat Arrow layout ``(values, offsets)``), the same
+:class:`~dpo_fast.packing.PackOptions`, the same Rust core (``rust/src/pack.rs``, ``pack_sequences``, the GIL
+released) and its pure-Python twin (``backend="python"``, :mod:`dpo_fast.packing._reference`). ``packed`` mode
+places whole sequences in rows of at most ``max_tokens`` tokens by the rule ``pack_pairs`` uses for pairs;
+``padded`` mode gives one row per sequence. Output: :class:`PackedSequences` (numpy, no copy).
 
 :func:`pack_padded_rows` takes a padded batch as a trainer holds it -- ``input_ids`` (B, T) with a 0/1
 ``attention_mask`` (B, T) whose ones are one contiguous run per row (left-padded prompts followed by
@@ -20,11 +28,198 @@ positions shifted by the left padding) -- use padded batches there.
 from __future__ import annotations
 
 import dataclasses
+import warnings
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["PackedRows", "pack_padded_rows"]
+from . import _reference as _ref
+from .batch import _check_wide_ids, _common_dtype, _to_flat, _to_lists
+from .options import PackOptions
+
+__all__ = ["PackedSequences", "pack_sequences", "pack_sequences_reference", "PackedRows", "pack_padded_rows"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PackedSequences:
+    """Output of :func:`pack_sequences`. Numpy arrays, handed over from Rust without a copy.
+
+    Shape legend: R rows, L row length, S sequences.
+
+    Attributes:
+        input_ids: (R, L) int32. Token ids; ``pad_token_id`` at padding.
+        position_ids: (R, L) int32. 0, 1, ... restarting at each sequence; a row's padding continues its last
+            sequence, so ``position_ids == 0`` marks exactly the starts in ``cu_seqlens``.
+        attention_mask: (R, L) int8. 1 on real tokens, 0 on padding. In ``packed`` mode a padding mask only:
+            attention between the sequences of a row must be cut with ``cu_seqlens`` or ``position_ids``.
+        cu_seqlens: (S + 1,) int32. Sequence boundaries in the flattened ``R * L`` layout; starts at 0, ends at
+            ``R * L``; a row's trailing padding is counted in the row's last sequence.
+        example_index: (S,) int64. Original index (position in the input) of each packed sequence, in packed
+            order (``arange(S)`` in ``padded`` mode).
+        seq_lens: (S,) int32. Real tokens of each packed sequence (after truncation).
+        max_seqlen: int. Longest segment of ``cu_seqlens`` (padding included), for varlen attention.
+        mode: ``"packed"`` or ``"padded"``.
+        num_truncated: int. Sequences the ``truncation`` policy shortened to ``max_tokens``.
+    """
+
+    input_ids: np.ndarray
+    position_ids: np.ndarray
+    attention_mask: np.ndarray
+    cu_seqlens: np.ndarray
+    example_index: np.ndarray
+    seq_lens: np.ndarray
+    max_seqlen: int
+    mode: str
+    num_truncated: int = 0
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.example_index.shape[0])
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (non-padding) tokens."""
+        return int(self.seq_lens.sum(dtype=np.int64))
+
+    @property
+    def num_slots(self) -> int:
+        """Token slots of the (R, L) layout, padding included."""
+        return int(self.input_ids.size)
+
+    @property
+    def efficiency(self) -> float:
+        """Real tokens / slots (1.0 for an empty batch)."""
+        return self.num_tokens / self.num_slots if self.num_slots else 1.0
+
+    def to_torch(self, device: Any = None, *, non_blocking: bool = False) -> dict[str, Any]:
+        """The batch as torch tensors. Arrays cross to ``device`` in their narrow dtype and are widened there.
+
+        Returns:
+            dict with ``input_ids``, ``position_ids``, ``attention_mask`` (R, L) int64; ``cu_seqlens``
+            (S + 1,) int32; ``example_index`` (S,), ``seq_lens`` (S,) int64; ``max_seqlen`` int.
+        """
+
+        def move(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+            t = torch.from_numpy(a)
+            if device is not None:
+                t = t.to(device, non_blocking=non_blocking)
+            return t.to(dtype)  # no copy when already of that dtype
+
+        out: dict[str, Any] = {name: move(getattr(self, name), torch.int64)
+                               for name in ("input_ids", "position_ids", "attention_mask")}
+        out["cu_seqlens"] = move(self.cu_seqlens, torch.int32)
+        out["example_index"] = move(self.example_index, torch.int64)
+        out["seq_lens"] = move(self.seq_lens, torch.int64)
+        out["max_seqlen"] = int(self.max_seqlen)
+        return out
+
+
+def pack_sequences(
+    sequences: Any,
+    *,
+    max_tokens: int | None = None,
+    mode: str | None = None,
+    pad_token_id: int | None = None,
+    truncation: str | None = None,
+    pad_to_multiple_of: int | None = None,
+    vocab_size: int | None = None,
+    options: PackOptions | None = None,
+    backend: str = "rust",
+) -> PackedSequences:
+    r"""Pack tokenized single sequences into rows: best-fit-decreasing packed rows or one padded row each.
+
+    The single-sequence entry beside :func:`dpo_fast.pack_pairs` (same options, input forms and error style;
+    no prompt/completion split, so no labels: derive them from ``input_ids`` and ``cu_seqlens`` as the task
+    needs).
+
+    Args:
+        sequences: S token-id sequences, as a list of lists of ints, a list of 1-D integer numpy arrays (or
+            tensors), or the flat Arrow layout ``(values, offsets)`` -- a 2-tuple of 1-D integer numpy arrays
+            where sequence ``i`` is ``values[offsets[i]:offsets[i + 1]]``. Every sequence needs at least one
+            token.
+        max_tokens: the most tokens of one sequence (longer ones are truncated, see ``truncation``) and of one
+            row in ``packed`` mode. >= 2 (the :class:`~dpo_fast.packing.PackOptions` rule).
+        mode: ``"packed"`` (rows of <= ``max_tokens`` tokens holding whole sequences, best-fit-decreasing:
+            longest first, ties by input index, each into the open row with the least room that fits it, ties
+            by the older row; deterministic) or ``"padded"`` (S rows in input order, right-padded to the
+            longest sequence).
+        pad_token_id: id written at padding.
+        truncation: a sequence longer than ``max_tokens``: ``"keep_start"`` keeps its first ``max_tokens``
+            tokens, ``"keep_end"`` its last, ``"error"`` raises ValueError. Applied per sequence, so both modes
+            hold the same sequences. As in ``pack_pairs``, ``num_truncated`` counts the shortened sequences and a
+            call that shortened any under the default policy (neither ``truncation`` nor ``options`` given)
+            warns once.
+        pad_to_multiple_of: round the row length L up to a multiple of this.
+        vocab_size: when given, every id (and ``pad_token_id``) must be in ``[0, vocab_size)``; ids must always
+            be in ``[0, 2**31)``.
+        options: a :class:`~dpo_fast.packing.PackOptions` holding all of the above (then pass none of them
+            separately). The keywords build one: ``mode="packed"``, ``pad_token_id=0`` and
+            ``truncation="keep_start"`` when omitted.
+        backend: ``"rust"`` (default) or ``"python"`` (the pure-Python twin; same output).
+
+    Returns:
+        :class:`PackedSequences`. Zero sequences give a valid empty batch: (0, 0) arrays, ``cu_seqlens == [0]``.
+
+    Shape:
+        ``input_ids``, ``position_ids``, ``attention_mask``: :math:`(R, L)`; ``cu_seqlens``: :math:`(S + 1,)`;
+        ``example_index``, ``seq_lens``: :math:`(S,)`; :math:`R = S`, :math:`L` = the longest sequence in
+        ``padded`` mode; :math:`R` = rows opened by best-fit, :math:`L \le` ``max_tokens`` = the fullest row in
+        ``packed`` mode (both before ``pad_to_multiple_of``).
+
+    Raises:
+        TypeError: a non-integer input or option; options given both ways.
+        ValueError: an option out of range, an id out of range (``sequences[i][j] = v ...``), an empty sequence,
+            broken offsets, a sequence over ``max_tokens`` with ``truncation="error"``, or a batch of ``2**31``
+            slots or more.
+        MemoryError: the output buffers cannot be allocated.
+
+    Examples::
+
+        >>> b = pack_sequences([[1, 2, 3], [4], [5, 6, 7, 8]], max_tokens=5)
+        >>> b.input_ids
+        array([[5, 6, 7, 8, 4],
+               [1, 2, 3, 0, 0]], dtype=int32)
+        >>> b.position_ids
+        array([[0, 1, 2, 3, 0],
+               [0, 1, 2, 3, 4]], dtype=int32)
+        >>> b.cu_seqlens, b.example_index
+        (array([ 0,  4,  5, 10], dtype=int32), array([2, 1, 0]))
+    """
+    implicit_truncation = options is None and truncation is None
+    given = dict(max_tokens=max_tokens, mode=mode, pad_token_id=pad_token_id, truncation=truncation,
+                 pad_to_multiple_of=pad_to_multiple_of, vocab_size=vocab_size)
+    if options is None:
+        options = PackOptions(**{k: v for k, v in given.items() if v is not None or k == "max_tokens"})
+    elif not isinstance(options, PackOptions):
+        raise TypeError(f"options must be a dpo_fast.packing.PackOptions, got {type(options).__name__}")
+    elif any(v is not None for v in given.values()):
+        raise TypeError(f"pass either options= or the separate options {sorted(k for k, v in given.items() if v is not None)}, "
+                        "not both")
+    if not isinstance(backend, str) or backend not in ("rust", "python"):
+        raise ValueError(f"backend must be 'rust' or 'python', got {backend!r}")
+    if backend == "python":
+        out = _ref.pack_sequences_reference(_to_lists("sequences", sequences), options)
+    else:
+        from dpo_fast import _native
+
+        values, offsets = _to_flat("sequences", sequences)
+        _check_wide_ids("sequences", values, offsets, options)
+        (values,) = _common_dtype([values])
+        out = _native.pack_sequences_flat(values, np.ascontiguousarray(offsets, dtype=np.int64), **options.native())
+    batch = PackedSequences(mode=options.mode, **out)
+    if batch.num_truncated and implicit_truncation:
+        warnings.warn(
+            f"pack_sequences: {batch.num_truncated} of {batch.num_sequences} sequences were truncated to "
+            f"max_tokens={options.max_tokens} (truncation={options.truncation!r}, the default); see "
+            "batch.num_truncated. Pass truncation='error' to raise instead, a larger max_tokens, or name the "
+            "truncation policy to silence this", UserWarning, stacklevel=2)
+    return batch
+
+
+def pack_sequences_reference(sequences: Sequence, **kwargs: Any) -> PackedSequences:
+    """:func:`pack_sequences` with ``backend="python"``."""
+    return pack_sequences(sequences, backend="python", **kwargs)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
