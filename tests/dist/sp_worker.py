@@ -158,6 +158,151 @@ def _all_cases(group=None, wslice=None, modes=("marker", "dtensor")):
     return errs
 
 
+# ---------------------------------------------------------------------------------------------------------- GRPO
+
+#: (name, GRPOLoss options, inputs): old / ref / samp per-token log-probs, adv "seq" | "tok", isr "seq" | "tok",
+#: num_items, entropy_coef (forward's per-step value), token_metrics
+GRPO_CASES = [
+    ("grpo", dict(), dict()),
+    ("grpo old beta", dict(beta=0.04), dict(old=True, ref=True)),
+    ("bnpo seq-IS delta", dict(loss_type="bnpo", importance_sampling_level="sequence", delta=1.2), dict(old=True)),
+    ("dr_grpo seq-IS beta bias-corrected KL", dict(loss_type="dr_grpo", importance_sampling_level="sequence",
+                                                   beta=0.05, use_bias_correction_kl=True), dict(old=True, ref=True)),
+    ("dapo entropy_coef num_items", dict(loss_type="dapo", epsilon_high=0.28, entropy_coef=0.01),
+     dict(old=True, num_items=37)),
+    ("cispo", dict(loss_type="cispo", epsilon_high=1.05), dict(old=True)),
+    ("sapo seq-IS per-token adv", dict(loss_type="sapo", importance_sampling_level="sequence"),
+     dict(old=True, adv="tok")),
+    ("luspo seq-IS off-policy mask", dict(loss_type="luspo", importance_sampling_level="sequence",
+                                          off_policy_mask_threshold=0.02), dict(old=True, samp=True)),
+    ("vespo vllm token_truncate", dict(loss_type="vespo", vllm_importance_sampling_mode="token_truncate",
+                                       vllm_importance_sampling_clip_min=1.02), dict(old=True, samp=True)),
+    ("vespo isr per sequence", dict(loss_type="vespo"), dict(old=True, isr="seq")),
+    ("grpo vllm sequence_mask per-token adv token_metrics",
+     dict(vllm_importance_sampling_mode="sequence_mask", vllm_importance_sampling_clip_min=0.3,
+          vllm_importance_sampling_clip_max=2.5), dict(old=True, samp=True, adv="tok", token_metrics=True)),
+    ("dapo isr per token entropy_coef token_metrics", dict(loss_type="dapo", entropy_coef=0.02),
+     dict(old=True, isr="tok", token_metrics=True)),
+    ("grpo seq-IS entropy_coef per step", dict(importance_sampling_level="sequence"),
+     dict(old=True, ref=True, entropy_coef=0.03)),
+]
+GRPO_SMALL = [1, 3, 8, 10]  # the cases of the uneven and sequence x vocabulary runs (no entropy bonus: a
+#                               vocabulary-parallel head has no entropy gradient)
+
+
+def _grpo_inputs(hidden, W, b, labels):
+    """Per-token inputs near the policy's log-probs (ratios around 1, some clipped), per-sequence ones."""
+    g = torch.Generator().manual_seed(11)
+    lp = dpo_fast.token_logprobs(hidden, W, labels, bias=b).detach()
+    old = lp + 0.25 * torch.randn(B, T, generator=g) + 0.3 * torch.randn(B, 1, generator=g)  # some sequences clip
+    return {"old": old, "ref": lp + 0.3 * torch.randn(B, T, generator=g),
+            "samp": old + 0.2 * torch.randn(B, T, generator=g), "adv_seq": torch.randn(B, generator=g),
+            "adv_tok": torch.randn(B, T, generator=g), "isr_seq": torch.rand(B, 1, generator=g) + 0.5,
+            "isr_tok": torch.rand(B, T, generator=g) + 0.5}
+
+
+def _grpo_values(case, h, w, bb, lab, cu, tok, local):
+    """GRPOLoss on (h, lab) with the case's inputs; ``tok`` maps a (B, T) per-token input to this call's layout."""
+    _, opts, inp = case
+    m = dpo_fast.GRPOLoss(**opts, token_metrics=inp.get("token_metrics", False))
+    adv = tok(local["adv_tok"]) if inp.get("adv") == "tok" else local["adv_seq"]
+    isr = {"seq": local["isr_seq"], "tok": tok(local["isr_tok"]) if inp.get("isr") else None}.get(inp.get("isr"))
+    out = m(h, w, lab, adv, tok(local["old"]) if inp.get("old") else None,
+            tok(local["ref"]) if inp.get("ref") else None, bias=bb, cu_seqlens=cu,
+            num_items_in_batch=inp.get("num_items"), sampling_logps=tok(local["samp"]) if inp.get("samp") else None,
+            importance_sampling_ratio=isr, entropy_coef=inp.get("entropy_coef"))
+    sums = out.token_sums or {}
+    metrics = torch.tensor([out.metrics[k] for k in sorted(out.metrics)] + [float(sums[k]) for k in sorted(sums)],
+                           dtype=torch.float64)
+    return out, metrics, sorted(out.metrics) + sorted(sums)
+
+
+def _grpo_run(case, hidden, W, b, labels, inputs, *, packed=False, mode="marker", group=None, uneven=False,
+              wslice=None, dtensor_inputs=False):
+    """errors of GRPOLoss on this rank's token shard vs the whole batch on one process: loss, every metric (and
+    token sum), per_token_loss / token_logps on this rank's slice, d hidden, dW / db summed over the group."""
+    group = group or dist.group.WORLD
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    d = 0 if packed else 1
+    if packed:
+        hidden, labels = hidden.reshape(-1, H), labels.reshape(-1)
+    s0, e0 = _bounds(hidden.shape[d], world, rank, uneven)
+    cu = torch.tensor(CU) if packed else None
+    res = []
+    for part in (False, True):
+        h = hidden.clone()
+        w, bb = W.clone(), b.clone()
+        if part and wslice is not None:
+            w, bb = W[wslice[0]:wslice[1]].clone(), b[wslice[0]:wslice[1]].clone()
+        w.requires_grad_(True)
+        bb.requires_grad_(True)
+        if part and wslice is not None:
+            vocab_parallel(w, wslice[2], vocab_start=wslice[0])
+
+        def tok(t, part=part):
+            t = t.reshape(-1) if packed else t
+            return t.narrow(d, s0, e0 - s0).clone() if part else t
+
+        if part and mode == "dtensor":
+            from torch.distributed.device_mesh import DeviceMesh
+            from torch.distributed.tensor import Shard, distribute_tensor
+            mesh = DeviceMesh.from_group(group, "cpu")
+            hin = distribute_tensor(h, mesh, [Shard(d)]).requires_grad_(True)
+            lab = distribute_tensor(labels, mesh, [Shard(d)])
+            h = hin
+            if dtensor_inputs:  # per-token inputs as DTensors sharded like hidden
+                def tok(t):  # noqa: F811
+                    return distribute_tensor(t.reshape(-1) if packed else t, mesh, [Shard(d)])
+        elif part:
+            h = h.narrow(d, s0, e0 - s0).clone().requires_grad_(True)
+            lab = labels.narrow(d, s0, e0 - s0)
+            hin = sequence_parallel(h, group)
+        else:
+            hin, lab = h.requires_grad_(True), labels
+        out, metrics, names = _grpo_values(case, hin, w, bb, lab, cu, tok, inputs)
+        out.loss.backward()
+        hg = h.grad.to_local() if part and mode == "dtensor" else h.grad
+        res.append((out.loss.detach(), metrics, names, out.per_token_loss.detach(), out.token_logps, hg, w.grad,
+                    bb.grad))
+    (l0, m0, n0, p0, t0, h0, w0, b0), (l1, m1, n1, p1, t1, h1, w1, b1) = res
+    sl = (lambda x: x.narrow(d, s0, e0 - s0))
+    if wslice is not None:
+        w0, b0 = w0[wslice[0]:wslice[1]], b0[wslice[0]:wslice[1]]
+    return [(max_err(l1, l0), "loss"), (max_err(m1, m0) if n1 == n0 else float("inf"), f"metrics {n1}"),
+            (max_err(p1, sl(p0)), "per_token_loss"), (max_err(t1, sl(t0)), "token_logps"),
+            (max_err(h1, sl(h0)), "d hidden"), (max_err(_sum_over(w1, group), w0), "dW summed"),
+            (max_err(_sum_over(b1, group), b0), "db summed")]
+
+
+def _grpo_cases(cases=None, *, layouts=(False, True), **kw):
+    hidden, W, b, labels = _data()
+    inputs = _grpo_inputs(hidden, W, b, labels)
+    errs = []
+    for i in (range(len(GRPO_CASES)) if cases is None else cases):
+        for packed in layouts:
+            errs += [(e, f"GRPOLoss {GRPO_CASES[i][0]} {'packed' if packed else 'padded'} {d}") for e, d in _grpo_run(
+                GRPO_CASES[i], hidden, W, b, labels, inputs, packed=packed, **kw)]
+    return errs
+
+
+def sp_grpo(rank, world):
+    """GRPOLoss over the loss types, token / sequence IS, β, the sampler IS ratio, the entropy bonus and token
+    metrics; padded and packed (sequences crossing every boundary); DTensor hidden and per-token inputs too."""
+    errs = _grpo_cases()
+    errs += [(e, f"dtensor {d}") for e, d in _grpo_cases([3, 11], mode="dtensor", dtensor_inputs=True)]
+    # under no_grad: the loss value (sequence-level ratio, entropy bonus, two gathers)
+    hidden, W, b, labels = _data()
+    inputs = _grpo_inputs(hidden, W, b, labels)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    s0, e0 = _bounds(T, world, rank)
+    with torch.no_grad():
+        vals = [_grpo_values(GRPO_CASES[12], h, W, b, lab, None, tok, inputs)[0].loss for h, lab, tok in (
+            (hidden, labels, lambda t: t),
+            (sequence_parallel(hidden[:, s0:e0].clone()), labels[:, s0:e0], lambda t: t[:, s0:e0].clone()))]
+    errs.append((max_err(vals[1], vals[0]), "no_grad loss"))
+    return _rec(errs)
+
+
 def _rec(errs):
     bad = [d for e, d in errs if e > 1e-5]
     return record(errs, extra=f" ({len(errs)} checks; failing: {bad})" if bad else f" ({len(errs)} checks)")
@@ -177,6 +322,7 @@ def sp_uneven(rank, world):
                                                             uneven=True)]
     errs += [(e, f"DPOLoss uneven {d}") for e, d in _run(_losses()["DPOLoss"], hidden, W, b, labels, packed=True,
                                                          uneven=True)]
+    errs += [(e, f"uneven {d}") for e, d in _grpo_cases(GRPO_SMALL, layouts=(True,), uneven=True)]
     return _rec(errs)
 
 
@@ -187,7 +333,9 @@ def sp_x_vocab(rank, world):
     sp_g, tp_g = mesh.get_group("sp"), mesh.get_group("tp")
     tr = dist.get_rank(tp_g)
     vs, ve = (0, 34) if tr == 0 else (34, V)
-    return _rec(_all_cases(group=sp_g, wslice=(vs, ve, tp_g), modes=("marker",)))
+    errs = _all_cases(group=sp_g, wslice=(vs, ve, tp_g), modes=("marker",))
+    errs += _grpo_cases(GRPO_SMALL, group=sp_g, wslice=(vs, ve, tp_g))
+    return _rec(errs)
 
 
 def sp_repeat(rank, world):
@@ -202,7 +350,16 @@ def sp_repeat(rank, world):
         out.loss.backward()
         lp = dpo_fast.sequence_logprobs(sequence_parallel(hidden[:, s0:e0]), W, labels[:, s0:e0])
         res.append((out.loss.detach(), h.grad, w.grad, lp))
-    same = all(torch.equal(a, c) for a, c in zip(res[0], res[1]))
+        # GRPOLoss, sequence-level ratio (two gathers) with the entropy bonus
+        h = hidden[:, s0:e0].clone().requires_grad_(True)
+        w = W.clone().requires_grad_(True)
+        old = torch.linspace(-5.0, -3.0, B * T).view(B, T)[:, s0:e0]
+        out = dpo_fast.GRPOLoss(importance_sampling_level="sequence", beta=0.04, entropy_coef=0.01)(
+            sequence_parallel(h), w, labels[:, s0:e0], torch.linspace(-1.0, 1.0, B), old, old + 0.1)
+        out.loss.backward()
+        res.append((out.loss.detach(), h.grad, w.grad, out.per_token_loss,
+                    torch.tensor(list(out.metrics.values()), dtype=torch.float64)))
+    same = all(torch.equal(a, c) for a, c in zip(res[0] + res[1], res[2] + res[3]))
     return record([(0.0 if same else 1.0, f"bitwise repeat {same}")])
 
 
@@ -243,19 +400,54 @@ def sp_bad_input(rank, world):
         wl = vocab_parallel(W[vs:ve].clone(), vocab_start=vs)
         checks.append(expect_error(lambda: dpo_fast.sequence_logprobs(h, wl, labels[:, s0:e0]), DistributedHeadError,
                                    "same process group"))
-    # losses not supported yet: a clear error
-    checks.append(expect_error(lambda: dpo_fast.GRPOLoss()(h, W, labels[:, s0:e0], torch.randn(B)),
-                               DistributedHeadError, "GRPOLoss"))
+    # GRPOLoss: per-sequence inputs must be replicated, per-token ones sharded like labels
+    lab = labels[:, s0:e0]
+    adv = torch.linspace(-1.0, 1.0, B)
+    checks.append(expect_error(lambda: dpo_fast.GRPOLoss()(h, W, lab, adv + rank), DistributedHeadError,
+                               "advantages: differs across the sequence-parallel group (ranks"))
+    checks.append(expect_error(lambda: dpo_fast.GRPOLoss(loss_type="dapo")(h, W, lab, adv,
+                                                                           num_items_in_batch=10 + rank),
+                               DistributedHeadError, "num_items_in_batch: differs"))
+    checks.append(expect_error(lambda: dpo_fast.GRPOLoss()(h, W, lab, adv, entropy_coef=0.01 * rank),
+                               DistributedHeadError, "entropy_coef: differs"))
+    checks.append(expect_error(lambda: dpo_fast.GRPOLoss(beta=0.01 * (rank + 1))(h, W, lab, adv,
+                                                                                 ref_logps=lab * 0.0),
+                               DistributedHeadError, "GRPOLoss options: differs"))
+    isr = torch.ones(B, 1) + rank
+    checks.append(expect_error(lambda: dpo_fast.GRPOLoss(importance_sampling_level="sequence")(
+        h, W, lab, adv, importance_sampling_ratio=isr), DistributedHeadError, "importance_sampling_ratio: differs"))
+    checks.append(expect_error(lambda: dpo_fast.GRPOLoss()(h, W, lab, adv, old_logps=torch.zeros(B, T)), ValueError,
+                               "this rank's token shard"))
+    checks.append(expect_error(lambda: dpo_fast.GRPOLoss()(h, W, lab, torch.zeros(B, T)), ValueError,
+                               "this rank's token shard"))
+    checks.append(expect_error(lambda: dpo_fast.GRPOLoss(top_entropy_quantile=0.5)(h, W, lab, adv),
+                               DistributedHeadError, "top_entropy_quantile"))
+    old_r = distribute_tensor(torch.zeros(B, T), mesh, [Shard(0)])
+    lab_d = distribute_tensor(labels, mesh, [Shard(1)])
+    checks.append(expect_error(lambda: dpo_fast.GRPOLoss()(hd, W, lab_d, adv, old_r), DistributedHeadError,
+                               "old_logps: sharded differently"))
+    # packed: a shard of exactly S tokens reads a (S,) tensor as per-token, the others as per-sequence
+    S = len(CU) - 1
+    cut = [0] + [S + (n - S) * k // (world - 1) for k in range(world)]  # rank 0: S tokens
+    hq = sequence_parallel(hidden.reshape(-1, H)[cut[rank]:cut[rank + 1]].clone())
+    checks.append(expect_error(lambda: dpo_fast.GRPOLoss()(hq, W, labels.reshape(-1)[cut[rank]:cut[rank + 1]],
+                                                           adv, cu_seqlens=torch.tensor(CU)),
+                               DistributedHeadError, "per-token advantages / importance_sampling_ratio: differs"))
+    # not supported yet: a clear error that says why
     checks.append(expect_error(lambda: dpo_fast.DPOLoss(ld_alpha=0.5)(h, W, labels[:, s0:e0], torch.zeros(3),
                                                                       torch.zeros(3)), DistributedHeadError, "ld_alpha"))
     checks.append(expect_error(lambda: dpo_fast.DPOLoss(token_metrics=True)(h, W, labels[:, s0:e0], torch.zeros(3),
                                                                             torch.zeros(3)),
                                DistributedHeadError, "token_metrics"))
+    checks.append(expect_error(lambda: dpo_fast.KTOLoss()(h, W, labels[:, s0:e0], torch.ones(B, dtype=torch.bool),
+                                                          kl_hidden=h, kl_labels=labels[:, s0:e0],
+                                                          ref_kl_logps=torch.zeros(B)),
+                               DistributedHeadError, "kl_hidden"))
     errs = [(0.0 if ok else 1.0, msg) for ok, msg in checks]
     return record(errs)
 
 
-SCENARIOS = {f.__name__: f for f in (sp_cases, sp_uneven, sp_x_vocab, sp_repeat, sp_bad_input)}
+SCENARIOS = {f.__name__: f for f in (sp_cases, sp_uneven, sp_x_vocab, sp_repeat, sp_bad_input, sp_grpo)}
 
 if __name__ == "__main__":
     main(SCENARIOS)

@@ -11,6 +11,11 @@ log-prob is computed where its hidden state lives. Only per-sequence quantities 
   so dL/d(partial sum on rank r) = dL/d(global sum): the gradient reaching each rank's tokens is exactly
   their share of the global gradient. Summing it over the ranks as well would count it ``world`` times.
 
+A loss that needs more than per-sequence sums (GRPOLoss: batch totals, a sampler metric's maximum, a check that
+its per-sequence inputs are the same on every rank) stacks its statistics in a :class:`SeqStats` and reduces
+them with one all-gather (``world x K`` float64 values), summed / maxed locally in rank order: bit-identical on
+every rank, and a rank whose replicated input differs raises on every rank instead of desynchronising them.
+
 Who reduces dW: nobody here. Each rank's dW (and db) is its own tokens' contribution, like the gradient of
 every decoder parameter under context parallelism; the gradient synchronisation that already runs over the
 data-parallel x context-parallel group (DDP / FSDP2 over the flattened ``dp_cp`` mesh) adds them. See
@@ -30,8 +35,8 @@ from ..engine.head import Head, SeqShard
 from ..engine.scored import Scored
 from .state import DistributedHeadError
 
-__all__ = ["SeqShard", "is_token_sharded", "localize", "reduce_sums", "reduce_sums_counts", "seq_scored",
-           "seq_values", "sequence_parallel", "check_task"]
+__all__ = ["SeqShard", "SeqStats", "is_token_sharded", "localize", "local_input", "reduce_sums",
+           "reduce_sums_counts", "seq_scored", "seq_values", "sequence_parallel", "check_task"]
 
 _SEQ_MARK = "_dpo_fast_seq_shard"
 
@@ -305,17 +310,135 @@ def seq_values(values, seq: SeqShard):
 
 
 def check_task(task, token_metrics: bool) -> None:
-    """Losses whose inputs are more than per-sequence sums of this rank's tokens are refused (clear error)."""
-    if token_metrics:
+    """Losses whose inputs are more than per-sequence sums of this rank's tokens are refused (clear error).
+
+    A task that reduces its own statistics over the group (``reduces_token_sums``: GRPOLoss's, whose token
+    metrics ride in its one gather) may take ``token_metrics``; the others' token sums would stay per rank.
+    """
+    if token_metrics and not getattr(task, "reduces_token_sums", False):
         raise DistributedHeadError(
-            "token_metrics: not supported on sequence-sharded hidden states yet (its token sums are per rank); "
-            "construct the module with token_metrics=False")
+            "token_metrics: not supported on sequence-sharded hidden states for this loss yet (its token sums "
+            "would be this rank's only: the shared token-metric sums are not reduced over the group); construct "
+            "the module with token_metrics=False (GRPOLoss supports token_metrics=True)")
     if getattr(task, "token_weights", None) is not None:
         raise DistributedHeadError(
-            "ld_alpha: LD-DPO weights a token by its position in its sequence, which a token shard does not know; "
-            "not supported on sequence-sharded hidden states yet")
-    if hasattr(task, "per_token") and hasattr(task, "coef"):
+            "ld_alpha: LD-DPO weights a token by how many scored tokens of its sequence precede it, and on a token "
+            "shard some of them lie on earlier ranks (the weights need a per-sequence offset over the group); not "
+            "supported on sequence-sharded hidden states yet")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# several statistics, one collective
+
+
+class _GatherReduce(torch.autograd.Function):
+    """Forward: all-gather ``t`` (K,) (float64) over ``group``, then per entry the sum over the ranks (in rank
+    order, the same on every rank), the max, or rank 0's value. Returns (reduced (K,), gathered (world, K)).
+    Backward: the identity on ``t`` (as :class:`_AllReduceSum`: every rank's loss is the replicated global one)."""
+
+    @staticmethod
+    def forward(ctx, t, group, how):
+        import torch.distributed as dist
+        x = t.detach().to(torch.float64).contiguous()
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x, group=group)
+        g = torch.stack(parts)  # (world, K), rank order
+        out = torch.where(how == SeqStats.MAX, g.amax(0), g.sum(0))
+        out = torch.where(how == SeqStats.SAME, g[0], out)
+        ctx.mark_non_differentiable(g)
+        return out.to(t.dtype), g
+
+    @staticmethod
+    def backward(ctx, grad, _unused):
+        return grad, None, None
+
+
+class SeqStats:
+    """Named statistics of this rank's tokens, reduced over the sequence group in **one** all-gather.
+
+    ``add(name, t, how)``: ``t`` any shape (flattened; differentiable ones stay so), ``how``:
+
+    * ``"sum"``: the sum over the ranks (per-sequence sums, counts, batch totals; backward: the identity);
+    * ``"max"`` / ``"min"``: the extreme over the ranks (detached values; e.g. a metric's token maximum);
+    * ``"same"``: a value every rank must hold identically (replicated per-sequence inputs, per-step scalars):
+      compared bit for bit across the ranks; a difference raises :class:`DistributedHeadError` on every rank.
+
+    :meth:`reduce` concatenates the columns (float64), all-gathers them once (``world x K`` values) and reduces
+    each column locally, in rank order: bit-identical on every rank, whatever the backend's reduction order.
+    Every rank must add the same columns with the same sizes (a collective of mismatched sizes aborts).
+    """
+
+    SUM, MAX, SAME = 0, 1, 2
+    _HOW = {"sum": SUM, "max": MAX, "min": MAX, "same": SAME}
+
+    def __init__(self):
+        self._cols: list[tuple[str, torch.Tensor, str, torch.Size]] = []
+        self._hints: dict[str, str] = {}
+
+    def add(self, name: str, t, how: str = "sum", hint: str | None = None) -> None:
+        """Add the column ``name`` (``hint``: what to do when a ``same`` column differs across the ranks)."""
+        if how not in self._HOW:
+            raise ValueError(f"how: expected one of {sorted(self._HOW)}, got {how!r}")
+        if hint is not None:
+            self._hints[name] = hint
+        t = t if isinstance(t, torch.Tensor) else torch.tensor(t, dtype=torch.float64)
+        v = t.reshape(-1).to(torch.float64)
+        self._cols.append((name, -v if how == "min" else v, how, t.shape))
+
+    def reduce(self, seq: SeqShard, *, read: tuple[str, ...] = ()) -> tuple[dict, dict]:
+        """One all-gather of every column: ``({name: reduced tensor (float64, its shape)}, {name: host list})``.
+
+        ``read``: columns whose reduced values come to the host (as lists of floats), in the readback that
+        checks the ``"same"`` columns (one host sync in all, none when there is neither).
+        """
+        if not self._cols:
+            return {}, {}
+        dev = next((t.device for _, t, _, _ in self._cols if t.device.type != "cpu"), self._cols[0][1].device)
+        vec = torch.cat([t.to(dev) for _, t, _, _ in self._cols])
+        how = torch.cat([torch.full((t.numel(),), self._HOW[h], dtype=torch.int8) for _, t, h, _ in self._cols])
+        red, g = _GatherReduce.apply(vec, seq.group, how.to(dev))
+        out, spans, pos = {}, {}, 0
+        for name, t, h, shape in self._cols:
+            n = t.numel()
+            r = red[pos:pos + n]
+            out[name] = (-r if h == "min" else r).reshape(shape)
+            spans[name] = (pos, n, h)
+            pos += n
+        same = [(name, a, n) for name, (a, n, h) in spans.items() if h == "same"]
+        if not same and not read:
+            return out, {}
+        # bitwise: NaN == NaN here, -0.0 != 0.0 (a replicated input is the same tensor everywhere)
+        flags = [((g[:, a:a + n].view(torch.int64) != g[0:1, a:a + n].view(torch.int64)).any(1)) for _, a, n in same]
+        host = torch.cat([*(f.to(torch.float64) for f in flags), *(out[nm].reshape(-1) for nm in read)]).cpu().tolist()
+        world = g.shape[0]
+        for i, (name, _, _) in enumerate(same):
+            bad = [r for r in range(world) if host[i * world + r]]
+            if bad:
+                hint = self._hints.get(name, "it is one value per sequence (or per batch) and every rank must pass the "
+                                             "same one; only per-token inputs are sharded like labels")
+                raise DistributedHeadError(
+                    f"{name}: differs across the sequence-parallel group (ranks {bad} disagree with rank 0); {hint}")
+        values, pos = {}, len(same) * world
+        for nm in read:
+            n = out[nm].numel()
+            values[nm] = host[pos:pos + n]
+            pos += n
+        return out, values
+
+
+def local_input(t, name: str, seq: SeqShard):
+    """A per-token (or replicated) input of a loss on sequence-sharded hidden states -> this rank's tensor.
+
+    A DTensor sharded over the hidden states' token dimension on their group becomes its local shard; a
+    replicated DTensor its local (full) copy; a plain tensor passes as it is (the caller checks its shape).
+    """
+    if t is None or not _is_dtensor(t):
+        return t
+    from torch.distributed.tensor import Replicate
+    if all(isinstance(p, Replicate) for p in t.placements):
+        return t.to_local()
+    if _shard_dim(t) != seq.dim or t.device_mesh.get_group() != seq.group:
         raise DistributedHeadError(
-            "GRPOLoss: not supported on sequence-sharded hidden states yet (its token-level aggregation needs the "
-            "global (S, T) layout); compute per-token log-probs with dpo_fast.token_logprobs on the shard "
-            "(local, differentiable) and reduce your loss's per-sequence sums over the group")
+            f"{name}: sharded differently from hidden ({tuple(t.placements)} on {t.device_mesh}); shard it over "
+            f"tokens like hidden (Shard({seq.dim}) on the same 1-D mesh), replicate it, or pass this rank's tensor")
+    return t.to_local()
