@@ -110,6 +110,13 @@ def _run(fn, hidden, W, b, labels, *, packed=False, kind="seq", mode="marker", g
     return errs
 
 
+def _ld_pairs(cu):
+    """LD-DPO pairs: padded rows (0, 4) (9 vs 4 scored: row 0 cut at column 7), packed sequences (2, 5) / (4, 0)
+    (seq 5 cut at its 8th scored token, behind 3 on an earlier rank with 4 ranks; seq 4's tokens past its 2nd, 6
+    of them before the 2-rank boundary); one pair with an empty sequence (all α)."""
+    return torch.tensor([[0, 4], [2, 3], [5, 1]] if cu is None else [[2, 5], [4, 0], [3, 1]])
+
+
 def _losses():
     g = torch.Generator().manual_seed(5)
     P = B // 2
@@ -126,6 +133,17 @@ def _losses():
             h, w, lab, bias=bb, cu_seqlens=cu, ref_hidden=h.detach() * 0.9).loss,
         "DPOLoss metrics": lambda h, w, bb, lab, cu: torch.tensor([
             float(v) for v in dpo_fast.DPOLoss(beta=0.1)(h, w, lab, ref_c, ref_r, bias=bb, cu_seqlens=cu).metrics.values()]),
+        # LD-DPO: pairs whose shorter sequence ends mid-way through the longer one's tokens, the cut on a later
+        # rank than the longer sequence's first scored token (the offset comes from the counts' all-gather)
+        "DPOLoss ld_alpha": lambda h, w, bb, lab, cu: dpo_fast.DPOLoss(beta=0.1, ld_alpha=0.5)(
+            h, w, lab, ref_c, ref_r, bias=bb, cu_seqlens=cu, pairs=_ld_pairs(cu)).loss,
+        "DPOLoss ld_alpha sft ref_hidden": lambda h, w, bb, lab, cu: dpo_fast.DPOLoss(
+            beta=0.1, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5], ld_alpha=0.3)(
+            h, w, lab, bias=bb, cu_seqlens=cu, pairs=_ld_pairs(cu), ref_hidden=h.detach() * 0.9).loss,
+        "DPOLoss ld_alpha metrics": lambda h, w, bb, lab, cu: torch.tensor([float(v) for v in dpo_fast.DPOLoss(
+            beta=0.1, ld_alpha=0.5)(h, w, lab, ref_c, ref_r, bias=bb, cu_seqlens=cu, pairs=_ld_pairs(cu)).metrics.values()]),
+        "pair_logprobs ld_alpha": lambda h, w, bb, lab, cu: torch.cat(dpo_fast.pair_logprobs(
+            h, w, lab, bias=bb, cu_seqlens=cu, pairs=_ld_pairs(cu), ld_alpha=0.5)),
         "CPOLoss simpo": lambda h, w, bb, lab, cu: dpo_fast.CPOLoss(loss_type="simpo")(h, w, lab, bias=bb, cu_seqlens=cu).loss,
         "CPOLoss": lambda h, w, bb, lab, cu: dpo_fast.CPOLoss()(h, w, lab, bias=bb, cu_seqlens=cu).loss,
         "ORPOLoss": lambda h, w, bb, lab, cu: dpo_fast.ORPOLoss()(h, w, lab, bias=bb, cu_seqlens=cu).loss,
@@ -320,8 +338,9 @@ def sp_uneven(rank, world):
     for name, (kind, fn) in _entry_fns().items():
         errs += [(e, f"{name} uneven {d}") for e, d in _run(fn, hidden, W, b, labels, packed=True, kind=kind,
                                                             uneven=True)]
-    errs += [(e, f"DPOLoss uneven {d}") for e, d in _run(_losses()["DPOLoss"], hidden, W, b, labels, packed=True,
-                                                         uneven=True)]
+    for name in ("DPOLoss", "DPOLoss ld_alpha"):
+        errs += [(e, f"{name} uneven {d}") for e, d in _run(_losses()[name], hidden, W, b, labels, packed=True,
+                                                            uneven=True)]
     errs += [(e, f"uneven {d}") for e, d in _grpo_cases(GRPO_SMALL, layouts=(True,), uneven=True)]
     return _rec(errs)
 
@@ -434,8 +453,10 @@ def sp_bad_input(rank, world):
                                                            adv, cu_seqlens=torch.tensor(CU)),
                                DistributedHeadError, "per-token advantages / importance_sampling_ratio: differs"))
     # not supported yet: a clear error that says why
-    checks.append(expect_error(lambda: dpo_fast.DPOLoss(ld_alpha=0.5)(h, W, labels[:, s0:e0], torch.zeros(3),
-                                                                      torch.zeros(3)), DistributedHeadError, "ld_alpha"))
+    # LD-DPO: pairs still validated against the (global) number of sequences
+    checks.append(expect_error(lambda: dpo_fast.DPOLoss(ld_alpha=0.5)(h, W, labels[:, s0:e0], torch.zeros(1),
+                                                                      torch.zeros(1), pairs=torch.tensor([[0, B]])),
+                               ValueError, "outside [0, 6)"))
     checks.append(expect_error(lambda: dpo_fast.DPOLoss(token_metrics=True)(h, W, labels[:, s0:e0], torch.zeros(3),
                                                                             torch.zeros(3)),
                                DistributedHeadError, "token_metrics"))

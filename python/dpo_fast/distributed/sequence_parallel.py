@@ -258,16 +258,46 @@ def reduce_sums_counts(seq: SeqShard | None, sums: torch.Tensor, counts: torch.T
     return both[:S], both[S:].detach()
 
 
+def _gather_rows(t: torch.Tensor, group) -> torch.Tensor:
+    """(world, K) float64: every rank's (K,) ``t``, in rank order (no autograd)."""
+    import torch.distributed as dist
+    x = t.detach().to(torch.float64).contiguous()
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x, group=group)
+    return torch.stack(parts)
+
+
 @dataclasses.dataclass
 class SeqScored(Scored):
-    """A :class:`dpo_fast.engine.Scored` of this rank's tokens whose ``counts()`` are the global ones."""
+    """A :class:`dpo_fast.engine.Scored` of this rank's tokens whose ``counts()`` are the global ones.
+
+    One all-gather of the S local counts gives both the global counts (the sum over the ranks, exact: integers
+    in float64) and :meth:`prior_counts`, the scored tokens of each sequence on earlier ranks (LD-DPO's offset).
+    """
 
     shard: SeqShard | None = None
+    _local: torch.Tensor | None = dataclasses.field(default=None, repr=False)
+    _prior: torch.Tensor | None = dataclasses.field(default=None, repr=False)
 
     def counts(self) -> torch.Tensor:
         if self._counts is None:
-            self._counts = reduce_sums(self.shard, super().counts().to(torch.float64)).to(torch.float32)
+            from ..engine import segment_counts
+            local = segment_counts(self.seq, self.num_seqs)
+            g = _gather_rows(local, self.shard.group)  # (world, S), rank order
+            self._local = local.to(torch.float32)
+            self._prior = g[:self.shard.rank].sum(0).to(torch.float32)
+            self._counts = g.sum(0).to(torch.float32)
         return self._counts
+
+    def local_counts(self) -> torch.Tensor:
+        """(S,) float32 scored tokens of each sequence on this rank."""
+        self.counts()
+        return self._local
+
+    def prior_counts(self) -> torch.Tensor:
+        """(S,) float32 scored tokens of each sequence on the ranks before this one (same collective as counts)."""
+        self.counts()
+        return self._prior
 
 
 def seq_scored(sc: Scored, seq: SeqShard) -> SeqScored:
@@ -320,11 +350,6 @@ def check_task(task, token_metrics: bool) -> None:
             "token_metrics: not supported on sequence-sharded hidden states for this loss yet (its token sums "
             "would be this rank's only: the shared token-metric sums are not reduced over the group); construct "
             "the module with token_metrics=False (GRPOLoss supports token_metrics=True)")
-    if getattr(task, "token_weights", None) is not None:
-        raise DistributedHeadError(
-            "ld_alpha: LD-DPO weights a token by how many scored tokens of its sequence precede it, and on a token "
-            "shard some of them lie on earlier ranks (the weights need a per-sequence offset over the group); not "
-            "supported on sequence-sharded hidden states yet")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..distributed import distributed_head
+from ..distributed.sequence_parallel import reduce_sums, seq_scored
 from .. import losses as L
 from ..losses import DPOOptions
 from ..engine.autocast import autocast_aware
@@ -223,8 +224,10 @@ def pair_logprobs(hidden, weight, labels, *, bias=None, cu_seqlens=None, pairs=N
     head = as_head(weight, bias)  # resolved by distributed_head, or the plain (weight, bias)
     sc = prepare(hidden, head, labels, cu_seqlens=cu_seqlens, ignore_index=ignore_index, temperature=temperature,
                  softcap=softcap)
+    if head.seq is not None:  # hidden sharded over tokens: global counts (LD-DPO) and sums (dpo_fast.distributed)
+        sc = seq_scored(sc, head.seq)
     c_seq, r_seq = pair_layout(pairs, sc.num_seqs, sc.idx.device)
     logp = scored_logprobs(sc, head, temperature=temperature, softcap=softcap, backend=backend)
     tokw = None if ld_alpha is None else ld_token_weights(sc, sc.counts(), c_seq, r_seq, ld_alpha)
-    seq = segment_sum(logp if tokw is None else logp * tokw, sc.seq, sc.num_seqs)
+    seq = reduce_sums(head.seq, segment_sum(logp if tokw is None else logp * tokw, sc.seq, sc.num_seqs))
     return seq[c_seq], seq[r_seq]

@@ -68,11 +68,20 @@ def check_ld_alpha(ld_alpha) -> None:
 
 
 def ld_token_weights(sc: Scored, counts: Tensor, c_seq: Tensor, r_seq: Tensor, alpha: float) -> Tensor:
-    """(N,) LD-DPO token weights: 1 for a sequence's first min(|y_w|, |y_l|) scored tokens, α after."""
+    """(N,) LD-DPO token weights: 1 for a sequence's first min(|y_w|, |y_l|) scored tokens, α after.
+
+    ``counts``: the (global) scored tokens per sequence. On a token shard (``sc`` a sequence-parallel
+    :class:`dpo_fast.distributed.sequence_parallel.SeqScored`) a token's position in its sequence adds the
+    scored tokens of that sequence on earlier ranks (``prior_counts``, from the all-gather behind the counts).
+    """
     shared = torch.full((sc.num_seqs,), float("inf"), device=counts.device)
     m = torch.minimum(counts[c_seq], counts[r_seq])
     shared[c_seq], shared[r_seq] = m, m
-    start = torch.cumsum(counts, 0) - counts  # (S,) first scored token of each sequence
+    prior = getattr(sc, "prior_counts", None)
+    local = counts if prior is None else sc.local_counts()
+    start = torch.cumsum(local, 0) - local  # (S,) first scored token of each sequence here
+    if prior is not None:  # sequence parallel: minus the sequence's scored tokens on earlier ranks
+        start = start - prior()
     rank = torch.arange(sc.idx.numel(), device=counts.device, dtype=torch.float32) - start[sc.seq]
     w = torch.where(rank < shared[sc.seq], 1.0, float(alpha))
     return w.to(acc_dtype(sc.hidden2.dtype))
