@@ -9,8 +9,9 @@ What the head may be (anything else raises :class:`UnsupportedHeadError` instead
 
 * a plain ``nn.Linear`` (with or without bias; tied to the input embeddings or not);
 * with the output scalings Hugging Face configs declare: Gemma-2/3 ``final_logit_softcapping`` (engine
-  ``softcap``), Cohere/Cohere2 ``logit_scale`` and Falcon-H1 ``lm_head_multiplier`` (logits multiplied:
-  engine ``temperature = 1 / scale``), Granite ``logits_scaling`` (logits divided: ``temperature = scale``);
+  ``softcap``), Cohere/Cohere2 ``logit_scale``, Muse Glimmer ``output_multiplier`` and Falcon-H1
+  ``lm_head_multiplier`` (logits multiplied: engine ``temperature = 1 / scale``), Granite ``logits_scaling``
+  (logits divided: ``temperature = scale``; HyperCLOVA X multiplies by it);
 * inside a PEFT (LoRA-family) model: adapters in the decoder train as usual; the frozen head costs no dW
   GEMM. An adapter *on* the head cannot be fused (the engine reads ``weight`` directly) and raises;
   prompt-learning PEFT methods (prefix/prompt tuning) change the forward and raise too.
@@ -21,6 +22,13 @@ What the head may be (anything else raises :class:`UnsupportedHeadError` instead
   (``config.get_text_config()``) only for the classes whose forward applies them (:data:`VLM_HEAD_TRANSFORMS`);
   a VLM class not in that table whose text config sets a scaling raises, and so does any layout where the
   head is not the outer model's own module (e.g. a nested causal LM carrying its own head).
+
+Which scalings: by default (``scalings="forward"``) those the model's own ``forward`` applies, so the log-probs
+are those of the model's logits. ``scalings="text_config"`` takes every scaling the text config declares, read
+as TRL 1.16's fused LM head reads them (``trl.trainer.utils.add_fused_lm_head``), whatever the class's forward
+does: the two differ only for a VLM whose forward ignores a declared scaling (``Gemma3ForConditionalGeneration``
+with ``final_logit_softcapping`` set). The Fast trainers whose TRL trainer scores with that head (DPO, GRPO,
+RLOO, KTO) put their models in that mode (:func:`install_fused_forward`), as TRL trains on that head.
 
 How the decoder runs. :func:`call_with_hidden_states` installs (once) a thin wrapper around the model's
 ``forward`` that, only when called with the keyword ``dpo_fast_fn``, runs the decoder body and hands its
@@ -63,9 +71,15 @@ __all__ = [
     "sequence_logprobs_from_model",
     "check_output_head",
     "VLM_HEAD_TRANSFORMS",
+    "HEAD_SCALINGS",
 ]
 
 _PATCH_FLAG = "_dpo_fast_forward_installed"
+#: the model attribute holding its :data:`HEAD_SCALINGS` mode (set by :func:`install_fused_forward`)
+_SCALINGS_MODE = "_dpo_fast_head_scalings"
+#: which logit scalings :func:`output_head` applies: ``"forward"`` (those the model's own forward applies, the
+#: default) or ``"text_config"`` (every one the text config declares, as TRL 1.16's fused LM head reads them)
+HEAD_SCALINGS = ("forward", "text_config")
 
 
 class UnsupportedHeadError(ValueError):
@@ -190,15 +204,37 @@ VLM_HEAD_TRANSFORMS: dict[str, frozenset[str]] = {
     "Qwen2VLForConditionalGeneration": frozenset(),
     "Qwen2_5_VLForConditionalGeneration": frozenset(),
 }
-_SCALINGS = ("final_logit_softcapping", "logit_scale", "lm_head_multiplier", "logits_scaling")
+#: the logit multipliers a config may declare, in the order TRL 1.16's fused LM head looks for them (the first one
+#: set counts); ``logits_scaling`` divides (Granite, MiniCPM3) except for HyperCLOVA X, which multiplies by it
+_SCALES = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
 
 
-def _head_config(hf) -> dict[str, Any]:
-    """The head scalings (attribute -> value) ``hf``'s forward applies: the text config's, filtered for a VLM."""
+def _declared_scalings(cfg) -> dict[str, Any]:
+    """The scalings (attribute -> value) a text config declares, read as TRL 1.16's ``add_fused_lm_head`` reads them
+    (trl/trainer/utils.py: ``final_logit_softcapping``, then the first of :data:`_SCALES` that is set); a
+    multiplier of 1 is no scaling."""
+    found = {}
+    if getattr(cfg, "final_logit_softcapping", None) is not None:
+        found["final_logit_softcapping"] = cfg.final_logit_softcapping
+    scale = next((a for a in _SCALES if getattr(cfg, a, None) is not None), None)
+    if scale is not None and getattr(cfg, scale) != 1:
+        found[scale] = getattr(cfg, scale)
+    return found
+
+
+def _scalings_mode(hf, scalings: str | None) -> str:
+    mode = getattr(hf, _SCALINGS_MODE, "forward") if scalings is None else scalings
+    if mode not in HEAD_SCALINGS:
+        raise ValueError(f"scalings: expected one of {HEAD_SCALINGS} or None, got {mode!r}")
+    return mode
+
+
+def _head_config(hf, mode: str = "forward") -> dict[str, Any]:
+    """The head scalings (attribute -> value) of ``hf`` in ``mode`` (:data:`HEAD_SCALINGS`): the text config's,
+    filtered for a VLM by what its forward applies in mode "forward"."""
     cfg = _text_config(hf)
-    found = {a: getattr(cfg, a, None) for a in _SCALINGS}
-    found = {a: v for a, v in found.items() if v is not None and not (a != "final_logit_softcapping" and v == 1)}
-    if cfg is hf.config or not found:
+    found = _declared_scalings(cfg)
+    if cfg is hf.config or not found or mode == "text_config":
         return found
     applied = VLM_HEAD_TRANSFORMS.get(type(hf).__name__)
     if applied is None:
@@ -220,11 +256,16 @@ def _check_layout(hf, head: nn.Module) -> None:
             "Compute log-probs from the model's logits with dpo_fast.logprobs_from_logits instead.")
 
 
-def output_head(model: nn.Module) -> OutputHead:
+def output_head(model: nn.Module, *, scalings: str | None = None) -> OutputHead:
     """The model's output head as (weight, bias, temperature, softcap); raises if it cannot be fused.
 
     Args:
         model: a Hugging Face causal LM, optionally inside PEFT / DDP / FSDP wrappers.
+        scalings: which logit scalings (:data:`HEAD_SCALINGS`): ``"forward"``, those the model's own forward
+            applies; ``"text_config"``, every one its text config declares, as TRL 1.16's fused LM head reads them
+            (they differ only for a VLM whose forward ignores one: ``Gemma3ForConditionalGeneration``'s
+            ``final_logit_softcapping``); None (default), the model's mode set by :func:`install_fused_forward`,
+            else ``"forward"``.
 
     Raises:
         UnsupportedHeadError: adapter on the head, a head that is not a plain linear layer, a quantized
@@ -254,18 +295,16 @@ def output_head(model: nn.Module) -> OutputHead:
         raise UnsupportedHeadError(
             f"model: the output head's weight is {type(w).__name__} {getattr(w, 'dtype', '')} (quantized?); "
             "the fused engine needs a floating (V, H) weight")
-    cfg = _head_config(hf)
+    cfg = _head_config(hf, _scalings_mode(hf, scalings))
     softcap = cfg.get("final_logit_softcapping")
     scale, how = 1.0, "multiply"
-    for attr in ("logit_scale", "lm_head_multiplier"):
+    for attr in _SCALES:
         v = cfg.get(attr)
         if v is not None:
             scale = float(v)
+            if attr == "logits_scaling" and _text_config(hf).model_type != "hyperclovax":
+                how = "divide"
             break
-    else:
-        v = cfg.get("logits_scaling")
-        if v is not None:
-            scale, how = float(v), "divide"
     if not (math.isfinite(scale) and scale > 0):
         raise UnsupportedHeadError(f"model: logit scale {scale} from the config is not a finite positive number")
     temperature = 1.0 / scale if how == "multiply" else scale
@@ -286,14 +325,21 @@ _DROP_IF_NONE = ("labels", "return_dict", "output_attentions", "output_hidden_st
                  "num_logits_to_keep", "task_ids", "inputs_embeds", "cache_position", "past_key_values")
 
 
-def install_fused_forward(model: nn.Module) -> None:
+def install_fused_forward(model: nn.Module, *, head_scalings: str | None = None) -> None:
     """Give the model's ``forward`` the ``dpo_fast_fn=`` entry point (idempotent; other calls unchanged).
 
     :func:`call_with_hidden_states` does this on first use. Call it yourself *before* a wrapper that
     replaces ``forward`` (accelerate's mixed-precision autocast wrapper, ``torch.compile``) so that the
     wrapper applies to the fused path too.
+
+    Args:
+        head_scalings: one of :data:`HEAD_SCALINGS`: the model's mode from now on, for the head the fused forward
+            hands to ``dpo_fast_fn`` and for :func:`output_head` (also on a model already installed); None keeps
+            its mode ("forward" unless set).
     """
     _, hf_model = unwrap_model(model)
+    if head_scalings is not None:
+        setattr(hf_model, _SCALINGS_MODE, _scalings_mode(hf_model, head_scalings))
     if getattr(hf_model, _PATCH_FLAG, False):
         return
     previous = hf_model.forward

@@ -91,35 +91,31 @@ SOFTCAP_OPTION = Option(
     "{who}: soft-capped output heads (final_logit_softcapping) are not supported: TRL's logged logits/* metric "
     "(the mean logit) then needs every logit; use {stock}")
 
-def _trl_head_differs(t) -> bool:
-    """TRL's fused LM head scales the logits by the *text* config (``final_logit_softcapping``, ``logit_scale`` ...)
-    whatever the class; some VLM classes' forward does not (Gemma3ForConditionalGeneration ignores the softcap).
-    True when TRL's head and the model's own (:func:`dpo_fast.hf.output_head`) differ."""
-    from ..hf import _text_config, unwrap_model
+def _trl_head_inexpressible(t) -> bool:
+    """True for a vision-language model whose text config declares both a final-logit softcap and a logit scale.
+
+    TRL 1.16's fused LM head (``trl.trainer.utils.add_fused_lm_head``) scales the logits by the *text* config's
+    ``final_logit_softcapping`` and logit scale (``logit_scale`` / ``output_multiplier`` / ``lm_head_multiplier`` /
+    ``logits_scaling``) whatever the model class's forward applies; the trainers listing :data:`VLM_HEAD_OPTION`
+    follow it (:func:`dpo_fast.hf.output_head` with ``scalings="text_config"``). Both at once (the scale before
+    the cap) is the one such head the engine does not express: refused at construction, not at the first step."""
+    from ..hf import _declared_scalings, _text_config, unwrap_model
 
     _, hf = unwrap_model(t.model)
     cfg = _text_config(hf)
-    if cfg is hf.config:
-        return False
-    head = output_head(hf)
-    softcap = getattr(cfg, "final_logit_softcapping", None)
-    scale = next((getattr(cfg, a) for a in ("logit_scale", "output_multiplier", "lm_head_multiplier")
-                  if getattr(cfg, a, None) is not None), None)
-    if scale is None and getattr(cfg, "logits_scaling", None) is not None:
-        scale = cfg.logits_scaling if cfg.model_type == "hyperclovax" else 1 / cfg.logits_scaling
-    trl_temperature = 1.0 if scale is None else 1.0 / float(scale)
-    return (softcap is None) != (head.softcap is None) or abs(trl_temperature - head.temperature) > 1e-12 * abs(
-        head.temperature)
+    found = _declared_scalings(cfg)
+    return cfg is not hf.config and "final_logit_softcapping" in found and len(found) > 1
 
 
-#: Error row: a vision-language model whose forward does not scale its logits as TRL's fused head does (TRL reads
-#: the text config's softcap / logit scale for every class): matching TRL would mean training on logits the model
-#: never produces, matching the model would silently differ from TRL.
+#: The row of the trainers whose TRL trainer scores with TRL's fused LM head (DPO, GRPO, RLOO, KTO). Listing it
+#: also puts the trainer's models in TRL's head scalings: the text config's softcap / logit scale for every class,
+#: as TRL trains on them, even where the model's own forward ignores them (``Gemma3ForConditionalGeneration``
+#: ignores ``final_logit_softcapping``; its logits and sampling stay uncapped, the trained log-probs are capped,
+#: as in stock TRL). Error row: such a VLM whose text config declares a softcap and a logit scale together.
 VLM_HEAD_OPTION = Option(
-    "text_config logit scaling", _trl_head_differs, "error",
-    "{who}: {t.model.__class__.__name__}'s forward does not apply its text config's logit scaling "
-    "(final_logit_softcapping / logit scale) but TRL's fused LM head does; the two give different log-probs. Unset "
-    "the scaling in the text config (it has no effect on the model's own logits) or use {stock}")
+    "text_config logit scaling", _trl_head_inexpressible, "error",
+    "{who}: TRL's fused LM head applies {t.model.__class__.__name__}'s text-config logit scale and then its "
+    "final_logit_softcapping; dpo_fast's engine supports one of the two. Use {stock}")
 
 #: Error row: encoder-decoder models (the integrations run decoder-only models).
 ENCODER_DECODER_OPTION = Option("is_encoder_decoder", lambda t: bool(getattr(t, "is_encoder_decoder", False)),
@@ -259,6 +255,13 @@ class TrainerAdapter:
         if any(k is PADDING_FREE_KWARGS[0] for k in self._dpo_fast_kwargs):
             self._dpo_fast_setup_unpadded(own.pop("padding_free"), own.pop("packed_row_tokens"))
         self._dpo_fast_setup(**own)
+        # the fused entry point goes in before accelerate wraps forward (mixed precision), so its autocast
+        # applies to our path too; and before the table, whose rows read the head: in TRL's fused-head scalings
+        # for the trainers whose TRL scores with that head (they list VLM_HEAD_OPTION)
+        scalings = "text_config" if VLM_HEAD_OPTION in self._dpo_fast_options else None
+        for m in (self.model, getattr(self, "ref_model", None)):
+            if m is not None:
+                install_fused_forward(m, head_scalings=scalings)
         reasons, route = self._dpo_fast_check_options()
         self._dpo_fast_loss = None
         if not reasons:
@@ -275,11 +278,6 @@ class TrainerAdapter:
             logging.getLogger(type(self).__module__).warning(
                 "%s: %s not fused by dpo_fast; the loss runs TRL's own loss code (route '%s': %s).",
                 type(self).__name__, ", ".join(reasons), route, ROUTE_NOTES[route])
-        # the fused entry point goes in before accelerate wraps forward (mixed precision), so its autocast
-        # applies to our path too
-        install_fused_forward(self.model)
-        if getattr(self, "ref_model", None) is not None:
-            install_fused_forward(self.ref_model)
 
     def _dpo_fast_setup(self, **own) -> None:
         pass

@@ -26,11 +26,17 @@ Supported TRL releases: :data:`SUPPORTED_TRL` (tested in this repository's tests
 Vision-language models (a processor as ``processing_class``: Qwen2-VL / Qwen2.5-VL, LLaVA-style, Gemma-3 ...):
 every model input TRL's vision collator produces (``pixel_values``, ``image_grid_thw``, ``mm_token_type_ids``,
 ``image_sizes``, ``token_type_ids`` ...) goes to the model's forward, policy and reference alike; the language
-model's last hidden states go to the engine (image tokens are never scored: they are prompt tokens).
+model's last hidden states go to the engine (image tokens are never scored: they are prompt tokens). The head is
+TRL's fused LM head's: TRL 1.16 (``trl.trainer.utils.add_fused_lm_head``) scales the logits by the *text*
+config's ``final_logit_softcapping`` / logit scale whatever the class, so a Gemma-3 VLM whose text config sets a
+softcap is trained on capped log-probs although ``Gemma3ForConditionalGeneration``'s own forward (transformers
+5.25) never caps its logits; this class trains on the capped ones too, to match TRL
+(:func:`dpo_fast.hf.output_head` with ``scalings="text_config"``).
 
 Not supported (clear errors): ``padding_free=True`` with a vision-language model (packing would have to carry
 the image tokens and the model's own position ids, e.g. Qwen2-VL's 3-D M-RoPE positions), MoE router aux loss
-(``router_aux_loss_coef`` != 0 on MoE models), prompt-learning PEFT, a PEFT adapter on ``lm_head``. The options table is ``_FastDPOMixin._dpo_fast_options`` (:mod:`dpo_fast.integrations.adapter`).
+(``router_aux_loss_coef`` != 0 on MoE models), prompt-learning PEFT, a PEFT adapter on ``lm_head``, a VLM whose text
+config sets both a softcap and a logit scale (TRL's head applies the scale, then the cap). The options table is ``_FastDPOMixin._dpo_fast_options`` (:mod:`dpo_fast.integrations.adapter`).
 """
 
 from __future__ import annotations
