@@ -25,7 +25,7 @@ from ._trainer_common import check_trl_version
 
 __all__ = ["TrainerAdapter", "Option", "Kwarg", "patch_instance", "vision_option", "moe_aux_option",
            "SOFTCAP_OPTION", "ENCODER_DECODER_OPTION", "VLM_HEAD_OPTION", "options_from_trainer", "sequence_sharding",
-           "check_sequence_sharding", "SEQUENCE_PARALLEL_RECIPE", "PADDING_FREE_KWARGS"]
+           "check_sequence_sharding", "SEQUENCE_PARALLEL_RECIPE", "CONTEXT_PARALLEL_REASON", "PADDING_FREE_KWARGS"]
 
 ACTIONS = ("error", "two_pass", "trl")
 #: what each fallback route does, for the warning
@@ -156,9 +156,10 @@ def options_from_trainer(cls: type, trainer: Any, *, per_step: tuple[str, ...] =
 def sequence_sharding(args: Any) -> str | None:
     """What shards the sequence in a TRL config (``parallelism_config`` with ``cp_size`` or ``sp_size`` > 1), or None.
 
-    The trainers do not run on sequence-sharded batches: TRL 1.16's trainers compute their own forward on whole
-    rows (its GRPOTrainer refuses ``cp_size``/``sp_size`` > 1 itself), so the trainers refuse it, before TRL's
-    ``__init__`` builds the accelerator, with :data:`SEQUENCE_PARALLEL_RECIPE`.
+    TRL 1.16's trainers compute their own forward on whole rows (its GRPOTrainer refuses ``cp_size``/``sp_size``
+    > 1 itself), so the trainers refuse it, before TRL's ``__init__`` builds the accelerator, with
+    :data:`SEQUENCE_PARALLEL_RECIPE` -- except FastDPOTrainer with DeepSpeed Ulysses (``sp_size`` > 1,
+    ``sp_backend="deepspeed"``, ``cp_size`` 1; :mod:`dpo_fast.integrations.sequence_sharded`).
     """
     pc = getattr(args, "parallelism_config", None)
     if pc is None:
@@ -177,13 +178,38 @@ SEQUENCE_PARALLEL_RECIPE = (
     "loss; see 'Sequence-sharded hidden states' in dpo_fast's docs/DISTRIBUTED.md")
 
 
-def check_sequence_sharding(who: str, args: Any) -> None:
-    """Raise NotImplementedError naming the own-loop recipe when ``args`` shards the sequence."""
+#: Why context parallelism is not wired into any trainer (part of the error).
+CONTEXT_PARALLEL_REASON = (
+    "context parallelism (cp_size > 1, torch context_parallel) is not wired into the dpo_fast trainers: it cannot "
+    "run on CPU (accelerate accepts a ParallelismConfig only with FSDP2, DeepSpeed or multi-GPU, not MULTI_CPU, and "
+    "torch's context_parallel has no sharding for CPU attention), so it is untested here")
+
+
+def check_sequence_sharding(who: str, args: Any, ulysses: bool = False) -> None:
+    """Raise NotImplementedError naming the own-loop recipe when ``args`` shards the sequence.
+
+    ``ulysses``: the trainer runs DeepSpeed Ulysses sequence parallelism (FastDPOTrainer): ``sp_size`` > 1 with
+    ``sp_backend="deepspeed"`` and ``cp_size`` 1 passes.
+    """
     found = sequence_sharding(args)
-    if found:
-        raise NotImplementedError(
-            f"{who}: parallelism_config shards the sequence ({found}); the dpo_fast trainers do not run on "
-            f"sequence-sharded batches. Instead, {SEQUENCE_PARALLEL_RECIPE}.")
+    if not found:
+        return
+    from .sequence_sharded import ulysses_sp_size
+
+    if ulysses and ulysses_sp_size(args):
+        return
+    pc = args.parallelism_config
+    cp = int(getattr(pc, "cp_size", 1) or 1) > 1
+    if cp:
+        why = CONTEXT_PARALLEL_REASON
+    elif ulysses:
+        why = (f"{who} runs sequence parallelism only with sp_backend='deepspeed' (DeepSpeed Ulysses), got "
+               f"sp_backend={getattr(pc, 'sp_backend', None)!r}")
+    else:
+        why = ("the dpo_fast trainers do not run on sequence-sharded batches (FastDPOTrainer alone runs DeepSpeed "
+               "Ulysses, sp_backend='deepspeed')")
+    raise NotImplementedError(
+        f"{who}: parallelism_config shards the sequence ({found}); {why}. Instead, {SEQUENCE_PARALLEL_RECIPE}.")
 
 
 # ------------------------------------------------------------------------------------------------ the adapter
@@ -208,6 +234,8 @@ class TrainerAdapter:
     _dpo_fast_kwargs: tuple[Kwarg, ...] = ()
     _dpo_fast_options: tuple[Option, ...] = ()
     _dpo_fast_loss_rejected = "error"
+    #: runs DeepSpeed Ulysses sequence parallelism (FastDPOTrainer; :func:`check_sequence_sharding`)
+    _dpo_fast_ulysses = False
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -220,7 +248,7 @@ class TrainerAdapter:
 
     def __init__(self, *args, **kwargs):
         check_trl_version()
-        check_sequence_sharding(type(self).__name__, self._dpo_fast_config_arg(args, kwargs))
+        check_sequence_sharding(type(self).__name__, self._dpo_fast_config_arg(args, kwargs), self._dpo_fast_ulysses)
         own = self._dpo_fast_take_kwargs(kwargs)
         with self._dpo_fast_constructing(args, kwargs, **own):
             super().__init__(*args, **kwargs)
@@ -249,7 +277,7 @@ class TrainerAdapter:
     def _dpo_fast_init(self, **own) -> None:
         """After TRL's ``__init__`` (or on a patched instance): setup, options table, loss module, forward."""
         check_trl_version()
-        check_sequence_sharding(type(self).__name__, getattr(self, "args", None))
+        check_sequence_sharding(type(self).__name__, getattr(self, "args", None), self._dpo_fast_ulysses)
         self.dpo_fast_route: str | None = None
         self.dpo_fast_routes: collections.Counter = collections.Counter()
         if any(k is PADDING_FREE_KWARGS[0] for k in self._dpo_fast_kwargs):

@@ -54,6 +54,7 @@ from ..packing import shifted_labels
 from ._trainer_common import SUPPORTED_TRL, UnsupportedTRLVersion, check_trl_version
 from .adapter import (VLM_HEAD_OPTION, Kwarg, Option, TrainerAdapter, moe_aux_option, options_from_trainer,
                       patch_instance)
+from . import sequence_sharded
 from .padding_free import PaddingFreePreferenceCollator, check_packed_attention, token_budget_sampler
 
 try:
@@ -109,6 +110,7 @@ class _FastDPOMixin(TrainerAdapter):
 
     _dpo_fast_trl_class = DPOTrainer
     _dpo_fast_stock = "trl.DPOTrainer"
+    _dpo_fast_ulysses = True  # DeepSpeed Ulysses sequence parallelism (dpo_fast.integrations.sequence_sharded)
     _dpo_fast_kwargs = (Kwarg("token_metrics", True, "bool"), Kwarg("token_budget", None, "int | None"),
                         Kwarg("packed_row_tokens", None, "int | str | None"))
     _dpo_fast_options = (
@@ -145,6 +147,7 @@ class _FastDPOMixin(TrainerAdapter):
     def _dpo_fast_setup(self, token_metrics: bool = True, token_budget: int | None = None,
                         packed_row_tokens: int | str | None = None) -> None:
         self.dpo_fast_token_metrics = bool(token_metrics)
+        self._dpo_fast_sp = sequence_sharded.setup(self)  # sp_size under DeepSpeed Ulysses, else 0
         self._dpo_fast_setup_padding_free(token_budget, packed_row_tokens)
 
     def _dpo_fast_build_loss(self, temperature, softcap):
@@ -278,9 +281,18 @@ class _FastDPOMixin(TrainerAdapter):
         order = torch.argsort(inputs["example_index"].to(c.device))  # pair order -> example order
         return c[order], r[order]
 
+    def evaluate(self, *args, **kwargs):
+        if getattr(self, "_dpo_fast_sp", 0):
+            raise NotImplementedError(f"{type(self).__name__}: sequence parallelism: {sequence_sharded.EVAL_REFUSED}")
+        return super().evaluate(*args, **kwargs)
+
     # TRL hook: the loss and the metrics of one batch
     def _compute_loss(self, model, inputs, return_outputs):
         mode = self._dpo_fast_mode()
+        if getattr(self, "_dpo_fast_sp", 0) and mode == "train":  # this rank's token block of every row
+            if return_outputs:
+                raise NotImplementedError(f"{type(self).__name__}: return_outputs under sequence parallelism")
+            return sequence_sharded.dpo_step(self, model, inputs, self._dpo_fast_sp)
         input_ids = inputs["input_ids"]
         packed = _packed_layout(inputs)
         # (2P, T) padded, or (R, L) packed rows whose labels the collator derived by the same rule
