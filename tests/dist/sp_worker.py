@@ -110,6 +110,12 @@ def _run(fn, hidden, W, b, labels, *, packed=False, kind="seq", mode="marker", g
     return errs
 
 
+def _with_metrics(out):
+    """(1 + metrics + token sums,): the loss (differentiable), then every metric and token sum (values)."""
+    vals = [float(v) for v in out.metrics.values()] + [float(v) for v in (out.token_sums or {}).values()]
+    return torch.cat([out.loss.reshape(1), torch.tensor(vals, dtype=out.loss.dtype)])
+
+
 def _ld_pairs(cu):
     """LD-DPO pairs: padded rows (0, 4) (9 vs 4 scored: row 0 cut at column 7), packed sequences (2, 5) / (4, 0)
     (seq 5 cut at its 8th scored token, behind 3 on an earlier rank with 4 ranks; seq 4's tokens past its 2nd, 6
@@ -144,6 +150,18 @@ def _losses():
             beta=0.1, ld_alpha=0.5)(h, w, lab, ref_c, ref_r, bias=bb, cu_seqlens=cu, pairs=_ld_pairs(cu)).metrics.values()]),
         "pair_logprobs ld_alpha": lambda h, w, bb, lab, cu: torch.cat(dpo_fast.pair_logprobs(
             h, w, lab, bias=bb, cu_seqlens=cu, pairs=_ld_pairs(cu), ld_alpha=0.5)),
+        # token_metrics: loss, every metric and every token sum (the sums ride in the first per-sequence all-reduce)
+        "DPOLoss wpo ld_alpha token_metrics": lambda h, w, bb, lab, cu: _with_metrics(dpo_fast.DPOLoss(
+            beta=0.1, use_weighting=True, ld_alpha=0.5, token_metrics=True)(
+            h, w, lab, ref_c, ref_r, bias=bb, cu_seqlens=cu, pairs=_ld_pairs(cu))),
+        "CPOLoss simpo token_metrics": lambda h, w, bb, lab, cu: _with_metrics(dpo_fast.CPOLoss(
+            loss_type="simpo", token_metrics=True)(h, w, lab, bias=bb, cu_seqlens=cu)),
+        "ORPOLoss token_metrics": lambda h, w, bb, lab, cu: _with_metrics(dpo_fast.ORPOLoss(token_metrics=True)(
+            h, w, lab, bias=bb, cu_seqlens=cu)),
+        "KTOLoss token_metrics": lambda h, w, bb, lab, cu: _with_metrics(dpo_fast.KTOLoss(token_metrics=True)(
+            h, w, lab, desirable, kto_ref, bias=bb, cu_seqlens=cu)),
+        "KTOLoss token_metrics no compute_metrics": lambda h, w, bb, lab, cu: _with_metrics(dpo_fast.KTOLoss(
+            token_metrics=True, compute_metrics=False)(h, w, lab, desirable, kto_ref, bias=bb, cu_seqlens=cu)),
         "CPOLoss simpo": lambda h, w, bb, lab, cu: dpo_fast.CPOLoss(loss_type="simpo")(h, w, lab, bias=bb, cu_seqlens=cu).loss,
         "CPOLoss": lambda h, w, bb, lab, cu: dpo_fast.CPOLoss()(h, w, lab, bias=bb, cu_seqlens=cu).loss,
         "ORPOLoss": lambda h, w, bb, lab, cu: dpo_fast.ORPOLoss()(h, w, lab, bias=bb, cu_seqlens=cu).loss,
@@ -365,10 +383,11 @@ def sp_repeat(rank, world):
     for _ in range(2):
         h = hidden[:, s0:e0].clone().requires_grad_(True)
         w = W.clone().requires_grad_(True)
-        out = dpo_fast.DPOLoss(beta=0.1)(sequence_parallel(h), w, labels[:, s0:e0], torch.zeros(3), torch.zeros(3))
+        out = dpo_fast.DPOLoss(beta=0.1, ld_alpha=0.5, token_metrics=True)(
+            sequence_parallel(h), w, labels[:, s0:e0], torch.zeros(3), torch.zeros(3), pairs=_ld_pairs(None))
         out.loss.backward()
         lp = dpo_fast.sequence_logprobs(sequence_parallel(hidden[:, s0:e0]), W, labels[:, s0:e0])
-        res.append((out.loss.detach(), h.grad, w.grad, lp))
+        res.append((out.loss.detach(), h.grad, w.grad, lp, _with_metrics(out).detach()))
         # GRPOLoss, sequence-level ratio (two gathers) with the entropy bonus
         h = hidden[:, s0:e0].clone().requires_grad_(True)
         w = W.clone().requires_grad_(True)
@@ -457,9 +476,6 @@ def sp_bad_input(rank, world):
     checks.append(expect_error(lambda: dpo_fast.DPOLoss(ld_alpha=0.5)(h, W, labels[:, s0:e0], torch.zeros(1),
                                                                       torch.zeros(1), pairs=torch.tensor([[0, B]])),
                                ValueError, "outside [0, 6)"))
-    checks.append(expect_error(lambda: dpo_fast.DPOLoss(token_metrics=True)(h, W, labels[:, s0:e0], torch.zeros(3),
-                                                                            torch.zeros(3)),
-                               DistributedHeadError, "token_metrics"))
     checks.append(expect_error(lambda: dpo_fast.KTOLoss()(h, W, labels[:, s0:e0], torch.ones(B, dtype=torch.bool),
                                                           kl_hidden=h, kl_labels=labels[:, s0:e0],
                                                           ref_kl_logps=torch.zeros(B)),

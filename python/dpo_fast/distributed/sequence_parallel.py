@@ -314,18 +314,48 @@ def _values_cls(base):
     if cls is None:
         from ..engine import segment_counts, segment_sum
 
+        def _reduce(self, local):
+            """All-reduce ``local`` (K,); token sums registered by :meth:`pend_token_sums` ride along once."""
+            pend = getattr(self, "_tok_pending", None)
+            if pend is None:
+                return reduce_sums(self.shard, local)
+            self._tok_pending = None
+            n = local.shape[0]
+            both = reduce_sums(self.shard, torch.cat([local.to(torch.float64), pend.to(local.device)]))
+            self._tok_global = both[n:].detach()
+            return both[:n].to(local.dtype)
+
         def unit_sums(self, per_token=None, token_weights=None):
             v = self.logp if per_token is None else per_token
             if token_weights is not None:
                 v = v * token_weights.index_select(0, self.tok)
-            return reduce_sums(self.shard, segment_sum(v, self.seg, self.num_segs))[self.slots]
+            return _reduce(self, segment_sum(v, self.seg, self.num_segs))[self.slots]
 
         def unit_means(self, per_token):
             cnt = segment_counts(self.seg, self.num_segs)
-            s, c = reduce_sums_counts(self.shard, segment_sum(per_token, self.seg, self.num_segs), cnt)
+            sums = segment_sum(per_token, self.seg, self.num_segs)
+            S = sums.shape[0]
+            both = _reduce(self, torch.cat([sums, cnt.detach().to(sums.dtype)]))  # (sums, counts): one collective
+            s, c = both[:S], both[S:].detach()
             return (s / c.to(s.dtype).clamp_min(1.0))[self.slots]
 
+        def pend_token_sums(self, vec):
+            """Register this rank's token-metric sums (K,): the next per-sequence all-reduce carries them."""
+            self._tok_pending, self._tok_global = vec.detach().to(torch.float64), None
+
+        def global_token_sums(self, sums: dict) -> dict:
+            """``sums`` (this rank's token sums, in :meth:`pend_token_sums`'s order) over the group: those the
+            per-sequence all-reduce carried, else one all-reduce now; ``sums`` itself if none were registered
+            (a task that reduces its own, GRPOLoss)."""
+            if getattr(self, "_tok_pending", None) is None and getattr(self, "_tok_global", None) is None:
+                return sums
+            if self._tok_global is None:  # no per-sequence collective ran since: reduce them alone
+                self._tok_global = reduce_sums(self.shard, self._tok_pending).detach()
+                self._tok_pending = None
+            return {k: self._tok_global[i].to(t.dtype) for i, (k, t) in enumerate(sums.items())}
+
         cls = type("SeqValues", (base,), {"unit_sums": unit_sums, "unit_means": unit_means,
+                                          "pend_token_sums": pend_token_sums, "global_token_sums": global_token_sums,
                                           "__doc__": "Values with global per-sequence sums (sequence parallel)."})
         _VALUES_CLS[base] = cls
     return cls
@@ -342,14 +372,11 @@ def seq_values(values, seq: SeqShard):
 def check_task(task, token_metrics: bool) -> None:
     """Losses whose inputs are more than per-sequence sums of this rank's tokens are refused (clear error).
 
-    A task that reduces its own statistics over the group (``reduces_token_sums``: GRPOLoss's, whose token
-    metrics ride in its one gather) may take ``token_metrics``; the others' token sums would stay per rank.
+    Every fused loss's inputs are such sums now: ``token_metrics`` sums ride in the first per-sequence
+    all-reduce (:meth:`SeqValues.pend_token_sums`; GRPOLoss, ``reduces_token_sums``, in its own gather), and
+    LD-DPO's weights take their offsets from the counts' all-gather. Kept as the one place a new task's
+    refusal goes.
     """
-    if token_metrics and not getattr(task, "reduces_token_sums", False):
-        raise DistributedHeadError(
-            "token_metrics: not supported on sequence-sharded hidden states for this loss yet (its token sums "
-            "would be this rank's only: the shared token-metric sums are not reduced over the group); construct "
-            "the module with token_metrics=False (GRPOLoss supports token_metrics=True)")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -11,7 +11,23 @@ Tensor = torch.Tensor
 
 def token_sums(values: Values, slot_names: tuple[str, ...]) -> dict[str, Tensor]:
     """0-d tensor sums over the units' scored tokens: ``entropy_sum``, ``tokens`` and, per slot name s,
-    ``{s}_tokens``, ``{s}_hits`` (label is the arg-max), ``{s}_logits_sum`` (vocab-mean logit)."""
+    ``{s}_tokens``, ``{s}_hits`` (label is the arg-max), ``{s}_logits_sum`` (vocab-mean logit).
+
+    On sequence-sharded hidden states whose route registered them (:func:`pend_token_sums`) the sums over the
+    sequence-parallel group (they rode in its per-sequence all-reduce)."""
+    sums = _local_token_sums(values, slot_names)
+    over = getattr(values, "global_token_sums", None)  # dpo_fast.distributed.sequence_parallel's SeqValues
+    return sums if over is None else over(sums)
+
+
+def pend_token_sums(values) -> None:
+    """Sequence parallel (``values`` a SeqValues): register this rank's token sums so that the loss's first
+    per-sequence all-reduce carries them (no collective of their own)."""
+    sums = _local_token_sums(values, tuple(str(j) for j in range(values.slots.shape[1])))
+    values.pend_token_sums(torch.stack([t.to(torch.float64) for t in sums.values()]))
+
+
+def _local_token_sums(values: Values, slot_names: tuple[str, ...]) -> dict[str, Tensor]:
     st = values.stats
     role = torch.zeros(values.num_segs, dtype=torch.int64, device=values.seg.device)  # 0: in no unit
     for j in range(values.slots.shape[1]):

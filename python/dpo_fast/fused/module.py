@@ -26,6 +26,7 @@ from ..engine.autocast import autocast_aware, autocast_dtype
 from ..engine.checks import check_ignore_index, check_scalars
 from ..engine.passes import scored_logprobs_entropy
 from .logits_pass import FusedLogitsPass, PassPlan
+from .metrics import pend_token_sums as _pend_token_sums
 from . import ops as _ops
 from .plan import UnitTask, batch_values, plan_groups
 
@@ -201,6 +202,8 @@ class FusedLossModule(nn.Module):
             values = batch_values(sc, task.units, logp, lse, stats)
             if head.seq is not None:  # per-sequence sums all-reduced over the sequence group (grad: identity)
                 values = _sp_seq_values(values, head.seq)
+                if self.token_metrics and stats is not None and not getattr(task, "reduces_token_sums", False):
+                    _pend_token_sums(values)  # the token-metric sums ride in the first per-sequence all-reduce
             return task.batch_loss(values, self.compute_metrics), "two_pass", values
         use_master = head.master is not None
         plan = PassPlan(sc, p.rows, groups, task, head.weight.detach() if use_master else head.weight)
