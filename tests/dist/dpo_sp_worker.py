@@ -47,7 +47,7 @@ def main():
                          disable_tqdm=True, dataloader_num_workers=0, dataloader_drop_last=True, max_length=32,
                          **extra)
         tr = FastDPOTrainer(model=model, ref_model=ref, args=args, train_dataset=sums_dataset(),
-                            processing_class=char_tokenizer(), token_metrics=False)
+                            processing_class=char_tokenizer())
         step = tr._compute_loss
 
         def spy(model, inputs, return_outputs):

@@ -74,7 +74,8 @@ def test_fast_dpo_trainer_ulysses_sp2_matches_one_process(tmp_path):
     assert want["rows"][0][0] == 4 and want["rows"][0][1] < 32
     assert len(got["logs"]) == len(want["logs"]) == 3
     for step, (a, b) in enumerate(zip(got["logs"], want["logs"])):
-        assert set(a) == set(b) and {"loss", "grad_norm", "rewards/margins", "logps/chosen"} <= set(a), (a, b)
+        assert set(a) == set(b) and {"loss", "grad_norm", "entropy", "logits/chosen", "mean_token_accuracy",
+                                     "rewards/margins", "logps/chosen"} <= set(a), (a, b)
         for k in b:
             assert a[k] == pytest.approx(b[k], **{"rel": TOL["metric"]["rtol"], "abs": TOL["metric"]["atol"]}), \
                 (step, k, a[k], b[k])

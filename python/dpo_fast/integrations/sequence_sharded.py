@@ -30,7 +30,6 @@ Imports deepspeed, accelerate and TRL only inside functions.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -118,8 +117,8 @@ def _refuse(trainer, sp: int) -> None:
         (bool(getattr(trainer, "_is_vlm", False) or getattr(trainer, "_is_vision_dataset", False)),
          "vision-language models/datasets: image inputs cannot be cut into token blocks"),
         (getattr(trainer, "ld_alpha", None) is not None,
-         "ld_alpha (LD-DPO): its token weights need the scored tokens on earlier ranks"),
-        (getattr(trainer, "_dpo_fast_token_budget", None) is not None, "token_budget"),
+         "ld_alpha (LD-DPO): this step's reference pass sums plain log-probs (sequence_logprobs), not LD-DPO's "
+         "weighted ones, and is untested with it"),
     ]
     for bad, why in refused:
         if bad:
@@ -144,9 +143,9 @@ def setup(trainer) -> int:
     Checks (:class:`NotImplementedError` / :class:`ValueError` naming the option), wraps the collator
     (:class:`UlyssesPreferenceCollator`, to ``max_length`` rounded up to a multiple of ``sp``), sets DeepSpeed's
     ``train_micro_batch_size_per_gpu`` to the batch's rows (2 x ``per_device_train_batch_size``: the Ulysses
-    attention checks the rows it gets against it), turns the loss module's token metrics off (their token sums are not reduced over the sequence group; entropy,
-    logits/* and mean_token_accuracy are then not logged), and initialises ``deepspeed.comm`` over accelerate's
-    process group when nothing has yet (accelerate skips it on CPU).
+    attention checks the rows it gets against it), and initialises ``deepspeed.comm`` over accelerate's process
+    group when nothing has yet (accelerate skips it on CPU). The token metrics stay on: DPOLoss reduces its token
+    sums over the sequence group, and the trainer's ratios of sums over all processes are unchanged by it.
     """
     sp = ulysses_sp_size(trainer.args)
     if not sp:
@@ -157,11 +156,6 @@ def setup(trainer) -> int:
     trainer.data_collator = UlyssesPreferenceCollator(dc, sp, dc.pad_token_id, length)
     rows = 2 * int(trainer.args.per_device_train_batch_size)
     trainer.accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = rows
-    if getattr(trainer, "dpo_fast_token_metrics", False):
-        logging.getLogger(__name__).warning(
-            "%s: sequence parallelism: token metrics (entropy, logits/chosen, logits/rejected, mean_token_accuracy) "
-            "are not logged: DPOLoss's token sums are not reduced over the sequence group", type(trainer).__name__)
-    trainer.dpo_fast_token_metrics = False
     import deepspeed
     import deepspeed.comm as ds_comm
     import torch.distributed as dist
