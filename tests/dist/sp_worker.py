@@ -110,6 +110,41 @@ def _run(fn, hidden, W, b, labels, *, packed=False, kind="seq", mode="marker", g
     return errs
 
 
+KL_T = 8  # the KL batch: padded (B, 8) rows, or packed N = 40 with its own boundaries (crossing every shard's)
+KL_CU = [0, 9, 20, 20, 31, 40]
+
+
+def _kl_inputs(h, cu):
+    """KTOLoss's KL batch (mismatched pairs: other hidden states, labels, layout) for a call on ``h``: the whole
+    batch when ``h`` is not sharded over tokens, else this rank's token slice on ``h``'s group (marker or DTensor)."""
+    from dpo_fast.distributed.sequence_parallel import _SEQ_MARK, is_token_sharded
+    g = torch.Generator().manual_seed(13)
+    kh = torch.randn(B, KL_T, H, generator=g)
+    kl = torch.randint(0, V, (B, KL_T), generator=g)
+    kl[:, :2] = -100
+    kl[3, 5:] = -100
+    kl[5] = -100  # a KL sequence without scored tokens
+    packed = cu is not None
+    if packed:
+        kh, kl = kh.reshape(-1, H)[:KL_CU[-1]], kl.reshape(-1)[:KL_CU[-1]]
+    S = len(KL_CU) - 1 if packed else B
+    ref = -40.0 - 5.0 * torch.rand(S, generator=g)  # below the policy's sums: z > 0
+    out = dict(kl_labels=kl, ref_kl_logps=ref, kl_cu_seqlens=torch.tensor(KL_CU) if packed else None)
+    if is_token_sharded(h):
+        d = 0 if packed else 1
+        if not hasattr(h, _SEQ_MARK):  # a DTensor hidden: the KL batch as DTensors on its mesh
+            from torch.distributed.tensor import Shard, distribute_tensor
+            out["kl_labels"] = distribute_tensor(kl, h.device_mesh, [Shard(d)])
+            kh = distribute_tensor(kh, h.device_mesh, [Shard(d)])
+        else:
+            group = getattr(h, _SEQ_MARK).group
+            s0, e0 = _bounds(kh.shape[d], dist.get_world_size(group), dist.get_rank(group))
+            out["kl_labels"] = kl.narrow(d, s0, e0 - s0)
+            kh = sequence_parallel(kh.narrow(d, s0, e0 - s0).clone(), group)
+    out["kl_hidden"] = kh
+    return out
+
+
 def _with_metrics(out):
     """(1 + metrics + token sums,): the loss (differentiable), then every metric and token sum (values)."""
     vals = [float(v) for v in out.metrics.values()] + [float(v) for v in (out.token_sums or {}).values()]
@@ -162,6 +197,11 @@ def _losses():
             h, w, lab, desirable, kto_ref, bias=bb, cu_seqlens=cu)),
         "KTOLoss token_metrics no compute_metrics": lambda h, w, bb, lab, cu: _with_metrics(dpo_fast.KTOLoss(
             token_metrics=True, compute_metrics=False)(h, w, lab, desirable, kto_ref, bias=bb, cu_seqlens=cu)),
+        # kl_hidden: the KL batch sharded over tokens in its own layout (other row length / packing)
+        "KTOLoss kl_hidden": lambda h, w, bb, lab, cu: _with_metrics(dpo_fast.KTOLoss()(
+            h, w, lab, desirable, kto_ref, bias=bb, cu_seqlens=cu, **_kl_inputs(h, cu))),
+        "KTOLoss kl_hidden token_metrics": lambda h, w, bb, lab, cu: _with_metrics(dpo_fast.KTOLoss(
+            token_metrics=True)(h, w, lab, desirable, kto_ref, bias=bb, cu_seqlens=cu, **_kl_inputs(h, cu))),
         "CPOLoss simpo": lambda h, w, bb, lab, cu: dpo_fast.CPOLoss(loss_type="simpo")(h, w, lab, bias=bb, cu_seqlens=cu).loss,
         "CPOLoss": lambda h, w, bb, lab, cu: dpo_fast.CPOLoss()(h, w, lab, bias=bb, cu_seqlens=cu).loss,
         "ORPOLoss": lambda h, w, bb, lab, cu: dpo_fast.ORPOLoss()(h, w, lab, bias=bb, cu_seqlens=cu).loss,
@@ -346,7 +386,12 @@ def _rec(errs):
 
 def sp_cases(rank, world):
     """Every entry point and fused loss, padded and packed, marker and DTensor, on all ranks of the world."""
-    return _rec(_all_cases())
+    errs = _all_cases()
+    hidden, W, b, labels = _data()
+    for packed in (False, True):  # the KL batch as DTensors (Shard on the token dim of hidden's mesh)
+        errs += [(e, f"KTOLoss kl_hidden dtensor {'packed' if packed else 'padded'} {d}") for e, d in _run(
+            _losses()["KTOLoss kl_hidden"], hidden, W, b, labels, packed=packed, mode="dtensor")]
+    return _rec(errs)
 
 
 def sp_uneven(rank, world):
@@ -476,10 +521,23 @@ def sp_bad_input(rank, world):
     checks.append(expect_error(lambda: dpo_fast.DPOLoss(ld_alpha=0.5)(h, W, labels[:, s0:e0], torch.zeros(1),
                                                                       torch.zeros(1), pairs=torch.tensor([[0, B]])),
                                ValueError, "outside [0, 6)"))
-    checks.append(expect_error(lambda: dpo_fast.KTOLoss()(h, W, labels[:, s0:e0], torch.ones(B, dtype=torch.bool),
-                                                          kl_hidden=h, kl_labels=labels[:, s0:e0],
-                                                          ref_kl_logps=torch.zeros(B)),
-                               DistributedHeadError, "kl_hidden"))
+    # KTOLoss's KL batch: sharded over tokens like hidden (on its group), kl_labels like it, a global kl_cu_seqlens
+    des = torch.ones(B, dtype=torch.bool)
+    kto = dpo_fast.KTOLoss()
+    checks.append(expect_error(lambda: kto(h, W, labels[:, s0:e0], des, kl_hidden=hidden[:, s0:e0].clone(),
+                                           kl_labels=labels[:, s0:e0], ref_kl_logps=torch.zeros(B)),
+                               DistributedHeadError, "the KL batch must be sharded over tokens on the same group"))
+    hk = sequence_parallel(hidden[:, s0:e0].clone())
+    checks.append(expect_error(lambda: kto(hidden, W, labels, des, kl_hidden=hk, kl_labels=labels[:, s0:e0],
+                                           ref_kl_logps=torch.zeros(B)),
+                               DistributedHeadError, "kl_hidden: sharded over tokens (sequence_parallel"))
+    checks.append(expect_error(lambda: kto(h, W, labels[:, s0:e0], des, kl_hidden=hk, kl_labels=labels,
+                                           ref_kl_logps=torch.zeros(B)),
+                               DistributedHeadError, "kl_labels: expected this rank's shard of the tokens"))
+    checks.append(expect_error(lambda: kto(hp, W, labels.reshape(-1)[ps:pe], des, cu_seqlens=torch.tensor(
+        [0, 10, 20, 30, 40, 50, n]), kl_hidden=hp, kl_labels=labels.reshape(-1)[ps:pe],
+        kl_cu_seqlens=torch.tensor([0, 10, n - 4]), ref_kl_logps=torch.zeros(2)),
+                               DistributedHeadError, "kl_cu_seqlens: ends at"))
     errs = [(0.0 if ok else 1.0, msg) for ok, msg in checks]
     return record(errs)
 

@@ -337,6 +337,8 @@ def distributed_head(*triples: tuple[str, str, str]):
             ba = sig.bind(*args, **kwargs)
             arg = ba.arguments
             if not _needs_work(*(arg.get(n) for tr in triples for n in tr)):
+                if _sp.is_token_sharded(arg.get("kl_hidden")):
+                    _localize_kl(arg, None)  # raises: hidden is not sharded over tokens
                 return fn(*args, **kwargs)
             with contextlib.ExitStack() as stack:
                 shards = []
@@ -362,14 +364,41 @@ def distributed_head(*triples: tuple[str, str, str]):
                         arg[bn] = None
                     shards.append((wn, head.shard))
                 _check_same_layout(shards)
-                if seq is not None and arg.get("kl_hidden") is not None:
-                    raise DistributedHeadError(
-                        "kl_hidden: not supported with sequence-sharded hidden states yet; pass the KL estimate as kl=")
+                if arg.get("kl_hidden") is not None:
+                    _localize_kl(arg, seq)
                 return fn(*ba.args, **ba.kwargs)
 
         return wrapper
 
     return deco
+
+
+def _group_ranks(group) -> list[int]:
+    import torch.distributed as dist
+    return dist.get_process_group_ranks(group)
+
+
+def _localize_kl(arg: dict, seq) -> None:
+    """KTOLoss's KL batch (``kl_hidden`` / ``kl_labels`` / ``kl_cu_seqlens``) on sequence-sharded hidden states:
+    sharded over tokens on the same group as ``hidden`` (its own layout: other rows, lengths, packing), turned
+    into this rank's local tensors like ``labels``; its per-sequence sums are all-reduced over the group."""
+    kl_sharded = _sp.is_token_sharded(arg["kl_hidden"])
+    if seq is None:
+        if kl_sharded:
+            raise DistributedHeadError(
+                "kl_hidden: sharded over tokens (sequence_parallel / a DTensor Shard on its token dim) while hidden is "
+                "not; shard hidden the same way, or pass the whole KL batch as plain tensors")
+        return
+    if not kl_sharded:
+        raise DistributedHeadError(
+            "kl_hidden: with sequence-sharded hidden states the KL batch must be sharded over tokens on the same "
+            "group too (this rank's slice marked with sequence_parallel(kl_hidden, group), or a DTensor Shard on its "
+            "token dim), with kl_labels sharded like it and a global kl_cu_seqlens when packed; or pass kl=")
+    s_kl = _sp.localize(arg, "kl_hidden", labels="kl_labels", cu="kl_cu_seqlens")
+    if s_kl.group is not seq.group and _group_ranks(s_kl.group) != _group_ranks(seq.group):
+        raise DistributedHeadError(
+            "kl_hidden: sharded over tokens on another process group than hidden; shard both over the same "
+            "sequence-parallel group")
 
 
 def _check_same_layout(shards) -> None:
