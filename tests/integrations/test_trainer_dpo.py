@@ -9,7 +9,6 @@ glibc and show up there one-for-one.
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ pytest.importorskip("datasets")
 pytest.importorskip("tokenizers")
 
 from dpo_fast.integrations import trl as fast_trl  # noqa: E402
+from support.trainer_fixtures import rss_growth_script  # noqa: E402
 from support.trl_fixtures import char_tokenizer, logged, make_trainer, sums_dataset, tiny_llama  # noqa: E402
 
 try:
@@ -46,24 +46,6 @@ def assert_same_logs(a, b, rtol=1e-4, atol=1e-5, keys=METRICS):
 
 # ------------------------------------------------------------------------------------------------ stock vs fast
 
-_SCRIPT = r"""
-import json, os, re, sys, time
-os.environ["TQDM_DISABLE"] = "1"
-sys.path.insert(0, {tests!r})
-import torch
-torch.set_num_threads(1)
-import support.trl_fixtures as T
-def status(k):
-    return int(re.search(k + r":\s+(\d+)", open("/proc/self/status").read()).group(1)) * 1024
-tr = T.make_trainer({kind!r}, {out!r}, vocab={vocab}, steps={steps})
-open("/proc/self/clear_refs", "w").write("5")   # reset the peak RSS to the current RSS
-before = status("VmRSS")
-t0 = time.perf_counter()
-tr.train()
-dt = time.perf_counter() - t0
-peak = status("VmHWM") - before
-json.dump({{"logs": T.logged(tr), "peak_bytes": peak, "seconds": dt}}, open({res!r}, "w"))
-"""
 
 
 def _can_measure_rss():
@@ -88,7 +70,8 @@ def test_stock_vs_fast_same_logs_and_lower_peak_memory(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for kind in ("trl", "fast"):
         res = tmp_path / f"{kind}.json"
-        code = _SCRIPT.format(tests=tests, kind=kind, out=str(tmp_path / kind), vocab=32000, steps=4, res=str(res))
+        code = rss_growth_script.format(tests=tests, module="support.trl_fixtures", fn="make_trainer", res=str(res),
+                                        kwargs=dict(kind=kind, out_dir=str(tmp_path / kind), vocab=32000, steps=4))
         procs[kind] = (subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True), res)
     for kind, (p, res) in procs.items():

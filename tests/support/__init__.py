@@ -3,7 +3,9 @@ stable seeds. Every test module imports shared helpers from here (``from support
 another test module; pytest finds this package through ``pythonpath = ["tests"]`` in pyproject.toml.
 
 Submodules with heavier dependencies are imported explicitly: :mod:`support.models` (tiny Hugging Face models
-and tokenized examples, needs transformers) and :mod:`support.trl_fixtures` (TRL trainers on a tiny Llama).
+and tokenized examples, needs transformers), :mod:`support.trl_fixtures` (TRL trainers on a tiny Llama),
+:mod:`support.trainer_fixtures` (GRPO / RLOO / KTO / CPO / ORPO trainers, datasets, the peak-RSS script) and
+:mod:`support.vlm_fixtures` (tiny vision-language models, processors and their trainers).
 """
 
 from __future__ import annotations

@@ -83,7 +83,8 @@ def assert_same_logs(a, b, keys=None, rtol=1e-4, atol=1e-5):
 
 
 # Run one trainer factory in a fresh process and record the growth of its peak RSS during train() (VmHWM reset via
-# /proc/self/clear_refs right before), as tests/integrations/test_trainer_dpo.py does. Format with tests, module, fn, kwargs, res.
+# /proc/self/clear_refs right before); the one copy, used by the trainer tests and benches/bench_vlm.py. Format with
+# tests, module, fn, kwargs, res.
 rss_growth_script = r"""
 import json, os, re, sys, time
 os.environ["TQDM_DISABLE"] = "1"

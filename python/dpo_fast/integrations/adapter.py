@@ -23,7 +23,7 @@ import torch
 from ..hf import call_with_hidden_states, call_without_padding, install_fused_forward, output_head
 from ._trainer_common import check_trl_version
 
-__all__ = ["TrainerAdapter", "Option", "Kwarg", "patch_instance", "vision_option", "moe_aux_option",
+__all__ = ["TrainerAdapter", "Option", "Kwarg", "patch_instance", "moe_aux_option",
            "SOFTCAP_OPTION", "ENCODER_DECODER_OPTION", "VLM_HEAD_OPTION", "options_from_trainer", "sequence_sharding",
            "check_sequence_sharding", "SEQUENCE_PARALLEL_RECIPE", "CONTEXT_PARALLEL_REASON", "PADDING_FREE_KWARGS"]
 
@@ -72,13 +72,6 @@ PADDING_FREE_KWARGS = (Kwarg("padding_free", False, "bool"), Kwarg("packed_row_t
 
 
 # ------------------------------------------------------------------------------------------------ shared rows
-def vision_option(*attrs: str) -> Option:
-    """Error row: a vision dataset / vision-language model (TRL's ``_is_vision_dataset`` / ``_is_vlm`` flags), for
-    a trainer not tested with them (FastRLOOTrainer). DPO, GRPO and KTO pass a VLM's inputs to its forward."""
-    return Option("vision", lambda t: any(getattr(t, a, False) for a in attrs), "error",
-                  "{who}: vision-language models/datasets are not supported; use {stock}")
-
-
 def moe_aux_option(setting: str = "router_aux_loss_coef=0.0") -> Option:
     """Error row: the MoE router aux loss (TRL's ``aux_loss_enabled``); ``setting`` turns it off."""
     return Option("router_aux_loss", lambda t: bool(getattr(t, "aux_loss_enabled", False)), "error",
