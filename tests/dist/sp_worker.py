@@ -538,6 +538,14 @@ def sp_bad_input(rank, world):
         [0, 10, 20, 30, 40, 50, n]), kl_hidden=hp, kl_labels=labels.reshape(-1)[ps:pe],
         kl_cu_seqlens=torch.tensor([0, 10, n - 4]), ref_kl_logps=torch.zeros(2)),
                                DistributedHeadError, "kl_cu_seqlens: ends at"))
+    if world == 4:  # the KL batch sharded over another group (halves of the world) than hidden
+        halves = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+        hg = halves[rank // 2]
+        ks, ke = _bounds(T, 2, rank % 2)
+        hk2 = sequence_parallel(hidden[:, ks:ke].clone(), hg)
+        checks.append(expect_error(lambda: kto(h, W, labels[:, s0:e0], des, kl_hidden=hk2, kl_labels=labels[:, ks:ke],
+                                               ref_kl_logps=torch.zeros(B)),
+                                   DistributedHeadError, "kl_hidden: sharded over tokens on another process group"))
     errs = [(0.0 if ok else 1.0, msg) for ok, msg in checks]
     return record(errs)
 

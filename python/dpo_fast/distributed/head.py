@@ -323,7 +323,9 @@ def distributed_head(*triples: tuple[str, str, str]):
     Hidden states sharded over tokens (:func:`dpo_fast.distributed.sequence_parallel`, or a DTensor
     ``Shard`` on the token dimension) become this rank's local tokens, with ``labels`` and a global
     ``cu_seqlens`` localised the same way; the Head carries the :class:`dpo_fast.engine.SeqShard` (its
-    ``seq``) and the body all-reduces its per-sequence sums (:mod:`.sequence_parallel`).
+    ``seq``) and the body all-reduces its per-sequence sums (:mod:`.sequence_parallel`). KTOLoss's KL batch
+    (``kl_hidden`` / ``kl_labels`` / ``kl_cu_seqlens``) must then be sharded over tokens on the same group and is
+    localised the same way (its own layout).
     """
     triples = triples or (("hidden", "weight", "bias"),)
 
