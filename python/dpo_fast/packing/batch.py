@@ -35,8 +35,49 @@ IGNORE_INDEX = -100
 __all__ = ["pack_pairs", "pack_pairs_reference", "PackedBatch", "IGNORE_INDEX"]
 
 
+class _PackedRows:
+    """What every packed layout (:class:`PackedBatch`, :class:`~dpo_fast.packing.sequences.PackedSequences`) shares:
+    token counts over its (R, L) rows and the hand-over to torch. A subclass names its (R, L) arrays in
+    ``_ROW_ARRAYS`` and its per-pair / per-sequence index arrays in ``_INDEX_ARRAYS`` (both widened to int64);
+    ``cu_seqlens`` stays int32."""
+
+    _ROW_ARRAYS: tuple[str, ...] = ()
+    _INDEX_ARRAYS: tuple[str, ...] = ()
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (non-padding) tokens."""
+        return int(self.seq_lens.sum(dtype=np.int64))
+
+    @property
+    def num_slots(self) -> int:
+        """Token slots of the (R, L) layout, padding included."""
+        return int(self.input_ids.size)
+
+    @property
+    def efficiency(self) -> float:
+        """Real tokens / slots (1.0 for an empty batch)."""
+        return self.num_tokens / self.num_slots if self.num_slots else 1.0
+
+    def _torch(self, device: Any, non_blocking: bool) -> dict[str, Any]:
+        import torch
+
+        def move(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+            t = torch.from_numpy(a)
+            if device is not None:
+                t = t.to(device, non_blocking=non_blocking)
+            return t.to(dtype)  # no copy when already of that dtype
+
+        out: dict[str, Any] = {name: move(getattr(self, name), torch.int64) for name in self._ROW_ARRAYS}
+        out["cu_seqlens"] = move(self.cu_seqlens, torch.int32)
+        for name in self._INDEX_ARRAYS:
+            out[name] = move(getattr(self, name), torch.int64)
+        out["max_seqlen"] = int(self.max_seqlen)
+        return out
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
-class PackedBatch:
+class PackedBatch(_PackedRows):
     """Output of :func:`pack_pairs`. Numpy arrays, handed over from Rust without a copy.
 
     Shape legend: R rows, L row length, P pairs, S = 2P sequences.
@@ -78,24 +119,12 @@ class PackedBatch:
     mode: str
     num_truncated: int = 0
 
+    _ROW_ARRAYS = ("input_ids", "labels", "position_ids", "attention_mask")
+    _INDEX_ARRAYS = ("pairs", "example_index", "seq_lens", "completion_lens")
+
     @property
     def num_pairs(self) -> int:
         return int(self.pairs.shape[0])
-
-    @property
-    def num_tokens(self) -> int:
-        """Real (non-padding) tokens."""
-        return int(self.seq_lens.sum(dtype=np.int64))
-
-    @property
-    def num_slots(self) -> int:
-        """Token slots of the (R, L) layout, padding included."""
-        return int(self.input_ids.size)
-
-    @property
-    def efficiency(self) -> float:
-        """Real tokens / slots (1.0 for an empty batch)."""
-        return self.num_tokens / self.num_slots if self.num_slots else 1.0
 
     def to_torch(self, device: Any = None, *, non_blocking: bool = False) -> dict[str, Any]:
         """The batch as torch tensors, ready for a model and ``dpo_fast.sequence_logprobs``.
@@ -108,23 +137,7 @@ class PackedBatch:
             ``cu_seqlens`` (S + 1,) int32; ``pairs`` (P, 2), ``example_index`` (P,), ``seq_lens`` (S,),
             ``completion_lens`` (S,) int64; ``max_seqlen`` int.
         """
-        import torch
-
-        def move(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-            t = torch.from_numpy(a)
-            if device is not None:
-                t = t.to(device, non_blocking=non_blocking)
-            return t.to(dtype)  # no copy when already of that dtype
-
-        out: dict[str, Any] = {
-            name: move(getattr(self, name), torch.int64)
-            for name in ("input_ids", "labels", "position_ids", "attention_mask")
-        }
-        out["cu_seqlens"] = move(self.cu_seqlens, torch.int32)
-        for name in ("pairs", "example_index", "seq_lens", "completion_lens"):
-            out[name] = move(getattr(self, name), torch.int64)
-        out["max_seqlen"] = int(self.max_seqlen)
-        return out
+        return self._torch(device, non_blocking)
 
 
 # ------------------------------------------------------------------------------------------------

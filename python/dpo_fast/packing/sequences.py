@@ -35,14 +35,14 @@ import numpy as np
 import torch
 
 from . import _reference as _ref
-from .batch import _check_wide_ids, _common_dtype, _to_flat, _to_lists
+from .batch import _check_wide_ids, _common_dtype, _PackedRows, _to_flat, _to_lists
 from .options import PackOptions
 
 __all__ = ["PackedSequences", "pack_sequences", "pack_sequences_reference", "PackedRows", "pack_padded_rows"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class PackedSequences:
+class PackedSequences(_PackedRows):
     """Output of :func:`pack_sequences`. Numpy arrays, handed over from Rust without a copy.
 
     Shape legend: R rows, L row length, S sequences.
@@ -73,24 +73,12 @@ class PackedSequences:
     mode: str
     num_truncated: int = 0
 
+    _ROW_ARRAYS = ("input_ids", "position_ids", "attention_mask")
+    _INDEX_ARRAYS = ("example_index", "seq_lens")
+
     @property
     def num_sequences(self) -> int:
         return int(self.example_index.shape[0])
-
-    @property
-    def num_tokens(self) -> int:
-        """Real (non-padding) tokens."""
-        return int(self.seq_lens.sum(dtype=np.int64))
-
-    @property
-    def num_slots(self) -> int:
-        """Token slots of the (R, L) layout, padding included."""
-        return int(self.input_ids.size)
-
-    @property
-    def efficiency(self) -> float:
-        """Real tokens / slots (1.0 for an empty batch)."""
-        return self.num_tokens / self.num_slots if self.num_slots else 1.0
 
     def to_torch(self, device: Any = None, *, non_blocking: bool = False) -> dict[str, Any]:
         """The batch as torch tensors. Arrays cross to ``device`` in their narrow dtype and are widened there.
@@ -99,20 +87,7 @@ class PackedSequences:
             dict with ``input_ids``, ``position_ids``, ``attention_mask`` (R, L) int64; ``cu_seqlens``
             (S + 1,) int32; ``example_index`` (S,), ``seq_lens`` (S,) int64; ``max_seqlen`` int.
         """
-
-        def move(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-            t = torch.from_numpy(a)
-            if device is not None:
-                t = t.to(device, non_blocking=non_blocking)
-            return t.to(dtype)  # no copy when already of that dtype
-
-        out: dict[str, Any] = {name: move(getattr(self, name), torch.int64)
-                               for name in ("input_ids", "position_ids", "attention_mask")}
-        out["cu_seqlens"] = move(self.cu_seqlens, torch.int32)
-        out["example_index"] = move(self.example_index, torch.int64)
-        out["seq_lens"] = move(self.seq_lens, torch.int64)
-        out["max_seqlen"] = int(self.max_seqlen)
-        return out
+        return self._torch(device, non_blocking)
 
 
 def pack_sequences(
