@@ -42,7 +42,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-_CHILD = r"""
+# The pieces every child process shares: the character tokenizer, long-tailed random text, the random Llama config
+# (``mc``), and the peak-RSS / CPU-time measurement around ``tr.train()``. Formatted with kind, cfg, threads, tmp, out.
+_HEAD = r"""
 import json, math, os, random, re, sys, time
 os.environ["TQDM_DISABLE"] = "1"
 import torch
@@ -50,8 +52,6 @@ torch.set_num_threads({threads})
 from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-from trl import DPOConfig, DPOTrainer
-from dpo_fast.integrations.trl import FastDPOTrainer
 
 kind, cfg = {kind!r}, {cfg!r}
 alphabet = "abcdefghijklmnopqrstuvwxyz0123456789 .,"
@@ -64,9 +64,6 @@ rng = random.Random(cfg["seed"])
 def text(median, sigma, cap):
     n = max(1, min(cap, int(rng.lognormvariate(math.log(median), sigma))))
     return "".join(rng.choice(alphabet) for _ in range(n))
-rows = [dict(prompt=text(cfg["prompt_median"], 0.9, 2000), chosen=text(cfg["completion_median"], 1.0, 2000),
-             rejected=text(cfg["completion_median"], 1.0, 2000)) for _ in range(cfg["pairs"])]
-data = Dataset.from_list(rows)
 
 mc = LlamaConfig(vocab_size=cfg["vocab"], hidden_size=cfg["hidden"], intermediate_size=cfg["hidden"] * 8 // 3,
                  num_hidden_layers=cfg["layers"], num_attention_heads=cfg["hidden"] // 64,
@@ -74,6 +71,30 @@ mc = LlamaConfig(vocab_size=cfg["vocab"], hidden_size=cfg["hidden"], intermediat
                  eos_token_id=1, bos_token_id=1)
 mc._attn_implementation = "sdpa"
 torch.manual_seed(0)
+"""
+
+_MEASURE = r"""
+def status(k):
+    return int(re.search(k + r":\s+(\d+)", open("/proc/self/status").read()).group(1)) * 1024
+try:
+    open("/proc/self/clear_refs", "w").write("5")
+except OSError:
+    pass
+before = status("VmRSS")
+c0, t0 = time.process_time(), time.perf_counter()
+tr.train()
+dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+peak = status("VmHWM") - before
+logs = [h for h in tr.state.log_history if "loss" in h and "train_runtime" not in h]
+"""
+
+_CHILD = _HEAD + r"""
+from trl import DPOConfig, DPOTrainer
+from dpo_fast.integrations.trl import FastDPOTrainer
+
+rows = [dict(prompt=text(cfg["prompt_median"], 0.9, 2000), chosen=text(cfg["completion_median"], 1.0, 2000),
+             rejected=text(cfg["completion_median"], 1.0, 2000)) for _ in range(cfg["pairs"])]
+data = Dataset.from_list(rows)
 model = LlamaForCausalLM(mc)
 ref = LlamaForCausalLM(mc)
 ref.load_state_dict(model.state_dict())
@@ -99,55 +120,18 @@ def counting(model, inputs, *a, **k):  # the micro-batches actually trained (not
     count["batches"] += 1
     return step(model, inputs, *a, **k)
 tr.training_step = counting
-
-def status(k):
-    return int(re.search(k + r":\s+(\d+)", open("/proc/self/status").read()).group(1)) * 1024
-try:
-    open("/proc/self/clear_refs", "w").write("5")
-except OSError:
-    pass
-before = status("VmRSS")
-c0, t0 = time.process_time(), time.perf_counter()
-tr.train()
-dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-peak = status("VmHWM") - before
-logs = [h for h in tr.state.log_history if "loss" in h and "train_runtime" not in h]
+""" + _MEASURE + r"""
 json.dump(dict(kind=kind, seconds=dt, cpu_seconds=cpu, steps=len(logs), peak_bytes=peak, real=count["real"], slots=count["slots"],
                batches=count["batches"], losses=[h["loss"] for h in logs]), open({out!r}, "w"))
 """
 
-_GRPO_CHILD = r"""
-import json, math, os, random, re, sys, time
-os.environ["TQDM_DISABLE"] = "1"
-import torch
-torch.set_num_threads({threads})
-from datasets import Dataset
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+_GRPO_CHILD = _HEAD + r"""
 from trl import GRPOConfig, GRPOTrainer
 from dpo_fast.integrations.trl_grpo import FastGRPOTrainer
 
-kind, cfg = {kind!r}, {cfg!r}
 base, entropy = kind.removesuffix("+entropy"), kind.endswith("+entropy")
-alphabet = "abcdefghijklmnopqrstuvwxyz0123456789 .,"
-vocab = {{"<pad>": 0, "<eos>": 1, **{{c: i + 2 for i, c in enumerate(alphabet)}}}}
-tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>")
-
-rng = random.Random(cfg["seed"])
-def text(median, sigma, cap):
-    n = max(1, min(cap, int(rng.lognormvariate(math.log(median), sigma))))
-    return "".join(rng.choice(alphabet) for _ in range(n))
 data = Dataset.from_list([dict(prompt=text(cfg["prompt_median"], 0.9, cfg["max_prompt"]))
                           for _ in range(cfg["prompts"])])
-
-mc = LlamaConfig(vocab_size=cfg["vocab"], hidden_size=cfg["hidden"], intermediate_size=cfg["hidden"] * 8 // 3,
-                 num_hidden_layers=cfg["layers"], num_attention_heads=cfg["hidden"] // 64,
-                 num_key_value_heads=max(1, cfg["hidden"] // 128), max_position_embeddings=4096, pad_token_id=0,
-                 eos_token_id=1, bos_token_id=1)
-mc._attn_implementation = "sdpa"
-torch.manual_seed(0)
 path = os.path.join({tmp!r}, "model")
 if not os.path.exists(os.path.join(path, "config.json")):
     LlamaForCausalLM(mc).save_pretrained(path)
@@ -189,19 +173,7 @@ def timed(*a, **k):
         count["gen_cpu"] += time.process_time() - c
         count["gen_wall"] += time.perf_counter() - t
 tr._generate = timed
-
-def status(k):
-    return int(re.search(k + r":\s+(\d+)", open("/proc/self/status").read()).group(1)) * 1024
-try:
-    open("/proc/self/clear_refs", "w").write("5")
-except OSError:
-    pass
-before = status("VmRSS")
-c0, t0 = time.process_time(), time.perf_counter()
-tr.train()
-dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-peak = status("VmHWM") - before
-logs = [h for h in tr.state.log_history if "loss" in h and "train_runtime" not in h]
+""" + _MEASURE + r"""
 packing = dict(getattr(tr, "dpo_fast_packing", {{}}) or {{}})
 json.dump(dict(kind=kind, seconds=dt - count["gen_wall"], cpu_seconds=cpu - count["gen_cpu"],
                gen_seconds=count["gen_wall"], gen_cpu_seconds=count["gen_cpu"], steps=len(logs), peak_bytes=peak,
