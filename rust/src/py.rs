@@ -100,6 +100,27 @@ fn pack_typed<'py, T: TokenId + numpy::Element>(
     to_dict(py, result.map_err(pack_err)?)
 }
 
+/// The packing options from `PackOptions.native()`'s plain values (validated in Python already: a bad
+/// mode or truncation name here is an internal error).
+fn native_options(
+    max_tokens: usize,
+    mode: &str,
+    pad_token_id: i64,
+    truncation: &str,
+    pad_to_multiple_of: Option<usize>,
+    vocab_size: Option<i64>,
+) -> PyResult<PackOptions> {
+    let internal = |e: pack::PackError| PyValueError::new_err(format!("internal error: unvalidated option: {e}"));
+    Ok(PackOptions {
+        max_tokens,
+        mode: Mode::parse(mode).map_err(internal)?,
+        pad_token_id,
+        truncation: Truncation::parse(truncation).map_err(internal)?,
+        pad_to_multiple_of,
+        vocab_size,
+    })
+}
+
 /// Pack flat (values, offsets) inputs. `values` are 1-D int32 or int64 arrays (all three the same
 /// dtype), `offsets` 1-D int64 arrays of P + 1 entries. The options are `PackOptions.native()`: already
 /// validated. Returns a dict of numpy arrays (see `dpo_fast.packing.PackedBatch`). Raises ValueError on
@@ -125,15 +146,7 @@ fn pack_flat<'py>(
     pad_to_multiple_of: Option<usize>,
     vocab_size: Option<i64>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let internal = |e: pack::PackError| PyValueError::new_err(format!("internal error: unvalidated option: {e}"));
-    let opts = PackOptions {
-        max_tokens,
-        mode: Mode::parse(mode).map_err(internal)?,
-        pad_token_id,
-        truncation: Truncation::parse(truncation).map_err(internal)?,
-        pad_to_multiple_of,
-        vocab_size,
-    };
+    let opts = native_options(max_tokens, mode, pad_token_id, truncation, pad_to_multiple_of, vocab_size)?;
     let values = [prompt_values, chosen_values, rejected_values];
     let offsets = [prompt_offsets, chosen_offsets, rejected_offsets];
     let is_i32 = prompt_values.cast::<PyArray1<i32>>().is_ok();
@@ -198,15 +211,7 @@ fn pack_sequences_flat<'py>(
     pad_to_multiple_of: Option<usize>,
     vocab_size: Option<i64>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let internal = |e: pack::PackError| PyValueError::new_err(format!("internal error: unvalidated option: {e}"));
-    let opts = PackOptions {
-        max_tokens,
-        mode: Mode::parse(mode).map_err(internal)?,
-        pad_token_id,
-        truncation: Truncation::parse(truncation).map_err(internal)?,
-        pad_to_multiple_of,
-        vocab_size,
-    };
+    let opts = native_options(max_tokens, mode, pad_token_id, truncation, pad_to_multiple_of, vocab_size)?;
     if values.cast::<PyArray1<i32>>().is_ok() {
         pack_sequences_typed::<i32>(py, values, offsets, &opts)
     } else {
