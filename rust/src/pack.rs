@@ -392,7 +392,8 @@ struct Placed {
 fn validate_options(opts: &PackOptions) -> Result<i64, PackError> {
     if opts.max_tokens < 2 {
         return Err(PackError::new(format!(
-            "max_tokens must be >= 2 (the smallest budget the packers take: a pair's one chosen and one rejected token), got {}",
+            "max_tokens must be >= 2 (the smallest budget the packers take: a pair's one chosen and one \
+             rejected token), got {}",
             opts.max_tokens
         )));
     }

@@ -50,7 +50,8 @@ def check_budget(name: str, value: Any) -> int:
     """
     v = _int(name, value)
     if v < 2:
-        raise ValueError(f"{name} must be >= 2 (the smallest budget the packers take: a pair's one chosen and one rejected token), got {v}")
+        raise ValueError(f"{name} must be >= 2 (the smallest budget the packers take: a pair's one chosen and one "
+                         f"rejected token), got {v}")
     if v >= ID_LIMIT:
         raise ValueError(f"{name} must be < 2**31 = {ID_LIMIT} (rows are int32-indexed), got {v}")
     return v
