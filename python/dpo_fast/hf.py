@@ -437,7 +437,8 @@ def call_with_hidden_states(model: nn.Module, fn: Callable[[torch.Tensor, Output
 
 def call_without_padding(model: nn.Module, fn: Callable[[torch.Tensor, OutputHead], Any], input_ids: torch.Tensor,
                          attention_mask: torch.Tensor, *, row_tokens: int | str | None = None, pad_token_id: int = 0,
-                         on_pack: Callable[[Any], None] | None = None, **model_kwargs) -> Any:
+                         on_pack: Callable[[Any], None] | None = None, needed: torch.Tensor | None = None,
+                         **model_kwargs) -> Any:
     """:func:`call_with_hidden_states` on a padded batch with its padding removed before the decoder.
 
     The real tokens of every row are packed into rows of whole sequences
@@ -455,6 +456,8 @@ def call_without_padding(model: nn.Module, fn: Callable[[torch.Tensor, OutputHea
         row_tokens: packed-row capacity: None (the longest sequence), ``"one_row"`` or an int.
         pad_token_id: id at packed-row padding.
         on_pack: called with the :class:`~dpo_fast.packing.PackedRows` before the decoder runs (statistics).
+        needed: optional (B, T) bool: the positions ``fn`` reads from the hidden states; each must be a real token
+            (:class:`~dpo_fast.packing.PaddedPositionError` otherwise, from the packing's one readback).
         **model_kwargs: passed to the decoder (not a vision-language model's inputs: their image tokens would
             have to be re-laid too).
 
@@ -467,7 +470,8 @@ def call_without_padding(model: nn.Module, fn: Callable[[torch.Tensor, OutputHea
     if vision:
         raise NotImplementedError(f"call_without_padding: vision-language inputs {vision} cannot be packed "
                                   "(their image tokens and positions would have to be re-laid); use padded batches")
-    rows = pack_padded_rows(input_ids, attention_mask, row_tokens=row_tokens, pad_token_id=pad_token_id)
+    rows = pack_padded_rows(input_ids, attention_mask, row_tokens=row_tokens, pad_token_id=pad_token_id,
+                            needed=needed)
     if on_pack is not None:
         on_pack(rows)
     return call_with_hidden_states(model, lambda h, head: fn(rows.unpack(h), head), rows.input_ids,

@@ -407,3 +407,22 @@ def test_readme_example_runs_as_written():
     assert b.cu_seqlens.tolist() == [0, 4, 5, 10] and b.example_index.tolist() == [2, 1, 0]
     assert rows.input_ids.tolist() == [[5, 6, 7, 8, 9]] and rows.position_ids.tolist() == [[0, 1, 2, 0, 1]]
     assert rows.cu_seqlens.tolist() == [0, 3, 5] and rows.unpack(ns["hidden"]).shape == (2, 5, 16)
+
+
+def test_pack_padded_rows_needed_positions_must_be_real_tokens():
+    """``needed`` (the hidden positions a caller reads) is checked in the packing's one readback: a padding
+    position raises PaddedPositionError (a ValueError) naming the row and position; real positions pack as without."""
+    from dpo_fast.packing import PaddedPositionError
+
+    ids = torch.arange(1, 13).view(2, 6)
+    am = torch.tensor([[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1]])  # row 1 left-padded
+    ok = am.bool()
+    plain, checked = pack_padded_rows(ids, am), pack_padded_rows(ids, am, needed=ok)
+    assert torch.equal(plain.input_ids, checked.input_ids) and torch.equal(plain.index, checked.index)
+    bad = ok.clone()
+    bad[1, 1] = True  # a scored token's predecessor that is padding
+    with pytest.raises(PaddedPositionError, match=r"^needed: row 1 reads position 1, whose attention_mask is 0"):
+        pack_padded_rows(ids, am, needed=bad)
+    assert issubclass(PaddedPositionError, ValueError)
+    with pytest.raises(ValueError, match=r"needed: expected a bool tensor of shape \(2, 6\)"):
+        pack_padded_rows(ids, am, needed=ok[:, :3])

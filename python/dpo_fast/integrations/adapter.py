@@ -330,9 +330,16 @@ class TrainerAdapter:
         if getattr(self, "ref_model", None) is not None:
             check_packed_attention(self.ref_model)
 
-    def _dpo_fast_call(self, model, fn: Callable, input_ids: torch.Tensor, *, attention_mask=None, **kwargs):
+    def _dpo_fast_call(self, model, fn: Callable, input_ids: torch.Tensor, *, attention_mask=None, needed=None,
+                       **kwargs):
         """:func:`dpo_fast.hf.call_with_hidden_states`, or with ``padding_free`` its padding removed
-        (:func:`dpo_fast.hf.call_without_padding`: ``fn`` still sees hidden states in the padded layout)."""
+        (:func:`dpo_fast.hf.call_without_padding`: ``fn`` still sees hidden states in the padded layout).
+
+        ``needed``: (B, T) bool, the hidden positions ``fn`` reads (e.g. ``labels != -100`` of shifted labels);
+        padding-free, each must be a real token -- a left-padded row whose first real token is scored raises
+        ``ValueError`` (checked in the packing's one readback; padded forwards ignore it)."""
+        from ..packing import PaddedPositionError
+
         if attention_mask is None or not getattr(self, "dpo_fast_padding_free", False):
             return call_with_hidden_states(model, fn, input_ids, attention_mask=attention_mask, **kwargs)
 
@@ -341,8 +348,13 @@ class TrainerAdapter:
                                          padded_slots=input_ids.numel(), packed_rows=rows.input_ids.shape[0],
                                          padded_rows=input_ids.shape[0])
 
-        return call_without_padding(model, fn, input_ids, attention_mask, row_tokens=self._dpo_fast_row_tokens,
-                                    on_pack=count, **kwargs)
+        try:
+            return call_without_padding(model, fn, input_ids, attention_mask, row_tokens=self._dpo_fast_row_tokens,
+                                        on_pack=count, needed=needed, **kwargs)
+        except PaddedPositionError as e:
+            raise ValueError(f"{type(self).__name__}: padding_free=True: a scored token follows a padding position "
+                             f"(a left-padded row; {e}). Use right-padded batches (TRL's collator) or "
+                             "padding_free=False.") from None
 
     def _dpo_fast_check_options(self) -> tuple[list[str], str | None]:
         """Raise for the first applying ``"error"`` row; return (fallback reasons, fallback route or None)."""

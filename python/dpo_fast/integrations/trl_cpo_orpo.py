@@ -113,9 +113,9 @@ class _FastPairMixin(TrainerAdapter):
             lp = token_logprobs(h[:, :-1], w, scored.to(h.device), bias=b, **head.engine_kwargs())  # (2B, T-1)
             return lp, _row_logit_means(hidden, head, upto)
 
-        self._dpo_fast_check_scored(scored, am)
+        needed = torch.nn.functional.pad(scored != -100, (0, 1))  # (2B, T): the hidden positions fn scores from
         with self.accelerator.autocast():
-            lp, logit_means = self._dpo_fast_call(model, fn, ids, attention_mask=am)
+            lp, logit_means = self._dpo_fast_call(model, fn, ids, attention_mask=am, needed=needed)
         logit_means = self._dpo_fast_logit_means(model, ids, am, upto, logit_means)
         m = (resp != -100).to(lp.dtype)
         logps = (lp * m).sum(-1)
@@ -136,15 +136,6 @@ class _FastPairMixin(TrainerAdapter):
         return True
 
     # padding-free (see the module doc)
-    def _dpo_fast_check_scored(self, scored: torch.Tensor, am: torch.Tensor) -> None:
-        """Padding-free: every scored position (``scored[:, t] != -100``: hidden state t predicts token t+1) must
-        be a real token, which the packed forward computes; a left-padded row's first real token, scored from a
-        padding position, raises instead of being scored from a zero hidden state."""
-        if getattr(self, "dpo_fast_padding_free", False) and bool(((scored != -100) & (am[:, :-1] == 0)).any()):
-            raise ValueError(f"{type(self).__name__}: padding_free=True: a scored token follows a padding position "
-                             "(a left-padded row): the packed forward has no hidden state there. Use right-padded "
-                             "batches (TRL's collator) or padding_free=False.")
-
     def _dpo_fast_logit_means(self, model, ids: torch.Tensor, am: torch.Tensor, upto: int,
                               means: torch.Tensor) -> torch.Tensor:
         """TRL's (R, 1) per-row mean logit over positions [0, upto), padding positions included.
@@ -198,8 +189,8 @@ class _FastCPOMixin(_FastPairMixin):
         labels = torch.full_like(ids, -100)
         labels[:, :-1] = cb["concatenated_labels"][:, 1:]  # (2B, T) shifted: chosen rows, then rejected rows
         T = ids.shape[1]
-        self._dpo_fast_check_scored(labels[:, :-1], am)
-        out, logit_means = self._dpo_fast_fused(model, ids, labels, forward=dict(attention_mask=am), autocast=True,
+        forward = dict(attention_mask=am, needed=labels != -100)  # padding-free: every scored position is real
+        out, logit_means = self._dpo_fast_fused(model, ids, labels, forward=forward, autocast=True,
                                                 extra=lambda hidden, head: _row_logit_means(hidden, head, T))
         logit_means = self._dpo_fast_logit_means(model, ids, am, T, logit_means)
         acc = self.accelerator

@@ -102,24 +102,13 @@ class _FastKTOMixin(TrainerAdapter):
         from .. import sequence_logprobs
 
         labels = shifted_labels(ids, cm)
-        self._dpo_fast_check_scored(labels, am)
 
         def fn(hidden, head):
             h, w, b = head.operands(hidden)
             return sequence_logprobs(h, w, labels.to(h.device), bias=b, **head.engine_kwargs())
 
         with torch.no_grad(), self.accelerator.autocast():
-            return self._dpo_fast_call(model, fn, ids, attention_mask=am, **vision)
-
-    def _dpo_fast_check_scored(self, labels, am) -> None:
-        """Padding-free: every scored position (``labels[t] != -100``: hidden state t predicts token t+1) must be
-        a real token, which a packed forward computes; a padding position (a left-padded row whose first real
-        token is scored) has no packed hidden state, so it raises instead of scoring a zero."""
-        if getattr(self, "dpo_fast_padding_free", False) and bool(((labels != -100) & (am == 0)).any()):
-            raise ValueError(f"{type(self).__name__}: padding_free=True: a scored token follows a padding position "
-                             "(a left-padded row whose first real token is a completion token): the packed forward "
-                             "has no hidden state there. Use right-padded batches (TRL's collator) or "
-                             "padding_free=False.")
+            return self._dpo_fast_call(model, fn, ids, attention_mask=am, needed=labels != -100, **vision)
 
     # TRL hook: the KL pass (policy or reference), no-grad
     def _compute_kl_logps(self, model, batch):
@@ -157,7 +146,6 @@ class _FastKTOMixin(TrainerAdapter):
         else:
             kl = torch.zeros((), device=acc.device)
         labels = shifted_labels(ids, cm)
-        self._dpo_fast_check_scored(labels, am)
 
         def zmean(hidden, head):
             # per-token vocabulary-mean logit at the scored positions (a GEMV: the mean commutes with h W^T + b)
@@ -166,7 +154,8 @@ class _FastKTOMixin(TrainerAdapter):
             return (hidden.detach().float() @ w_mean + b_mean) / head.temperature  # (B, T)
 
         out, zm = self._dpo_fast_fused(model, ids, labels, desirable, ref.float(), kl=kl.float(),
-                                       forward=dict(attention_mask=am, **_model_inputs(batch)), extra=zmean)
+                                       forward=dict(attention_mask=am, needed=labels != -100, **_model_inputs(batch)),
+                                       extra=zmean)
         self._dpo_fast_log_step(mode, batch, desirable, labels, ref, kl, out, zm)
         loss = out.loss
         if return_outputs:  # deprecated in TRL too: logits for compute_metrics need a plain (padded) forward

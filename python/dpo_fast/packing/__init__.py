@@ -17,8 +17,10 @@ from .batch import IGNORE_INDEX, PackedBatch, pack_pairs, pack_pairs_reference
 from .collate import PairCollator, TokenBudgetBatchSampler, pair_costs
 from .layout import REF_KEYS, TRL_KEYS, resolve_pair_keys, shifted_labels
 from .options import PackOptions
-from .sequences import PackedRows, PackedSequences, pack_padded_rows, pack_sequences, pack_sequences_reference
+from .sequences import (PackedRows, PackedSequences, PaddedPositionError, pack_padded_rows, pack_sequences,
+                        pack_sequences_reference)
 
 __all__ = ["PackOptions", "pack_sequences", "pack_sequences_reference", "PackedSequences", "pack_padded_rows",
-           "PackedRows", "pack_pairs", "pack_pairs_reference", "PackedBatch", "IGNORE_INDEX", "PairCollator",
+           "PackedRows", "PaddedPositionError", "pack_pairs", "pack_pairs_reference", "PackedBatch", "IGNORE_INDEX",
+           "PairCollator",
            "TokenBudgetBatchSampler", "pair_costs", "TRL_KEYS", "REF_KEYS", "resolve_pair_keys", "shifted_labels"]

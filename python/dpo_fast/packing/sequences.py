@@ -38,7 +38,8 @@ from . import _reference as _ref
 from .batch import _check_wide_ids, _common_dtype, _PackedRows, _to_flat, _to_lists
 from .options import PackOptions
 
-__all__ = ["PackedSequences", "pack_sequences", "pack_sequences_reference", "PackedRows", "pack_padded_rows"]
+__all__ = ["PackedSequences", "pack_sequences", "pack_sequences_reference", "PackedRows", "pack_padded_rows",
+           "PaddedPositionError"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -244,8 +245,14 @@ class PackedRows:
         return flat.index_select(0, self.index.reshape(-1).to(flat.device)).view(B, T, *packed.shape[2:])
 
 
+class PaddedPositionError(ValueError):
+    """:func:`pack_padded_rows`: a position the caller reads (``needed``) is padding, where a packed forward computes
+    no hidden state (e.g. a left-padded row whose first real token is scored from the position before it)."""
+
+
 def pack_padded_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, row_tokens: int | str | None = None,
-                     pad_token_id: int = 0, pad_to_multiple_of: int | None = None) -> PackedRows:
+                     pad_token_id: int = 0, pad_to_multiple_of: int | None = None,
+                     needed: torch.Tensor | None = None) -> PackedRows:
     """Pack the real tokens of a padded batch into rows of whole sequences (best-fit-decreasing, Rust planner).
 
     Args:
@@ -257,6 +264,8 @@ def pack_padded_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, r
             int: at least the longest sequence (raises otherwise).
         pad_token_id: id at row padding (never attended to by a real token: it comes after the row's last one).
         pad_to_multiple_of: round the row length L up to a multiple of this.
+        needed: optional (B, T) bool, the positions whose hidden states the caller will read (e.g. ``labels !=
+            -100`` for shifted labels); each must be a real token. Checked in the same readback.
 
     Returns:
         :class:`PackedRows`, on ``input_ids``' device.
@@ -264,6 +273,7 @@ def pack_padded_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, r
     Raises:
         ValueError: shapes differ, a mask value other than 0/1, a row whose real tokens are not contiguous, no
             real token at all, or ``row_tokens`` below the longest sequence.
+        PaddedPositionError: (a ValueError) a ``needed`` position is padding.
         TypeError: non-integer ``input_ids``.
     """
     from dpo_fast import _native
@@ -287,11 +297,22 @@ def pack_padded_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, r
     first = torch.where(m, t, big).amin(1) if T else torch.zeros(B, dtype=torch.int64, device=dev)
     last = torch.where(m, t, -1).amax(1) if T else torch.full((B,), -1, dtype=torch.int64, device=dev)
     bad = ((am != 0) & (am != 1)).any(1).to(torch.int64) if am.dtype != torch.bool else torch.zeros_like(first)
-    # the one host readback: lengths, first/last real position, bad mask values
-    stats = torch.stack([m.sum(1), first, last, bad]).cpu().numpy().astype(np.int64)
-    lengths, first_np, last_np, bad_np = stats
+    if needed is None:
+        unread = torch.full_like(first, T)
+    elif not isinstance(needed, torch.Tensor) or needed.shape != input_ids.shape:
+        raise ValueError(f"needed: expected a bool tensor of shape {tuple(input_ids.shape)} (like input_ids), got "
+                         f"{tuple(getattr(needed, 'shape', ()))}")
+    else:  # the first padding position the caller reads, T where none
+        unread = torch.where(needed.to(dev).bool() & ~m, t, big).amin(1) if T else torch.full_like(first, T)
+    # the one host readback: lengths, first/last real position, bad mask values, padding positions read
+    stats = torch.stack([m.sum(1), first, last, bad, unread]).cpu().numpy().astype(np.int64)
+    lengths, first_np, last_np, bad_np, unread_np = stats
     if bad_np.any():
         raise ValueError(f"attention_mask: expected 0/1 values, row {int(np.argmax(bad_np))} has others")
+    if (unread_np < T).any():
+        b = int(np.argmax(unread_np < T))
+        raise PaddedPositionError(f"needed: row {b} reads position {unread_np[b]}, whose attention_mask is 0: a "
+                                  "packed forward computes hidden states at real tokens only")
     nonempty = lengths > 0
     holes = nonempty & (last_np - first_np + 1 != lengths)
     if holes.any():
