@@ -28,13 +28,12 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 
 import torch
 import torch.distributed as dist
 
-from dist_harness import PayloadCounter, spawn
+from dist_harness import spawn, time_routes
 
 
 
@@ -99,24 +98,10 @@ def _worker(rank, world, args):
 
         for key, kw in configs.items():
             routes += [(f"sp_{key}", grpo_sp(kw)), (f"gather_{key}", grpo_gather(kw))]
-    res, outs = {}, {}
-    for name, fn in routes:
+    def zero_grad():
         W.grad = None
-        fn()  # warm-up
-        times = []
-        cnt = PayloadCounter()
-        for i in range(args.repeats):
-            W.grad = None
-            dist.barrier()
-            if i == 0:
-                cnt.install()
-            t0 = time.perf_counter()
-            dh, dw = fn()
-            times.append(time.perf_counter() - t0)
-            if i == 0:
-                cnt.uninstall()
-        outs[name] = (dh.clone(), dw.clone())
-        res[name] = {"step_s": statistics.median(times), "comm_bytes": cnt.bytes, "collectives": cnt.calls}
+
+    res, outs = time_routes(routes, args.repeats, zero_grad)
     for name in res:
         res[name]["head_act_bytes"] = B * Tr * H * 4 * 2  # the local hidden and its gradient
         if name.startswith("gather"):

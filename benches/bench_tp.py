@@ -23,13 +23,12 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 
 import torch
 import torch.distributed as dist
 
-from dist_harness import PayloadCounter, spawn
+from dist_harness import spawn, time_routes
 
 
 def _worker(rank, world, args):
@@ -62,25 +61,10 @@ def _worker(rank, world, args):
         # every rank computed the same (replicated) loss: its slice of the full dW is the gradient, no reduction
         return h.grad, full.grad[s:e]
 
-    res = {}
-    outs = {}
-    for name, fn in (("tp", step_tp), ("gather", step_gather)):
+    def zero_grad():
         w_local.grad = None
-        fn()  # warm-up
-        times = []
-        cnt = PayloadCounter()
-        for i in range(args.repeats):
-            w_local.grad = None
-            dist.barrier()
-            if i == 0:
-                cnt.install()
-            t0 = time.perf_counter()
-            dh, dw = fn()
-            times.append(time.perf_counter() - t0)
-            if i == 0:
-                cnt.uninstall()
-        outs[name] = (dh.clone(), dw.clone())
-        res[name] = {"step_s": statistics.median(times), "comm_bytes": cnt.bytes, "collectives": cnt.calls}
+
+    res, outs = time_routes((("tp", step_tp), ("gather", step_gather)), args.repeats, zero_grad)
     res["tp"]["head_bytes"] = w_local.numel() * 4 * 2  # the slice and its gradient
     res["gather"]["head_bytes"] = w_local.numel() * 4 * 2 + V * H * 4 * 2  # + the gathered copy and its full gradient
     res["max_diff_dh"] = float((outs["tp"][0] - outs["gather"][0]).abs().max())

@@ -2,6 +2,7 @@
 gloo set-up on a free local port, and the rank-0 result file.
 
     res = spawn(worker, args, "bench_tp")    # worker(rank, world, args) returns the result dict on rank 0
+    res, outs = time_routes([("tp", step_tp), ...], repeats, zero_grad)   # inside the worker
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import socket
+import statistics
 import tempfile
+import time
 
 import torch
 import torch.distributed as dist
@@ -42,6 +45,34 @@ class PayloadCounter:
     def uninstall(self):
         for name, orig in self._orig.items():
             setattr(dist, name, orig)
+
+
+def time_routes(routes, repeats: int, zero_grad) -> tuple[dict, dict]:
+    """Time each ``(name, step)`` of ``routes`` on every rank: one warm-up, then ``repeats`` barrier-aligned steps.
+
+    ``step()`` returns ``(dh, dW)``; ``zero_grad()`` runs before each. Returns ({name: {"step_s": median seconds,
+    "comm_bytes": payload bytes, "collectives": calls}} -- counted on the first timed step --, {name: (dh, dW)}
+    of the last step).
+    """
+    res, outs = {}, {}
+    for name, fn in routes:
+        zero_grad()
+        fn()  # warm-up
+        times = []
+        cnt = PayloadCounter()
+        for i in range(repeats):
+            zero_grad()
+            dist.barrier()
+            if i == 0:
+                cnt.install()
+            t0 = time.perf_counter()
+            dh, dw = fn()
+            times.append(time.perf_counter() - t0)
+            if i == 0:
+                cnt.uninstall()
+        outs[name] = (dh.clone(), dw.clone())
+        res[name] = {"step_s": statistics.median(times), "comm_bytes": cnt.bytes, "collectives": cnt.calls}
+    return res, outs
 
 
 def _entry(rank, world, worker, args, port, out_path):
