@@ -306,15 +306,14 @@ class TrainerAdapter:
     def _dpo_fast_setup_unpadded(self, padding_free: bool, row_tokens: int | str | None) -> None:
         """``padding_free=True`` (:data:`PADDING_FREE_KWARGS`): check the keywords, refuse a vision-language model,
         and prove with a probe that the policy's (and reference's) attention keeps packed sequences apart."""
+        from ..packing.sequences import check_row_tokens
         from .padding_free import check_packed_attention
 
         if not isinstance(padding_free, bool):
             raise TypeError(f"padding_free: expected a bool, got {type(padding_free).__name__}")
         if row_tokens is not None and not padding_free:
             raise ValueError("packed_row_tokens: only meaningful with padding_free=True")
-        if row_tokens is not None and row_tokens != "one_row" and (
-                isinstance(row_tokens, bool) or not isinstance(row_tokens, int) or row_tokens < 1):
-            raise ValueError(f"packed_row_tokens: expected None, 'one_row' or an int >= 1, got {row_tokens!r}")
+        check_row_tokens(row_tokens, "packed_row_tokens")
         self.dpo_fast_padding_free = padding_free
         self._dpo_fast_row_tokens = row_tokens
         #: real tokens, slots and rows the decoder saw packed, and what the padded batches had (padding-free forwards)

@@ -39,7 +39,7 @@ from .batch import _check_wide_ids, _common_dtype, _PackedRows, _to_flat, _to_li
 from .options import PackOptions
 
 __all__ = ["PackedSequences", "pack_sequences", "pack_sequences_reference", "PackedRows", "pack_padded_rows",
-           "PaddedPositionError"]
+           "PaddedPositionError", "check_row_tokens"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -245,6 +245,16 @@ class PackedRows:
         return flat.index_select(0, self.index.reshape(-1).to(flat.device)).view(B, T, *packed.shape[2:])
 
 
+def check_row_tokens(value: int | str | None, name: str = "row_tokens") -> int | str | None:
+    """A packed-row capacity: None, ``"one_row"`` or an int >= 1 (returned as given); ``ValueError`` naming ``name``
+    otherwise. Whether it holds the longest sequence is known only with the batch (:func:`pack_padded_rows`)."""
+    if value is None or value == "one_row":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected None, 'one_row' or an int >= 1, got {value!r}")
+    return value
+
+
 class PaddedPositionError(ValueError):
     """:func:`pack_padded_rows`: a position the caller reads (``needed``) is padding, where a packed forward computes
     no hidden state (e.g. a left-padded row whose first real token is scored from the position before it)."""
@@ -285,6 +295,7 @@ def pack_padded_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, r
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)} (like input_ids), got "
                          f"{tuple(getattr(attention_mask, 'shape', ()))}")
+    check_row_tokens(row_tokens)
     if pad_to_multiple_of is not None and (isinstance(pad_to_multiple_of, bool) or not isinstance(
             pad_to_multiple_of, int) or pad_to_multiple_of < 1):
         raise ValueError(f"pad_to_multiple_of: expected an int >= 1 or None, got {pad_to_multiple_of!r}")
@@ -328,8 +339,6 @@ def pack_padded_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, r
         capacity = total
     elif row_tokens is None:
         capacity = longest
-    elif isinstance(row_tokens, bool) or not isinstance(row_tokens, int) or row_tokens < 1:
-        raise ValueError(f"row_tokens: expected None, 'one_row' or an int >= 1, got {row_tokens!r}")
     elif row_tokens < longest:
         raise ValueError(f"row_tokens: {row_tokens} cannot hold row {int(np.argmax(lengths))} with {longest} real "
                          "tokens; raise row_tokens or pass None (the longest sequence)")
